@@ -1,0 +1,1 @@
+"""Pairwise knowledge fusion (FuseChat): teacher pass -> alignment -> MinCE fusion training."""
