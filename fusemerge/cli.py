@@ -49,7 +49,9 @@ def main(verbose: bool) -> None:
       fusemerge merge recipe.yml merged/ --dry-run   # the plan: tensors, bytes, peak memory
       fusemerge merge recipe.yml merged/             # stream the merge, shard by shard
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
 
 
 @main.command()
@@ -107,7 +109,9 @@ def merge(
 
 
 @main.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"), show_default=True)
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"), show_default=True
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_user_errors_exit_2
 def demo(out: Path, quiet: bool) -> None:

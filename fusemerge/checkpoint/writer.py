@@ -1,0 +1,225 @@
+"""Streaming sharded safetensors writer.
+
+Every output tensor's dtype and shape are known from the plan, so each shard's header (and so each
+tensor's byte range) is computed before any data exists. A tensor is then written straight into its place
+in the shard file with `os.pwrite` and freed: a shard never has to be held in memory. A shard is written
+under a hidden `.partial` name and renamed into place only once all its tensors are in and synced, so a
+file under a final name is always complete; `model.safetensors.index.json` is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fusemerge.checkpoint.dtypes import ITEM_SIZE
+from fusemerge.checkpoint.reader import INDEX_NAME
+from fusemerge.errors import FusemergeError
+
+if TYPE_CHECKING:
+    import torch
+
+HEADER_ALIGN = 8
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = ITEM_SIZE[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Shard:
+    filename: str
+    tensors: list[PlannedTensor]
+    offsets: dict[str, tuple[int, int]] = field(default_factory=dict)  # absolute byte ranges in the file
+    header: bytes = b""
+
+    @property
+    def size(self) -> int:
+        return 8 + len(self.header) + sum(t.nbytes for t in self.tensors)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def shard_filename(index: int, count: int) -> str:
+    return f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[Shard]:
+    """Greedy, order-preserving split into shards of at most `max_shard_bytes` of tensor data.
+
+    A single tensor larger than the limit gets a shard of its own (as transformers does).
+    """
+    if max_shard_bytes <= 0:
+        raise FusemergeError("shard size must be positive", key="--out-shard-size")
+    groups: list[list[PlannedTensor]] = [[]]
+    used = 0
+    for t in tensors:
+        if groups[-1] and used + t.nbytes > max_shard_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(t)
+        used += t.nbytes
+    shards = [Shard(shard_filename(i + 1, len(groups)), g) for i, g in enumerate(groups)]
+    for shard in shards:
+        _layout(shard)
+    return shards
+
+
+def _layout(shard: Shard) -> None:
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    relative: dict[str, tuple[int, int]] = {}
+    pos = 0
+    for t in shard.tensors:
+        relative[t.name] = (pos, pos + t.nbytes)
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
+        pos += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % HEADER_ALIGN)
+    shard.header = raw
+    base = 8 + len(raw)
+    shard.offsets = {name: (base + a, base + b) for name, (a, b) in relative.items()}
+
+
+class ShardedWriter:
+    """Writes the planned shards of one output folder; knows which shards a previous run finished."""
+
+    def __init__(self, out_dir: Path, shards: list[Shard]) -> None:
+        self.out_dir = out_dir
+        self.shards = shards
+        self._shard_of = {t.name: s for s in shards for t in s.tensors}
+        self._pending: dict[str, set[str]] = {}
+        self._fds: dict[str, int] = {}
+
+    # -- resume ----------------------------------------------------------------------------------
+    def is_complete(self, shard: Shard) -> bool:
+        """A shard under its final name with the planned size and header is a finished shard."""
+        path = self.out_dir / shard.filename
+        try:
+            if path.stat().st_size != shard.size:
+                return False
+            with open(path, "rb") as f:
+                return f.read(8 + len(shard.header)) == _prefix(shard)
+        except OSError:
+            return False
+
+    def finished_shards(self) -> set[str]:
+        return {s.filename for s in self.shards if self.is_complete(s)}
+
+    # -- writing ---------------------------------------------------------------------------------
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        import torch
+
+        shard = self._shard_of[name]
+        start, end = shard.offsets[name]
+        fd = self._open(shard)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        if data.nbytes != end - start:
+            raise RuntimeError(f"{name}: {data.nbytes} bytes computed, {end - start} planned")
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += _pwrite(fd, view[done:], start + done, self.out_dir / shard.filename)
+        pending = self._pending[shard.filename]
+        pending.discard(name)
+        if not pending:
+            self._finish(shard)
+
+    def _open(self, shard: Shard) -> int:
+        fd = self._fds.get(shard.filename)
+        if fd is not None:
+            return fd
+        partial = self._partial_path(shard)
+        try:
+            fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            _pwrite(fd, memoryview(_prefix(shard)), 0, partial)
+            os.ftruncate(fd, shard.size)
+        except OSError as exc:
+            raise FusemergeError(f"cannot write output shard: {exc.strerror}", file=partial) from exc
+        self._fds[shard.filename] = fd
+        self._pending[shard.filename] = {t.name for t in shard.tensors}
+        return fd
+
+    def _finish(self, shard: Shard) -> None:
+        fd = self._fds.pop(shard.filename)
+        partial = self._partial_path(shard)
+        try:
+            os.fsync(fd)
+            os.close(fd)
+            os.replace(partial, self.out_dir / shard.filename)
+        except OSError as exc:
+            raise FusemergeError(f"cannot finish output shard: {exc.strerror}", file=partial) from exc
+        _fsync_dir(self.out_dir)
+
+    def _partial_path(self, shard: Shard) -> Path:
+        return self.out_dir / f".{shard.filename}.partial"
+
+    def write_index(self) -> Path:
+        """The index goes last: its presence says every shard is complete."""
+        weight_map = {t.name: s.filename for s in self.shards for t in s.tensors}
+        total = sum(s.data_bytes for s in self.shards)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        path = self.out_dir / INDEX_NAME
+        atomic_write_text(path, json.dumps(index, indent=2) + "\n")
+        return path
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _prefix(shard: Shard) -> bytes:
+    return len(shard.header).to_bytes(8, "little") + shard.header
+
+
+def _pwrite(fd: int, data: memoryview, offset: int, path: Path) -> int:
+    try:
+        written = os.pwrite(fd, data, offset)
+    except OSError as exc:
+        raise FusemergeError(
+            f"cannot write output ({exc.strerror}); finished shards are kept, rerun to resume", file=path
+        ) from exc
+    if written <= 0:
+        raise FusemergeError("cannot write output (no progress); rerun to resume", file=path)
+    return written
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small file so that readers see either the old content or the whole new content."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise FusemergeError(f"cannot write: {exc.strerror}", file=path) from exc

@@ -1,0 +1,1 @@
+"""The streaming merge engine: recipe -> plan -> stream of tensors -> sharded writer."""

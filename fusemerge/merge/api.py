@@ -1,0 +1,251 @@
+"""`fusemerge merge` as a Python function: recipe -> plan -> streamed shards -> complete model folder.
+
+    from fusemerge.merge.api import run_merge
+    run_merge("recipe.yml", "merged/", device="cpu")
+
+The output folder is only ever in one of three states: being written (a lock is held, shards appear under
+final names only when complete), complete (the index exists, written last), or interrupted (rerun the
+same command: finished shards are kept, the rest is redone). A folder holding anything else is refused
+unless `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from fusemerge import __version__
+from fusemerge.card import merge_card
+from fusemerge.checkpoint.dtypes import name_for_code
+from fusemerge.checkpoint.reader import INDEX_NAME
+from fusemerge.checkpoint.writer import ShardedWriter, atomic_write_text
+from fusemerge.errors import FusemergeError
+from fusemerge.merge.chat_templates import resolve_chat_template
+from fusemerge.merge.plan import MergePlan, build_plan, describe
+from fusemerge.recipes import load_recipe
+
+LOG = logging.getLogger(__name__)
+STATE_DIR = ".fusemerge"
+RECIPE_NAME = "fusemerge_recipe.yml"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+OUTPUT_PATTERNS = (
+    "*.safetensors",
+    INDEX_NAME,
+    ".*.partial",
+    "config.json",
+    "generation_config.json",
+    RECIPE_NAME,
+    "README.md",
+    *TOKENIZER_FILES,
+)
+
+
+def run_merge(
+    recipe: str | Path,
+    out: str | Path,
+    *,
+    dry_run: bool = False,
+    device: str = "cpu",
+    out_shard_size: int = 5 * 10**9,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], Any] = print,
+) -> Path:
+    """Merge the models of `recipe` into the folder `out`; returns `out`.
+
+    Args:
+        recipe: a mergekit-style YAML recipe.
+        out: the output folder; created if missing.
+        dry_run: print the plan (tensors, bytes, estimated peak memory) and write nothing.
+        device: where the arithmetic runs ("cpu", "cuda", "cuda:1"); reading and writing stay streaming.
+        out_shard_size: largest output shard, in bytes of tensor data.
+        overwrite: replace an output folder that holds something else.
+        allow_pickle: accept pickle checkpoints (they can run code when loaded).
+        progress: show progress bars.
+        echo: where one-line status messages go.
+    """
+    out = Path(out)
+    loaded = load_recipe(recipe)
+    plan = build_plan(loaded, out_shard_size=out_shard_size, allow_pickle=allow_pickle)
+    device = _check_device(device)
+    _tokenizer_folder(plan)  # validate tokenizer_source and chat_template before any work
+    if plan.loaded.recipe.chat_template:
+        resolve_chat_template(plan.loaded.recipe.chat_template, [f.path for f in plan.folders.values()])
+    if dry_run:
+        echo(describe(plan, out))
+        return out
+
+    fingerprint = plan.fingerprint()
+    _refuse_foreign_folder(out, fingerprint, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(out):
+        state = _read_manifest(out)
+        complete = state.get("fingerprint") == fingerprint and state.get("status") == "complete"
+        if complete and not overwrite and (out / INDEX_NAME).is_file():
+            echo(f"{out}: this merge is already complete; nothing to do")
+            return out
+        if state.get("fingerprint") != fingerprint or overwrite:
+            _clear_outputs(out)
+        _write_manifest(out, fingerprint, "running")
+
+        writer = ShardedWriter(out, plan.shards)
+        finished = writer.finished_shards()
+        if finished:
+            echo(f"resuming: {len(finished)} of {len(plan.shards)} shard(s) already complete")
+        execute_fn = _engine()
+        execute_fn(plan, writer, skip_shards=finished, device=device, progress=progress)
+        _write_side_files(plan, out)
+        writer.write_index()
+        _write_manifest(out, fingerprint, "complete")
+    echo(f"merged {len(plan.tasks)} tensors into {out} ({len(plan.shards)} shard(s))")
+    return out
+
+
+def _engine():
+    from fusemerge.merge.engine import execute
+
+    return execute
+
+
+def _check_device(device: str) -> str:
+    if device == "cpu":
+        return device
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise FusemergeError(
+                "--device cuda was asked for, but no CUDA device is available", key="--device"
+            )
+        return device
+    raise FusemergeError(f"unknown device '{device}' (cpu, cuda or cuda:N)", key="--device")
+
+
+# -- output folder state ------------------------------------------------------------------------------
+def _read_manifest(out: Path) -> dict[str, Any]:
+    path = out / STATE_DIR / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_manifest(out: Path, fingerprint: str, status: str) -> None:
+    state = {"fingerprint": fingerprint, "status": status, "fusemerge_version": __version__}
+    atomic_write_text(out / STATE_DIR / "manifest.json", json.dumps(state, indent=2) + "\n")
+
+
+def _refuse_foreign_folder(out: Path, fingerprint: str, overwrite: bool) -> None:
+    if overwrite or not out.exists():
+        return
+    if not out.is_dir():
+        raise FusemergeError("the output path exists and is not a folder", file=out)
+    entries = [p for p in out.iterdir() if p.name != STATE_DIR]
+    state = _read_manifest(out)
+    if state.get("fingerprint") == fingerprint:
+        return
+    if state:
+        raise FusemergeError(
+            "the output folder holds a merge of a different recipe or inputs; pass --overwrite to replace it",
+            file=out,
+        )
+    if entries:
+        raise FusemergeError(
+            "the output folder exists and is not empty; pass --overwrite to replace it", file=out
+        )
+
+
+def _clear_outputs(out: Path) -> None:
+    for pattern in OUTPUT_PATTERNS:
+        for path in out.glob(pattern):
+            if path.is_file():
+                path.unlink()
+
+
+@contextmanager
+def _exclusive_lock(out: Path):
+    """One writer per output folder. flock dies with its process, so a stale lock never blocks a rerun."""
+    state = out / STATE_DIR
+    state.mkdir(exist_ok=True)
+    fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise FusemergeError(f"another merge is writing this folder (pid {holder})", file=out) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+# -- side files ---------------------------------------------------------------------------------------
+def _write_side_files(plan: MergePlan, out: Path) -> None:
+    recipe = plan.loaded.recipe
+    reference = plan.folders[plan.base_ref] if plan.base_ref else plan.folders[plan.input_refs[0]]
+    if reference.config is not None:
+        config = dict(reference.config)
+        out_dtypes = {t.out_dtype for t in plan.tasks if t.copy_from is None}
+        if len(out_dtypes) == 1:
+            key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
+            config[key] = name_for_code(out_dtypes.pop())
+        atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    generation = reference.path / "generation_config.json"
+    if generation.is_file():
+        shutil.copy(generation, out / "generation_config.json")
+
+    tokenizer_folder = _tokenizer_folder(plan)
+    for name in TOKENIZER_FILES:
+        src = tokenizer_folder.path / name
+        if src.is_file():
+            shutil.copy(src, out / name)
+    if recipe.chat_template:
+        template = resolve_chat_template(recipe.chat_template, [f.path for f in plan.folders.values()])
+        (out / "chat_template.jinja").write_text(template, encoding="utf-8")
+        config_path = out / "tokenizer_config.json"
+        if config_path.is_file():
+            tok_config = json.loads(config_path.read_text())
+            tok_config.pop("chat_template", None)
+            atomic_write_text(config_path, json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
+
+    atomic_write_text(out / RECIPE_NAME, plan.loaded.text)
+    card = merge_card(
+        method_name=plan.method.name,
+        method_pretty=plan.method.pretty_name,
+        method_url=plan.method.reference_url,
+        base_model=plan.base_ref,
+        models=plan.input_refs,
+        recipe_text=plan.loaded.text,
+    )
+    atomic_write_text(out / "README.md", card)
+
+
+def _tokenizer_folder(plan: MergePlan):
+    source = plan.loaded.recipe.tokenizer_source
+    if source in (None, "base"):
+        return plan.folders[plan.base_ref] if plan.base_ref else plan.folders[plan.input_refs[0]]
+    if source in plan.folders:
+        return plan.folders[source]
+    raise FusemergeError(
+        f"tokenizer_source '{source}' is not one of the recipe's models (or 'base')", key="tokenizer_source"
+    )

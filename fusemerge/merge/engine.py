@@ -1,0 +1,252 @@
+"""Executes a merge plan as a stream: read one tensor's inputs, merge, cast, write, free.
+
+Three stages overlap: a reader thread prefetches the next tensors' inputs (bounded in bytes, so a huge
+embedding is never double-buffered), the calling thread computes, and a writer thread puts finished tensors
+into their place in the shard files. File reads, writes and torch kernels all release the GIL, so the
+stages really run in parallel. Peak memory is a few tensors, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fusemerge.checkpoint.dtypes import torch_dtype
+from fusemerge.checkpoint.reader import TensorInfo
+from fusemerge.checkpoint.writer import ShardedWriter
+from fusemerge.errors import FusemergeError
+from fusemerge.merge.plan import DEFAULT_PREFETCH_BYTES, MergePlan, TensorTask
+
+if TYPE_CHECKING:
+    import torch
+
+LOG = logging.getLogger(__name__)
+_DONE = object()
+
+
+@dataclass
+class _Loaded:
+    task: TensorTask
+    inputs: list[torch.Tensor]
+    base: torch.Tensor | None
+    nbytes: int
+
+
+class _ByteBudget:
+    """Blocks the reader once `limit` bytes are in flight; one item is always allowed through."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int, stop: threading.Event) -> bool:
+        with self.cond:
+            while self.used > 0 and self.used + n > self.limit and not stop.is_set():
+                self.cond.wait(0.1)
+            self.used += n
+            return not stop.is_set()
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
+class _Stage(threading.Thread):
+    """A daemon thread whose exception is re-raised in the caller."""
+
+    def __init__(self, target: Callable[[], None], name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._target_fn = target
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._target_fn()
+        except BaseException as exc:  # re-raised by the caller
+            self.error = exc
+
+
+def _open(plan: MergePlan, info: TensorInfo):
+    for folder in plan.folders.values():
+        if folder.tensors.get(info.name) is info:
+            return folder
+    raise KeyError(info.name)
+
+
+def _read_task(plan: MergePlan, task: TensorTask) -> _Loaded:
+    if task.copy_from is not None:
+        return _Loaded(task, [_open(plan, task.copy_from).read(task.name)], None, task.read_bytes)
+    inputs = [_open(plan, info).read(task.name) for info in task.inputs]
+    base = _open(plan, task.base).read(task.name) if task.base is not None else None
+    return _Loaded(task, inputs, base, task.read_bytes)
+
+
+def iter_loaded(plan: MergePlan, tasks: list[TensorTask], prefetch_bytes: int) -> Iterator[_Loaded]:
+    """Yield each task's inputs in order, read ahead by a background thread."""
+    budget = _ByteBudget(prefetch_bytes)
+    ready: queue.Queue[Any] = queue.Queue()
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            for task in tasks:
+                if not budget.acquire(task.read_bytes, stop):
+                    return
+                ready.put(_read_task(plan, task))
+        finally:
+            ready.put(_DONE)
+
+    thread = _Stage(reader, "fusemerge-reader")
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _DONE:
+                if thread.error is not None:
+                    raise thread.error
+                return
+            try:
+                yield item
+            finally:
+                budget.release(item.nbytes)
+    finally:
+        stop.set()
+        thread.join()
+
+
+def merge_tensor(plan: MergePlan, loaded: _Loaded, device: str, group_stats: Any = None) -> torch.Tensor:
+    """Compute one output tensor on `device`; returns it in the output dtype on the CPU."""
+
+    task = loaded.task
+    out_dtype = torch_dtype(task.out_dtype)
+    if task.copy_from is not None:
+        return loaded.inputs[0].to(out_dtype)
+    work = torch_dtype(task.work_dtype) if task.work_dtype else _promoted([*loaded.inputs, loaded.base])
+    inputs = [x.to(device=device, dtype=work) for x in loaded.inputs]
+    base = loaded.base.to(device=device, dtype=work) if loaded.base is not None else None
+    kwargs: dict[str, Any] = {**task.shared, **task.per_model}
+    if group_stats is not None:
+        kwargs["group_stats"] = group_stats
+    try:
+        result = plan.method.fn(inputs, base, **kwargs)
+    except FusemergeError as exc:
+        raise FusemergeError(exc.message, key=exc.key, tensor=task.name) from None
+    # Round through the working dtype first, as mergekit does (its result lives in the recipe dtype).
+    return result.to(work).to(out_dtype).to("cpu")
+
+
+def _promoted(tensors: list[torch.Tensor | None]) -> torch.dtype:
+    import torch
+
+    present = [t for t in tensors if t is not None]
+    dtype = present[0].dtype
+    for t in present[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def group_statistics(
+    plan: MergePlan, device: str, *, prefetch_bytes: int, on_bytes: Callable[[int], None]
+) -> dict[str, Any]:
+    """First pass for methods whose weights pool statistics over several tensors (VaRM layer/model)."""
+    import torch
+
+    totals: dict[str, Any] = {}
+    tasks = [t for t in plan.tasks if t.copy_from is None]
+    for loaded in iter_loaded(plan, tasks, prefetch_bytes):
+        task = loaded.task
+        work = torch_dtype(task.work_dtype) if task.work_dtype else _promoted([*loaded.inputs, loaded.base])
+        inputs = [x.to(device=device, dtype=work) for x in loaded.inputs]
+        base = loaded.base.to(device=device, dtype=work) if loaded.base is not None else None
+        stats = plan.method.stats(inputs, base, **task.shared, **task.per_model)
+        key = task.group or task.name
+        totals[key] = stats if key not in totals else totals[key] + stats
+        on_bytes(loaded.nbytes)
+        del inputs, base, loaded
+    return {k: v.to(torch.float64) for k, v in totals.items()}
+
+
+def execute(
+    plan: MergePlan,
+    writer: ShardedWriter,
+    *,
+    skip_shards: set[str],
+    device: str = "cpu",
+    progress: bool = True,
+    prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
+) -> int:
+    """Merge every tensor of the shards not in `skip_shards`; returns the number of tensors written."""
+    from tqdm import tqdm
+
+    skip_names = {t.name for s in plan.shards if s.filename in skip_shards for t in s.tensors}
+    tasks = [t for t in plan.tasks if t.name not in skip_names]
+    stats: dict[str, Any] = {}
+    if plan.needs_group_pass and tasks:
+        with tqdm(
+            total=sum(t.read_bytes for t in plan.tasks if t.copy_from is None),
+            unit="B",
+            unit_scale=True,
+            desc="statistics",
+            disable=not progress,
+        ) as bar:
+            stats = group_statistics(plan, device, prefetch_bytes=prefetch_bytes, on_bytes=bar.update)
+
+    written: queue.Queue[Any] = queue.Queue(maxsize=2)
+
+    def write_loop() -> None:
+        while True:
+            item = written.get()
+            if item is _DONE:
+                return
+            writer.write(*item)
+
+    write_stage = _Stage(write_loop, "fusemerge-writer")
+    write_stage.start()
+    total_bytes = sum(t.read_bytes + t.write_bytes for t in tasks)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress)
+    count = 0
+    try:
+        for loaded in iter_loaded(plan, tasks, prefetch_bytes):
+            task = loaded.task
+            group = stats.get(task.group) if task.group not in (None, task.name) else None
+            result = merge_tensor(plan, loaded, device, group)
+            del loaded
+            _put(written, (task.name, result), write_stage)
+            del result
+            count += 1
+            bar.update(task.read_bytes + task.write_bytes)
+            bar.set_postfix_str(f"tensors {count}/{len(tasks)}", refresh=False)
+        _put(written, _DONE, write_stage)
+        write_stage.join()
+        if write_stage.error is not None:
+            raise write_stage.error
+    finally:
+        bar.close()
+        if write_stage.is_alive():
+            # Drain so the writer can see the end marker, then let it finish its current write.
+            while True:
+                try:
+                    written.get_nowait()
+                except queue.Empty:
+                    break
+            written.put(_DONE)
+            write_stage.join()
+        writer.close()
+    return count
+
+
+def _put(q: queue.Queue[Any], item: Any, stage: _Stage) -> None:
+    while True:
+        if stage.error is not None:
+            raise stage.error
+        try:
+            q.put(item, timeout=0.2)
+            return
+        except queue.Full:
+            continue

@@ -1,0 +1,75 @@
+"""Resolving a recipe's model references to local folders, checked before any work starts."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from fusemerge.checkpoint.reader import ModelFolder
+from fusemerge.errors import FusemergeError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(ref: str) -> bool:
+    return bool(_HUB_ID.match(ref)) and not ref.startswith((".", "/"))
+
+
+def resolve_model_path(ref: str, *, recipe_dir: Path | None = None) -> Path:
+    """A local folder (as given, then relative to the recipe's folder), else the local Hub cache."""
+    if "+" in ref:
+        raise FusemergeError(
+            f"'{ref}': model+lora references are not supported by the streaming engine yet", key="models"
+        )
+    candidates = [Path(os.path.expanduser(ref))]
+    if recipe_dir is not None and not Path(ref).is_absolute():
+        candidates.append(recipe_dir / ref)
+    for path in candidates:
+        if path.is_dir():
+            return path
+    if is_hub_id(ref):
+        cached = _from_hub_cache(ref)
+        if cached is not None:
+            return cached
+        raise FusemergeError(
+            f"model '{ref}' is neither a local folder nor in the Hugging Face cache; download it first "
+            f"(hf download {ref}) or give a local path",
+            key="models",
+        )
+    raise FusemergeError("model folder not found", file=ref, key="models")
+
+
+def _from_hub_cache(repo_id: str) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, or no usable cache: the caller explains what to do
+        return None
+
+
+def open_models(refs: list[str], *, recipe_dir: Path | None, allow_pickle: bool) -> dict[str, ModelFolder]:
+    folders: dict[str, ModelFolder] = {}
+    for ref in refs:
+        path = resolve_model_path(ref, recipe_dir=recipe_dir)
+        try:
+            folders[ref] = ModelFolder(path, allow_pickle=allow_pickle)
+        except FusemergeError as exc:
+            if exc.file is None:
+                exc = FusemergeError(exc.message, file=path, key=exc.key, tensor=exc.tensor)
+            raise exc from None
+    return folders
+
+
+def num_layers(folder: ModelFolder) -> int:
+    """The layer count used for gradients: from config.json, else from the tensor names."""
+    from fusemerge.merge.parameters import layer_index
+
+    config = folder.config or {}
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = config.get(key) or (config.get("text_config") or {}).get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    indices = [i for name in folder.tensors if (i := layer_index(name)) is not None]
+    return max(indices) + 1 if indices else 1

@@ -1,0 +1,43 @@
+"""mergekit 0.1.5 as the oracle: run its `run_merge` on the same recipe and load both outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+
+
+def run_mergekit(recipe_text: str, out: Path, *, seed: int | None = None) -> Path:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    config = MergeConfiguration.model_validate(yaml.safe_load(recipe_text))
+    run_merge(config, str(out), options=MergeOptions(quiet=True, random_seed=seed, write_model_card=False))
+    return out
+
+
+def load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                tensors[name] = f.get_tensor(name)
+    return tensors
+
+
+def bf16_steps(ours: torch.Tensor, theirs: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+    """|ours - theirs| in bf16 steps (spacing of bf16 numbers) at the scale of the larger operand.
+
+    The scale includes the base tensor where given: when base + delta nearly cancels, the rounding of
+    the bf16 operands, not of the tiny result, bounds what either implementation can get right.
+    """
+    a, b = ours.float(), theirs.float()
+    scale = torch.maximum(a.abs(), b.abs())
+    if base is not None:
+        scale = torch.maximum(scale, base.float().abs())
+    _, exponent = torch.frexp(scale)
+    spacing = torch.ldexp(torch.ones_like(scale), exponent - 8)  # 8 significant bits in bf16
+    return (a - b).abs() / spacing
