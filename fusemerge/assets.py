@@ -103,11 +103,18 @@ def build_random_model(
 
 
 def perturb_model(
-    base: str | Path, out: str | Path, *, scale: float = 0.02, seed: int = 1, fraction: float = 1.0
+    base: str | Path,
+    out: str | Path,
+    *,
+    scale: float = 0.02,
+    seed: int = 1,
+    fraction: float = 1.0,
+    only: str | None = None,
 ) -> Path:
-    """Copy a model folder with every tensor nudged by Gaussian noise: a stand-in for a fine-tuned variant.
+    """Copy a model folder with tensors nudged by Gaussian noise: a stand-in for a fine-tuned variant.
 
-    `fraction` < 1 perturbs only a random subset of elements, as sparse fine-tuning deltas are.
+    `fraction` < 1 perturbs only a random subset of elements, as sparse fine-tuning deltas are; `only`
+    perturbs only tensors whose name contains it (a specialist that changed, say, just its MLPs).
     """
     from safetensors.torch import load_file, save_file
 
@@ -118,7 +125,8 @@ def perturb_model(
         if item.suffix == ".safetensors":
             tensors = load_file(item)
             for name, t in tensors.items():
-                tensors[name] = _nudge(t, scale, fraction, gen)
+                if only is None or only in name:
+                    tensors[name] = _nudge(t, scale, fraction, gen)
             save_file(tensors, out / item.name, metadata={"format": "pt"})
         elif item.is_file():
             shutil.copy(item, out / item.name)

@@ -1,0 +1,244 @@
+"""fusemerge vs mergekit on the same recipes, as child processes of this one, side by side.
+
+    python bench/merge_bench.py                       # three ~1.1B-parameter bf16 Llama models
+    python bench/merge_bench.py --hidden 512 --layers 4 --methods linear,ties   # a quick run
+
+Builds a base and two fine-tuned variants (random weights; a variant is base + small noise) once in
+--workdir, warms the page cache, then for each method runs `fusemerge merge` and `mergekit-yaml` on the
+same recipe and prints one JSON line: wall seconds, peak RSS of each child, and the fusemerge/mergekit
+ratios. Absolute times depend on the machine; the ratios are the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RECIPES = {
+    "linear": """merge_method: linear
+models:
+  - model: {base}
+    parameters: {{weight: 0.4}}
+  - model: {ft1}
+    parameters: {{weight: 0.3}}
+  - model: {ft2}
+    parameters: {{weight: 0.3}}
+dtype: bfloat16
+""",
+    "task_arithmetic": """merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters: {{weight: 0.5}}
+  - model: {ft2}
+    parameters: {{weight: 0.5}}
+dtype: bfloat16
+""",
+    "ties": """merge_method: ties
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters: {{weight: 0.5, density: 0.5}}
+  - model: {ft2}
+    parameters: {{weight: 0.5, density: 0.5}}
+dtype: bfloat16
+""",
+    "slerp": """merge_method: slerp
+base_model: {base}
+models:
+  - model: {base}
+  - model: {ft1}
+parameters:
+  t: [0, 0.5, 1]
+dtype: bfloat16
+""",
+    "variation_ratio": """merge_method: variation_ratio
+base_model: {base}
+models:
+  - model: {ft1}
+  - model: {ft2}
+dtype: bfloat16
+""",
+}
+MERGEKIT_ONLY_UNSUPPORTED = {"variation_ratio"}
+
+
+def build_models(workdir: Path, args: argparse.Namespace) -> dict[str, Path]:
+    """Random bf16 Llama checkpoints written tensor by tensor (no model object: fast and lean)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    from fusemerge.assets import load_shipped_tokenizer
+
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    tokenizer = load_shipped_tokenizer("mistral")
+    h, i, v = args.hidden, args.intermediate, args.vocab
+    shapes = {"model.embed_tokens.weight": (v, h)}
+    for layer in range(args.layers):
+        p = f"model.layers.{layer}."
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (h, h),
+                p + "self_attn.k_proj.weight": (h, h),
+                p + "self_attn.v_proj.weight": (h, h),
+                p + "self_attn.o_proj.weight": (h, h),
+                p + "mlp.gate_proj.weight": (i, h),
+                p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+            }
+        )
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (v, h)
+    paths = {name: workdir / name for name in ("base", "ft1", "ft2")}
+    if all((p / "model.safetensors.index.json").is_file() for p in paths.values()):
+        return paths
+    gen = torch.Generator().manual_seed(0)
+    shard_bytes = 2 * 10**9
+    for p in paths.values():
+        shutil.rmtree(p, ignore_errors=True)
+        p.mkdir(parents=True)
+        config.save_pretrained(p)
+        tokenizer.save_pretrained(p)
+    names = list(shapes)
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name in names:
+        n = 2 * int(torch.Size(shapes[name]).numel())
+        if groups[-1] and used + n > shard_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += n
+    weight_maps: dict[str, dict[str, str]] = {k: {} for k in paths}
+    for g, group in enumerate(groups, start=1):
+        shard = f"model-{g:05d}-of-{len(groups):05d}.safetensors"
+        base = {}
+        for name in group:
+            shape = shapes[name]
+            base[name] = (
+                torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen) * 0.02
+            ).to(torch.bfloat16)
+        save_file(base, paths["base"] / shard, metadata={"format": "pt"})
+        for k, scale in (("ft1", 0.002), ("ft2", 0.003)):
+            variant = {
+                n: (t.float() + torch.randn(t.shape, generator=gen) * scale).to(torch.bfloat16)
+                for n, t in base.items()
+            }
+            save_file(variant, paths[k] / shard, metadata={"format": "pt"})
+            del variant
+        for k in paths:
+            weight_maps[k].update({n: shard for n in group})
+        del base
+    total = sum(2 * int(torch.Size(s).numel()) for s in shapes.values())
+    for k, p in paths.items():
+        index = {"metadata": {"total_size": total}, "weight_map": weight_maps[k]}
+        (p / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return paths
+
+
+def warm(paths: dict[str, Path]) -> None:
+    for p in paths.values():
+        for f in p.glob("*.safetensors"):
+            with open(f, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+
+
+def run_child(cmd: list[str]) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS in MB, exit code) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
+        print(f"# {' '.join(cmd[:3])} failed ({code}): {err}", file=sys.stderr)
+    return wall, usage.ru_maxrss / 1024, code
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path("bench-out"))
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--methods", default="linear,task_arithmetic,ties")
+    ap.add_argument("--skip-mergekit", action="store_true", help="time fusemerge alone")
+    ap.add_argument("--help-timing", action="store_true", help="also time `fusemerge --help`")
+    args = ap.parse_args()
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    paths = build_models(args.workdir / "models", args)
+    params = (
+        json.loads((paths["base"] / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+        // 2
+    )
+    bindir = Path(sys.executable).parent
+    fusemerge_cmd = (
+        [str(bindir / "fusemerge")]
+        if (bindir / "fusemerge").exists()
+        else [sys.executable, "-m", "fusemerge.cli"]
+    )
+    mergekit_cmd = str(bindir / "mergekit-yaml")
+    for method in args.methods.split(","):
+        recipe = args.workdir / f"{method}.yml"
+        recipe.write_text(RECIPES[method].format(**{k: str(v) for k, v in paths.items()}))
+        warm(paths)
+        out_f = args.workdir / f"out-fusemerge-{method}"
+        f_wall, f_rss, f_code = run_child(
+            [*fusemerge_cmd, "merge", str(recipe), str(out_f), "--overwrite", "-q"]
+        )
+        shutil.rmtree(out_f, ignore_errors=True)
+        line: dict[str, object] = {
+            "bench": "merge",
+            "method": method,
+            "params": params,
+            "fusemerge_s": round(f_wall, 2),
+            "fusemerge_peak_rss_mb": round(f_rss),
+            "fusemerge_ok": f_code == 0,
+        }
+        if not args.skip_mergekit and method not in MERGEKIT_ONLY_UNSUPPORTED:
+            warm(paths)
+            out_m = args.workdir / f"out-mergekit-{method}"
+            shutil.rmtree(out_m, ignore_errors=True)
+            m_wall, m_rss, m_code = run_child([mergekit_cmd, str(recipe), str(out_m), "--quiet"])
+            shutil.rmtree(out_m, ignore_errors=True)
+            line.update(
+                {
+                    "mergekit_s": round(m_wall, 2),
+                    "mergekit_peak_rss_mb": round(m_rss),
+                    "mergekit_ok": m_code == 0,
+                    "wall_ratio": round(f_wall / m_wall, 3),
+                    "rss_ratio": round(f_rss / m_rss, 3),
+                }
+            )
+        print(json.dumps(line), flush=True)
+    if args.help_timing:
+        wall, _, _ = run_child([*fusemerge_cmd, "--help"])
+        print(json.dumps({"bench": "cli_help", "fusemerge_help_s": round(wall, 3)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
