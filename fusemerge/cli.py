@@ -1,7 +1,7 @@
 """The `fusemerge` command line. It parses arguments and calls the Python API; it holds no logic.
 
-    fusemerge merge recipes/examples/varm.yml out/ --dry-run
-    fusemerge merge recipes/examples/varm.yml out/
+    fusemerge merge recipe.yml merged/ --dry-run
+    fusemerge merge recipe.yml merged/
     fusemerge demo
 
 Heavy imports happen inside each command so that `fusemerge --help` answers at once. A `FusemergeError`
