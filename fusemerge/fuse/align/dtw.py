@@ -29,6 +29,7 @@ from fusemerge.fuse.align.alignment import Alignment, TokenizedText
 from fusemerge.fuse.align.registry import ALIGNMENT_METHODS
 
 INF = np.inf
+_NO_BAND = np.zeros(0, dtype=np.int64)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -73,9 +74,38 @@ def _cell(table: np.ndarray, lo: np.ndarray, hi: np.ndarray, i: int, j: int) -> 
 
 
 @numba.njit(cache=True, nogil=True)
-def _dtw(cost: np.ndarray, su: np.ndarray, pu: np.ndarray, lo: np.ndarray, hi: np.ndarray):
-    """Fill the (banded) table and walk back; return the alignment as (indptr, indices) by pivot."""
+def _fill_full(cost: np.ndarray, su: np.ndarray, pu: np.ndarray) -> np.ndarray:
+    """The reference's table D[1:, 1:], every cell (the common case: no band)."""
     n, m = su.shape[0], pu.shape[0]
+    table = np.empty((n, m), dtype=np.float64)
+    row = cost[su[0]]
+    acc = 0.0
+    for j in range(m):  # first row: only 'left' (and D[0][0] = 0 before the first cell)
+        acc = row[pu[j]] + acc
+        table[0, j] = acc
+    for i in range(1, n):
+        row = cost[su[i]]
+        prev = table[i - 1]
+        cur = table[i]
+        left = INF
+        for j in range(m):
+            best = prev[j]  # up
+            if j > 0:
+                if prev[j - 1] < best:
+                    best = prev[j - 1]  # diagonal
+                if left < best:
+                    best = left
+            left = row[pu[j]] + best
+            cur[j] = left
+    return table
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill_band(
+    cost: np.ndarray, su: np.ndarray, pu: np.ndarray, lo: np.ndarray, hi: np.ndarray
+) -> np.ndarray:
+    """The same table, only within [lo[i], hi[i]) of each row (stored from column lo[i])."""
+    n = su.shape[0]
     width = 0
     for i in range(n):
         width = max(width, hi[i] - lo[i])
@@ -94,6 +124,25 @@ def _dtw(cost: np.ndarray, su: np.ndarray, pu: np.ndarray, lo: np.ndarray, hi: n
                 if left < best:
                     best = left
             table[i, j - lo[i]] = cost[ci, pu[j]] + best
+    return table
+
+
+@numba.njit(cache=True, nogil=True)
+def _align(ed, s_cp, s_off, p_cp, p_off, su, pu, lo, hi, full: bool):
+    """Costs, table and walk back in one compiled call (each call from Python costs microseconds)."""
+    return _dtw(_costs(ed, s_cp, s_off, p_cp, p_off), su, pu, lo, hi, full)
+
+
+@numba.njit(cache=True, nogil=True)
+def _dtw(cost: np.ndarray, su: np.ndarray, pu: np.ndarray, lo: np.ndarray, hi: np.ndarray, full: bool):
+    """Fill the (banded) table and walk back; return the alignment as (indptr, indices) by pivot."""
+    n, m = su.shape[0], pu.shape[0]
+    if full:
+        lo = np.zeros(n, dtype=np.int64)
+        hi = np.full(n, m, dtype=np.int64)
+        table = _fill_full(cost, su, pu)
+    else:
+        table = _fill_band(cost, su, pu, lo, hi)
     path_i = np.empty(n + m, dtype=np.int64)
     path_j = np.empty(n + m, dtype=np.int64)
     i, j, steps = n - 1, m - 1, 0
@@ -123,15 +172,20 @@ def _dtw(cost: np.ndarray, su: np.ndarray, pu: np.ndarray, lo: np.ndarray, hi: n
     return indptr, indices
 
 
-def _distinct(tokens: list[str]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """Distinct strings, each position's index into them, and their code points (CSR)."""
-    index: dict[str, int] = {}
-    codes = np.fromiter((index.setdefault(t, len(index)) for t in tokens), dtype=np.int64, count=len(tokens))
-    uniq = list(index)
-    lens = np.fromiter((len(u) for u in uniq), dtype=np.int64, count=len(uniq))
+def _distinct(tokens: list[str], marker: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct marker-free strings, each position's index into them, and their code points (CSR).
+
+    Raw strings are deduplicated first (C-level dict work), so only distinct ones are stripped; two raw
+    strings that strip to the same text just cost one more row of distances, never a different result.
+    """
+    raw = list(dict.fromkeys(tokens))
+    where = {t: k for k, t in enumerate(raw)}
+    codes = np.fromiter(map(where.__getitem__, tokens), dtype=np.int64, count=len(tokens))
+    uniq = [t.replace(marker, "") for t in raw] if marker else raw
+    lens = np.fromiter(map(len, uniq), dtype=np.int64, count=len(uniq))
     off = np.zeros(len(uniq) + 1, dtype=np.int64)
     np.cumsum(lens, out=off[1:])
-    cp = np.frombuffer("".join(uniq).encode("utf-32-le"), dtype=np.uint32)
+    cp = np.frombuffer("".join(uniq).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     return uniq, codes, cp, off
 
 
@@ -177,12 +231,12 @@ def dtw_alignment(
     n, m = len(source_tokens), len(pivot_tokens)
     if n == 0 or m == 0:
         return Alignment(np.zeros(m + 1, dtype=np.int64), np.zeros(0, dtype=np.int64), n)
-    s_uniq, su, s_cp, s_off = _distinct(strip_marker(source_tokens, source_marker))
-    p_uniq, pu, p_cp, p_off = _distinct(strip_marker(pivot_tokens, pivot_marker))
+    s_uniq, su, s_cp, s_off = _distinct(source_tokens, source_marker)
+    p_uniq, pu, p_cp, p_off = _distinct(pivot_tokens, pivot_marker)
     ed = cdist(s_uniq, p_uniq, scorer=Levenshtein.distance, dtype=np.int32, workers=1)
-    cost = _costs(ed, s_cp, s_off, p_cp, p_off)
-    lo, hi = _band_limits(n, m, band)
-    indptr, indices = _dtw(cost, su, pu, lo, hi)
+    full = band is None or band >= m
+    lo, hi = (_NO_BAND, _NO_BAND) if full else _band_limits(n, m, band)
+    indptr, indices = _align(ed, s_cp, s_off, p_cp, p_off, su, pu, lo, hi, full)
     return Alignment(indptr, indices, n)
 
 
