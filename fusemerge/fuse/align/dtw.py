@@ -208,11 +208,6 @@ def _band_limits(n: int, m: int, band: int | None) -> tuple[np.ndarray, np.ndarr
     return lo, hi
 
 
-def strip_marker(tokens: list[str], marker: str) -> list[str]:
-    """Every occurrence of the marker removed, as the reference's `str.replace` does (not only a leading one)."""
-    return [t.replace(marker, "") for t in tokens] if marker else list(tokens)
-
-
 def mined_cost(a: str, b: str) -> float:
     """The reference's per-pair cost on already-stripped strings (for hand checks and the stats mapping)."""
     weight = 0.1 if a in b or b in a else 1
