@@ -1,0 +1,49 @@
+"""Token alignment between models with different tokenizers (FuseChat, DESIGN.md section 3).
+
+- `dtw_align` / `dtw`: MinED dynamic-programming alignment on token strings, exactly the reference's.
+- `offsets`: exact alignment by fast tokenizers' character spans.
+- Vocabulary mappings `exact`, `mined`, `stats`, saved and loaded with `VocabMapping.save` / `load`.
+- `transfer_topk`: a source's top-K moved onto pivot positions and ids, with the next-gold fallback.
+
+Example::
+
+    pivot, source = TokenizerProfile.from_tokenizer(pivot_tok), TokenizerProfile.from_tokenizer(src_tok)
+    p, s = tokenize(pivot_tok, text, profile=pivot), tokenize(src_tok, text, profile=source)
+    alignment = align("offsets", s, p)
+    mapping = build_vocab_mapping("exact", source, pivot)
+    target = transfer_topk(alignment, s_topk_ids, s_topk_logprobs, mapping, p.ids)
+"""
+
+from fusemerge.fuse.align.alignment import Alignment, TokenizedText, tokenize
+from fusemerge.fuse.align.dtw import dtw_align, dtw_alignment
+from fusemerge.fuse.align.offsets import offsets_alignment
+from fusemerge.fuse.align.profile import TokenizerProfile
+from fusemerge.fuse.align.registry import ALIGNMENT_METHODS, VOCAB_MAPPINGS, Registry
+from fusemerge.fuse.align.transfer import TransferredTopK, choose_source_positions, transfer_topk
+from fusemerge.fuse.align.vocab import CoAlignmentCounts, VocabMapping, build_vocab_mapping
+
+
+def align(method: str, source: TokenizedText, pivot: TokenizedText, **params: object) -> Alignment:
+    """Align with a registered method by name (the recipe's `alignment.tokens`: dtw | offsets)."""
+    return ALIGNMENT_METHODS.get(method, key="alignment.tokens").fn(source, pivot, **params)
+
+
+__all__ = [
+    "ALIGNMENT_METHODS",
+    "VOCAB_MAPPINGS",
+    "Alignment",
+    "CoAlignmentCounts",
+    "Registry",
+    "TokenizedText",
+    "TokenizerProfile",
+    "TransferredTopK",
+    "VocabMapping",
+    "align",
+    "build_vocab_mapping",
+    "choose_source_positions",
+    "dtw_align",
+    "dtw_alignment",
+    "offsets_alignment",
+    "tokenize",
+    "transfer_topk",
+]

@@ -1,0 +1,65 @@
+"""Registries for the two extension points of alignment: sequence aligners and vocabulary mappings.
+
+A recipe names a method by string (`alignment: {tokens: dtw, vocab: stats}`); the registry turns that
+name into a plain function, and its `pretty_name` / `reference_url` feed the model card, as mergekit does
+for merge methods. Registering is a decorator so that a method's definition is the only place it is named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from fusemerge.errors import FusemergeError
+
+F = TypeVar("F", bound=Callable)
+
+
+@dataclass(frozen=True)
+class Entry(Generic[F]):
+    """One registered method: the function, and what a model card says about it."""
+
+    name: str
+    fn: F
+    pretty_name: str
+    reference_url: str | None
+
+
+class Registry(Generic[F]):
+    """Name -> function for one extension point; unknown names are user mistakes, not bugs."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry[F]] = {}
+
+    def register(
+        self, name: str, *, pretty_name: str | None = None, reference_url: str | None = None
+    ) -> Callable[[F], F]:
+        def decorator(fn: F) -> F:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} '{name}' is registered twice")
+            self._entries[name] = Entry(name, fn, pretty_name or name, reference_url)
+            return fn
+
+        return decorator
+
+    def get(self, name: str, *, key: str | None = None) -> Entry[F]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise FusemergeError(
+                f"unknown {self.kind} '{name}' (choose from {', '.join(sorted(self._entries))})", key=key
+            ) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+
+# Sequence aligners: fn(source: TokenizedText, pivot: TokenizedText, **params) -> Alignment
+ALIGNMENT_METHODS: Registry = Registry("token alignment method")
+# Vocabulary mappings: fn(source: TokenizerProfile, pivot: TokenizerProfile, **params) -> VocabMapping
+VOCAB_MAPPINGS: Registry = Registry("vocabulary mapping")
