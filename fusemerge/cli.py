@@ -67,6 +67,7 @@ def main(verbose: bool) -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Replace whatever OUT holds.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle (*.bin) checkpoints. They can run code.")
+@click.option("--allow-nonfinite", is_flag=True, help="Merge inputs holding NaN/Inf instead of stopping.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_user_errors_exit_2
 def merge(
@@ -77,6 +78,7 @@ def merge(
     out_shard_size: str,
     overwrite: bool,
     allow_pickle: bool,
+    allow_nonfinite: bool,
     quiet: bool,
 ) -> None:
     """Merge the models of a mergekit-style RECIPE into the folder OUT.
@@ -103,6 +105,7 @@ def merge(
         out_shard_size=parse_size(out_shard_size, what="--out-shard-size"),
         overwrite=overwrite,
         allow_pickle=allow_pickle,
+        allow_nonfinite=allow_nonfinite,
         progress=not quiet,
         echo=click.echo,
     )

@@ -3,8 +3,10 @@
 Every output tensor's dtype and shape are known from the plan, so each shard's header (and so each
 tensor's byte range) is computed before any data exists. A tensor is then written straight into its place
 in the shard file with `os.pwrite` and freed: a shard never has to be held in memory. A shard is written
-under a hidden `.partial` name and renamed into place only once all its tensors are in and synced, so a
-file under a final name is always complete; `model.safetensors.index.json` is written last.
+under a hidden `.partial` name; once all its tensors are in and synced it becomes a hidden `.done` file
+(which a resumed run keeps), and only when every shard is done are they all renamed to their final names,
+just before `model.safetensors.index.json`. So an interrupted or failed merge never leaves anything under a
+final model-file name, and a file under a final name is always complete.
 """
 
 from __future__ import annotations
@@ -107,15 +109,8 @@ class ShardedWriter:
 
     # -- resume ----------------------------------------------------------------------------------
     def is_complete(self, shard: Shard) -> bool:
-        """A shard under its final name with the planned size and header is a finished shard."""
-        path = self.out_dir / shard.filename
-        try:
-            if path.stat().st_size != shard.size:
-                return False
-            with open(path, "rb") as f:
-                return f.read(8 + len(shard.header)) == _prefix(shard)
-        except OSError:
-            return False
+        """A finished shard: under its final or `.done` name, with the planned size and header."""
+        return any(_has_layout(path, shard) for path in (self.out_dir / shard.filename, self._done_path(shard)))
 
     def finished_shards(self) -> set[str]:
         return {s.filename for s in self.shards if self.is_complete(s)}
@@ -160,13 +155,30 @@ class ShardedWriter:
         try:
             os.fsync(fd)
             os.close(fd)
-            os.replace(partial, self.out_dir / shard.filename)
+            os.replace(partial, self._done_path(shard))
         except OSError as exc:
             raise FusemergeError(f"cannot finish output shard: {exc.strerror}", file=partial) from exc
         _fsync_dir(self.out_dir)
 
     def _partial_path(self, shard: Shard) -> Path:
         return self.out_dir / f".{shard.filename}.partial"
+
+    def _done_path(self, shard: Shard) -> Path:
+        return self.out_dir / f".{shard.filename}.done"
+
+    def publish(self) -> None:
+        """Give every finished shard its final name; call once all shards are done, before the index."""
+        for shard in self.shards:
+            final = self.out_dir / shard.filename
+            if _has_layout(final, shard):
+                continue
+            if not _has_layout(self._done_path(shard), shard):
+                raise RuntimeError(f"shard {shard.filename} is not finished")
+            try:
+                os.replace(self._done_path(shard), final)
+            except OSError as exc:
+                raise FusemergeError(f"cannot rename output shard: {exc.strerror}", file=final) from exc
+        _fsync_dir(self.out_dir)
 
     def write_index(self) -> Path:
         """The index goes last: its presence says every shard is complete."""
@@ -181,6 +193,16 @@ class ShardedWriter:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def _has_layout(path: Path, shard: Shard) -> bool:
+    try:
+        if path.stat().st_size != shard.size:
+            return False
+        with open(path, "rb") as f:
+            return f.read(8 + len(shard.header)) == _prefix(shard)
+    except OSError:
+        return False
 
 
 def _prefix(shard: Shard) -> bytes:

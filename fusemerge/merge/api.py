@@ -49,6 +49,7 @@ OUTPUT_PATTERNS = (
     "*.safetensors",
     INDEX_NAME,
     ".*.partial",
+    ".*.done",
     "config.json",
     "generation_config.json",
     RECIPE_NAME,
@@ -66,6 +67,7 @@ def run_merge(
     out_shard_size: int = 5 * 10**9,
     overwrite: bool = False,
     allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
     progress: bool = True,
     echo: Callable[[str], Any] = print,
 ) -> Path:
@@ -79,6 +81,7 @@ def run_merge(
         out_shard_size: largest output shard, in bytes of tensor data.
         overwrite: replace an output folder that holds something else.
         allow_pickle: accept pickle checkpoints (they can run code when loaded).
+        allow_nonfinite: merge inputs that hold NaN or Inf instead of stopping at the first one.
         progress: show progress bars.
         echo: where one-line status messages go.
     """
@@ -111,7 +114,8 @@ def run_merge(
         if finished:
             echo(f"resuming: {len(finished)} of {len(plan.shards)} shard(s) already complete")
         execute_fn = _engine()
-        execute_fn(plan, writer, skip_shards=finished, device=device, progress=progress)
+        execute_fn(plan, writer, skip_shards=finished, device=device, progress=progress, allow_nonfinite=allow_nonfinite)
+        writer.publish()
         _write_side_files(plan, out)
         writer.write_index()
         _write_manifest(out, fingerprint, "complete")

@@ -79,15 +79,29 @@ def _open(plan: MergePlan, info: TensorInfo):
     raise KeyError(info.name)
 
 
-def _read_task(plan: MergePlan, task: TensorTask) -> _Loaded:
+def _read_task(plan: MergePlan, task: TensorTask, allow_nonfinite: bool) -> _Loaded:
     if task.copy_from is not None:
         return _Loaded(task, [_open(plan, task.copy_from).read(task.name)], None, task.read_bytes)
-    inputs = [_open(plan, info).read(task.name) for info in task.inputs]
-    base = _open(plan, task.base).read(task.name) if task.base is not None else None
+    inputs = [_read_checked(plan, info, allow_nonfinite) for info in task.inputs]
+    base = _read_checked(plan, task.base, allow_nonfinite) if task.base is not None else None
     return _Loaded(task, inputs, base, task.read_bytes)
 
 
-def iter_loaded(plan: MergePlan, tasks: list[TensorTask], prefetch_bytes: int) -> Iterator[_Loaded]:
+def _read_checked(plan: MergePlan, info: TensorInfo, allow_nonfinite: bool) -> torch.Tensor:
+    """Read a float tensor, refusing NaN/Inf: merging them silently would spread them into the output."""
+    import torch
+
+    tensor = _open(plan, info).read(info.name)
+    if not allow_nonfinite and not bool(torch.isfinite(tensor).all()):
+        raise FusemergeError(
+            "holds NaN or Inf values; pass --allow-nonfinite to merge it anyway", file=info.file, tensor=info.name
+        )
+    return tensor
+
+
+def iter_loaded(
+    plan: MergePlan, tasks: list[TensorTask], prefetch_bytes: int, *, allow_nonfinite: bool = False
+) -> Iterator[_Loaded]:
     """Yield each task's inputs in order, read ahead by a background thread."""
     budget = _ByteBudget(prefetch_bytes)
     ready: queue.Queue[Any] = queue.Queue()
@@ -98,7 +112,7 @@ def iter_loaded(plan: MergePlan, tasks: list[TensorTask], prefetch_bytes: int) -
             for task in tasks:
                 if not budget.acquire(task.read_bytes, stop):
                     return
-                ready.put(_read_task(plan, task))
+                ready.put(_read_task(plan, task, allow_nonfinite))
         finally:
             ready.put(_DONE)
 
@@ -147,19 +161,27 @@ def _promoted(tensors: list[torch.Tensor | None]) -> torch.dtype:
     present = [t for t in tensors if t is not None]
     dtype = present[0].dtype
     for t in present[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
+        try:
+            dtype = torch.promote_types(dtype, t.dtype)
+        except RuntimeError:  # float8 types do not promote; compute such mixes in float32
+            return torch.float32
     return dtype
 
 
 def group_statistics(
-    plan: MergePlan, device: str, *, prefetch_bytes: int, on_bytes: Callable[[int], None]
+    plan: MergePlan,
+    device: str,
+    *,
+    prefetch_bytes: int,
+    on_bytes: Callable[[int], None],
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """First pass for methods whose weights pool statistics over several tensors (VaRM layer/model)."""
     import torch
 
     totals: dict[str, Any] = {}
     tasks = [t for t in plan.tasks if t.copy_from is None]
-    for loaded in iter_loaded(plan, tasks, prefetch_bytes):
+    for loaded in iter_loaded(plan, tasks, prefetch_bytes, allow_nonfinite=allow_nonfinite):
         task = loaded.task
         work = torch_dtype(task.work_dtype) if task.work_dtype else _promoted([*loaded.inputs, loaded.base])
         inputs = [x.to(device=device, dtype=work) for x in loaded.inputs]
@@ -180,6 +202,7 @@ def execute(
     device: str = "cpu",
     progress: bool = True,
     prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
+    allow_nonfinite: bool = False,
 ) -> int:
     """Merge every tensor of the shards not in `skip_shards`; returns the number of tensors written."""
     from tqdm import tqdm
@@ -195,7 +218,9 @@ def execute(
             desc="statistics",
             disable=not progress,
         ) as bar:
-            stats = group_statistics(plan, device, prefetch_bytes=prefetch_bytes, on_bytes=bar.update)
+            stats = group_statistics(
+                plan, device, prefetch_bytes=prefetch_bytes, on_bytes=bar.update, allow_nonfinite=allow_nonfinite
+            )
 
     written: queue.Queue[Any] = queue.Queue(maxsize=2)
 
@@ -212,7 +237,7 @@ def execute(
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress)
     count = 0
     try:
-        for loaded in iter_loaded(plan, tasks, prefetch_bytes):
+        for loaded in iter_loaded(plan, tasks, prefetch_bytes, allow_nonfinite=allow_nonfinite):
             task = loaded.task
             group = stats.get(task.group) if task.group not in (None, task.name) else None
             result = merge_tensor(plan, loaded, device, group)

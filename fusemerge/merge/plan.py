@@ -237,6 +237,11 @@ def _check_same_tensor(
                 f"shapes differ: {list(info.shape)} in {reference.path} but {list(other.shape)} in '{ref}'",
                 tensor=info.name,
             )
+        if (other.dtype in FLOAT_CODES) != (info.dtype in FLOAT_CODES):
+            raise FusemergeError(
+                f"cannot merge a {info.dtype} tensor ({reference.path}) with a {other.dtype} one ('{ref}')",
+                tensor=info.name,
+            )
 
 
 def describe(plan: MergePlan, out: Path | None = None) -> str:

@@ -49,6 +49,8 @@ def test_writer_roundtrip_through_safetensors(tmp_path):
     writer = ShardedWriter(tmp_path, shards)
     for name in reversed(list(tensors)):  # any order works: offsets come from the plan
         writer.write(name, tensors[name])
+    assert not list(tmp_path.glob("model-*.safetensors")), "final names only once every shard is done"
+    writer.publish()
     writer.write_index()
     assert writer.finished_shards() == {s.filename for s in shards}
     loaded = {}
