@@ -267,7 +267,19 @@ class ChatTokenizer:
         self.bos = bos if bos is not None and len(full) > len(plain) and full[0] == bos else None
 
     def __call__(self, seq: ChatSequence) -> tuple[np.ndarray, np.ndarray]:
-        """(ids int64 [n], mask bool [n]); mask[t] is True where token t belongs to an assistant turn."""
+        """(ids int64 [n], mask bool [n]); mask[t] is True where token t belongs to an assistant turn.
+
+        Row t of this model's top-K store is the distribution at token t (over token t + 1).
+        """
+        ids, mask, _ = self.with_offsets(seq)
+        return ids, mask
+
+    def with_offsets(self, seq: ChatSequence) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(ids, mask, offsets int64 [n, 2] or None for slow tokenizers); a prepended BOS has (0, 0).
+
+        The offsets are what token alignment by character spans ("offsets") needs.
+        """
+        offsets = None
         if self.fast:
             enc = self.tokenizer(seq.text, add_special_tokens=False, return_offsets_mapping=True)
             ids = np.asarray(enc["input_ids"], dtype=np.int64)
@@ -280,7 +292,9 @@ class ChatTokenizer:
         if self.bos is not None and (len(ids) == 0 or ids[0] != self.bos):
             ids = np.concatenate([np.asarray([self.bos], dtype=np.int64), ids])
             mask = np.concatenate([np.zeros(1, dtype=bool), mask])
-        return ids, mask
+            if offsets is not None:
+                offsets = np.concatenate([np.zeros((1, 2), dtype=np.int64), offsets])
+        return ids, mask, offsets
 
     def _by_segments(self, seq: ChatSequence) -> tuple[np.ndarray, np.ndarray]:
         cuts = sorted({0, len(seq.text), *(p for span in seq.spans for p in span)})

@@ -111,6 +111,9 @@ def test_assistant_mask_covers_exactly_the_replies(request, chat_jsonl, qwen_tok
         for a, b in seq.spans:  # every reply is inside the masked tokens, the prompt is not
             assert seq.text[a:b].replace("<|im_end|>", "").strip() in decoded
         assert "<|im_start|>user" not in decoded
+        same_ids, same_mask, offsets = chat.with_offsets(seq)
+        assert (same_ids == ids).all() and (same_mask == mask).all() and offsets.shape == (len(ids), 2)
+        assert offsets[-1, 1] == len(seq.text.rstrip("\n")) or offsets[-1, 1] == len(seq.text)
 
 
 def test_slow_tokenizer_path_gives_the_same_mask_on_clean_boundaries(chat_jsonl, qwen_tokenizer):
