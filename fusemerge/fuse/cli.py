@@ -1,0 +1,61 @@
+"""The `fuse` command: `fusemerge fuse RECIPE [--steps teach] [-q]`.
+
+    fusemerge fuse recipes/fusechat-7b.yml --steps teach     # top-K stores of the pivot and every source
+    accelerate launch -m fusemerge.cli fuse recipe.yml        # the same, each process on its own shards
+
+The main CLI registers it with `main.add_command(fuse)`. It holds no logic: `run_fuse` does the work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fusemerge.fuse.pipeline import STEPS
+
+
+def _user_errors_exit_2(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """fusemerge.cli's handler (FusemergeError -> one line, exit 2), looked up at call time.
+
+    Importing fusemerge.cli at module level would be circular once fusemerge.cli imports this module.
+    """
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from fusemerge.cli import _user_errors_exit_2 as handler
+
+        return handler(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+@click.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--steps",
+    default="teach",
+    show_default=True,
+    help=f"Comma-separated steps to run ({', '.join(STEPS)}); finished work is skipped.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_user_errors_exit_2
+def fuse(recipe: Path, steps: str, quiet: bool) -> None:
+    """Fuse chat models of different tokenizers as the RECIPE says (FuseChat).
+
+    \b
+    Example recipe:
+      pivot: openchat/openchat_3.5
+      sources: [NousResearch/Nous-Hermes-2-SOLAR-10.7B]
+      dataset: {path: data/fusechat_mixture.jsonl, max_length: 2048}
+      teacher: {top_k: 10, batch_size: 8}
+      output: fused/
+
+    An interrupted run, rerun with the same command, continues where it stopped.
+    """
+    from fusemerge.fuse.pipeline import run_fuse
+
+    run_fuse(recipe, steps=steps.split(","), progress=not quiet, echo=click.echo)

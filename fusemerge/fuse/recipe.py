@@ -1,0 +1,222 @@
+"""The fuse recipe: pydantic models of the YAML that drives `fusemerge fuse` (teach -> align -> train).
+
+    pivot: openchat/openchat_3.5
+    sources:
+      - model: NousResearch/Nous-Hermes-2-SOLAR-10.7B
+      - {model: NousResearch/Nous-Hermes-2-Mixtral-8x7B-DPO, load_in_4bit: true}
+    dataset: {path: data/fusechat_mixture.jsonl, format: sharegpt, max_length: 2048, split_long: true}
+    chat_template: pivot
+    teacher: {top_k: 10, batch_size: 8, dtype: bfloat16}
+    alignment: {tokens: dtw, vocab: stats}
+    fusion: {function: mince, loss: ce, lambda: 0.9, temperature: 1.0}
+    training: {mode: lora, learning_rate: 5e-6, epochs: 3, batch_size: 4, gradient_accumulation: 4}
+    output: fused/
+
+Models are frozen and forbid unknown keys, so a typo is an error rather than a silently ignored setting.
+Errors name the file, the line (from the YAML node marks) and the key. Relative paths (dataset, output,
+work_dir, local model folders) are taken relative to the current directory, as mergekit does.
+The raw YAML text is kept on the recipe so later stages can copy it verbatim into model cards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from fusemerge.errors import FusemergeError
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class ModelSpec(_Frozen):
+    """One model of the fusion (the pivot or a source); unset fields fall back to the `teacher` section."""
+
+    model: str = Field(min_length=1)
+    load_in_4bit: bool = False
+    dtype: Dtype | None = None
+    batch_size: PositiveInt | None = None
+    device: str | None = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    @property
+    def name(self) -> str:
+        """A short name for folders and messages: the last component of a path or Hub id."""
+        return Path(self.model.rstrip("/")).name or self.model
+
+
+class DatasetSpec(_Frozen):
+    """Chat data: a JSONL file or a `datasets.save_to_disk` folder, in OpenAI or ShareGPT form."""
+
+    path: str = Field(min_length=1)
+    format: Literal["auto", "openai", "sharegpt"] = "auto"
+    split: str | None = None  # which split of a saved DatasetDict (default: "train" or the only one)
+    max_length: PositiveInt = 2048  # in pivot tokens
+    split_long: bool = True  # FuseChat: split long conversations at turn boundaries instead of truncating
+    on_bad_record: Literal["skip", "error"] = "skip"
+    limit: PositiveInt | None = None  # use only the first N records (smoke runs)
+
+
+class TeacherSpec(_Frozen):
+    """Defaults for the teacher pass of every model; a model's own keys override them."""
+
+    top_k: PositiveInt = 10
+    batch_size: PositiveInt = 8
+    dtype: Dtype = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
+    device: str = "auto"  # auto: the accelerate process's device (cuda if present, else cpu)
+    shard_size: PositiveInt = 1024  # sequences per store shard: the unit of resumption
+
+
+class AlignmentSpec(_Frozen):
+    tokens: Literal["dtw", "offsets"] = "dtw"
+    vocab: Literal["exact", "mined", "stats"] = "stats"
+
+
+class FusionSpec(_Frozen):
+    function: Literal["mince"] = "mince"
+    loss: Literal["ce"] = "ce"
+    lambda_: float = Field(0.9, alias="lambda", ge=0.0, le=1.0)
+    temperature: float = Field(1.0, gt=0.0)
+
+
+class TrainingSpec(_Frozen):
+    """The paper's setup for FuseChat-7B, except `mode` (lora by default on hobbyist hardware)."""
+
+    mode: Literal["full", "lora", "qlora"] = "lora"
+    learning_rate: float = Field(5e-6, gt=0.0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    epochs: float = Field(3, gt=0.0)
+    batch_size: PositiveInt = 4
+    gradient_accumulation: PositiveInt = 4
+    dtype: Dtype = "auto"
+    lora_r: PositiveInt = 16
+    lora_alpha: PositiveInt = 32
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    seed: int = 42
+
+
+class FuseRecipe(_Frozen):
+    pivot: ModelSpec
+    sources: list[ModelSpec] = Field(min_length=1)
+    dataset: DatasetSpec
+    chat_template: str = "pivot"  # "pivot", a built-in name (see fusemerge.fuse.data), or a .jinja file
+    teacher: TeacherSpec = TeacherSpec()
+    alignment: AlignmentSpec = AlignmentSpec()
+    fusion: FusionSpec = FusionSpec()
+    training: TrainingSpec = TrainingSpec()
+    output: str = Field(min_length=1)
+    work_dir: str | None = None  # stores and intermediate files; default <output>/work
+    raw_yaml: str = Field("", exclude=True, repr=False)
+
+    @field_validator("pivot", mode="before")
+    @classmethod
+    def _pivot_as_string(cls, value: Any) -> Any:
+        return {"model": value} if isinstance(value, str) else value
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _sources_as_strings(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"model": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_models(self) -> FuseRecipe:
+        seen = [self.pivot.model]
+        for src in self.sources:
+            if src.model in seen:
+                raise ValueError(f"model '{src.model}' appears twice (pivot and sources must differ)")
+            seen.append(src.model)
+        return self
+
+    @property
+    def models(self) -> list[tuple[str, ModelSpec]]:
+        """(role, spec) for the pivot then every source: the teacher pass runs over all of them."""
+        return [("pivot", self.pivot)] + [(f"source{i}", s) for i, s in enumerate(self.sources, start=1)]
+
+    @property
+    def work_path(self) -> Path:
+        return Path(self.work_dir) if self.work_dir else Path(self.output) / "work"
+
+    def teacher_settings(self, spec: ModelSpec) -> dict[str, Any]:
+        """The effective teacher settings of one model: its own keys over the `teacher` section."""
+        return {
+            "top_k": self.teacher.top_k,
+            "batch_size": spec.batch_size or self.teacher.batch_size,
+            "dtype": spec.dtype or self.teacher.dtype,
+            "device": spec.device or self.teacher.device,
+            "load_in_4bit": spec.load_in_4bit,
+            "allow_pickle": spec.allow_pickle,
+            "trust_remote_code": spec.trust_remote_code,
+            "shard_size": self.teacher.shard_size,
+        }
+
+
+def load_fuse_recipe(path: str | Path) -> FuseRecipe:
+    """Read and validate a fuse recipe; every problem is a FusemergeError naming file, line and key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise FusemergeError(f"cannot read the recipe: {exc.strerror or exc}", file=path) from exc
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise FusemergeError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=path, line=line) from exc
+    if not isinstance(data, dict):
+        raise FusemergeError(
+            "a fuse recipe is a YAML mapping (pivot:, sources:, dataset:, output:)", file=path
+        )
+    try:
+        return FuseRecipe.model_validate({**data, "raw_yaml": text})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or None
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (check its spelling; unknown keys are never ignored)"
+        elif err["type"] == "missing":
+            message = "required key is missing"
+        elif "input" in err and err["type"] not in ("model_type", "dict_type"):
+            message = f"{message} (got {err['input']!r})"
+        raise FusemergeError(message, file=path, line=_line_of(node, loc), key=key) from exc
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """The 1-based line of the deepest YAML node on the path `loc` (a pydantic error location)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.value == str(part):
+                    line, node = key_node.start_mark.line + 1, value_node
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line

@@ -1,0 +1,82 @@
+"""Fixtures for the fuse tests: real chat data (chatterbot corpus) as JSONL and tiny models with real tokenizers.
+
+The pivot carries the Qwen3 tokenizer (it has a chat template); the sources carry GPT-2 and Mistral
+tokenizers, so every model reads the same pivot-rendered text with a different tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fusemerge.assets import build_random_model
+from fusemerge.corpora import chatterbot_conversations
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def chat_records(count: int, *, start: int = 0) -> list[dict]:
+    """Real chatterbot conversations in OpenAI form, spread over the corpus's topics."""
+    convs = chatterbot_conversations()
+    step = max(1, len(convs) // (count + start))
+    return [{"messages": c["messages"]} for c in convs[start * step :: step][:count]]
+
+
+def write_recipe(path: Path, **sections) -> Path:
+    path.write_text(yaml.safe_dump(sections, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_jsonl(tmp_path_factory) -> Path:
+    """40 real conversations, one per line."""
+    return write_jsonl(tmp_path_factory.mktemp("chat") / "chat.jsonl", chat_records(40))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, qwen_tokenizer, gpt2_tokenizer, mistral_tokenizer) -> dict[str, Path]:
+    """Random 2-layer models (hidden 64, tied embeddings) carrying the three real tokenizers."""
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "qwen": build_random_model(
+            root / "qwen-pivot",
+            architecture="qwen2",
+            vocab_size=len(qwen_tokenizer),
+            tokenizer=qwen_tokenizer,
+            tie_word_embeddings=True,
+            seed=1,
+        ),
+        "gpt2": build_random_model(
+            root / "gpt2-source",
+            vocab_size=len(gpt2_tokenizer),
+            tokenizer=gpt2_tokenizer,
+            tie_word_embeddings=True,
+            seed=2,
+        ),
+        "mistral": build_random_model(
+            root / "mistral-source",
+            architecture="mistral",
+            vocab_size=len(mistral_tokenizer),
+            tokenizer=mistral_tokenizer,
+            tie_word_embeddings=True,
+            seed=3,
+        ),
+    }
+
+
+@pytest.fixture(scope="session")
+def fuse_helpers():
+    """The helper functions above, for tests (conftest modules are not imported by name)."""
+
+    class Helpers:
+        write_jsonl = staticmethod(write_jsonl)
+        chat_records = staticmethod(chat_records)
+        write_recipe = staticmethod(write_recipe)
+
+    return Helpers
