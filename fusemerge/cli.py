@@ -11,31 +11,13 @@ Heavy imports happen inside each command so that `fusemerge --help` answers at o
 from __future__ import annotations
 
 import logging
-import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Any
 
 import click
 
 from fusemerge import __version__
-from fusemerge.errors import FusemergeError
-
-
-def _user_errors_exit_2(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except FusemergeError as exc:
-            click.echo(f"fusemerge: error: {exc.one_line()}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("fusemerge: interrupted; rerun the same command to resume", err=True)
-            sys.exit(130)
-
-    return wrapper
+from fusemerge.errors import exit_2_on_user_error
+from fusemerge.fuse.cli import fuse
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,7 +51,7 @@ def main(verbose: bool) -> None:
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle (*.bin) checkpoints. They can run code.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs holding NaN/Inf instead of stopping.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-@_user_errors_exit_2
+@exit_2_on_user_error
 def merge(
     recipe: Path,
     out: Path,
@@ -116,13 +98,15 @@ def merge(
     "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"), show_default=True
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-@_user_errors_exit_2
+@exit_2_on_user_error
 def demo(out: Path, quiet: bool) -> None:
     """Build three small models locally and merge them with variation_ratio and linear (offline)."""
     from fusemerge.demo import run_demo
 
     run_demo(out, progress=not quiet, echo=click.echo)
 
+
+main.add_command(fuse)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

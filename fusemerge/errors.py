@@ -6,7 +6,11 @@ keeps its traceback. Naming the file, key or tensor at fault is what makes the l
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from functools import wraps
 from os import PathLike
+from typing import Any
 
 
 class FusemergeError(Exception):
@@ -38,3 +42,20 @@ class FusemergeError(Exception):
             where.append(f"tensor '{self.tensor}'")
         text = " ".join(self.message.split())  # one line, whatever the message held
         return f"{', '.join(where)}: {text}" if where else text
+
+
+def exit_2_on_user_error(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """CLI decorator: a FusemergeError becomes one line on stderr and exit code 2; Ctrl-C says how to resume."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FusemergeError as exc:
+            print(f"fusemerge: error: {exc.one_line()}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("fusemerge: interrupted; rerun the same command to resume", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper

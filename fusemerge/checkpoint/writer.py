@@ -110,7 +110,9 @@ class ShardedWriter:
     # -- resume ----------------------------------------------------------------------------------
     def is_complete(self, shard: Shard) -> bool:
         """A finished shard: under its final or `.done` name, with the planned size and header."""
-        return any(_has_layout(path, shard) for path in (self.out_dir / shard.filename, self._done_path(shard)))
+        return any(
+            _has_layout(path, shard) for path in (self.out_dir / shard.filename, self._done_path(shard))
+        )
 
     def finished_shards(self) -> set[str]:
         return {s.filename for s in self.shards if self.is_complete(s)}

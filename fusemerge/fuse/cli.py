@@ -3,34 +3,17 @@
     fusemerge fuse recipes/fusechat-7b.yml --steps teach     # top-K stores of the pivot and every source
     accelerate launch -m fusemerge.cli fuse recipe.yml        # the same, each process on its own shards
 
-The main CLI registers it with `main.add_command(fuse)`. It holds no logic: `run_fuse` does the work.
+`fusemerge.cli` registers it. It holds no logic: `run_fuse` does the work.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Any
 
 import click
 
+from fusemerge.errors import exit_2_on_user_error
 from fusemerge.fuse.pipeline import STEPS
-
-
-def _user_errors_exit_2(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """fusemerge.cli's handler (FusemergeError -> one line, exit 2), looked up at call time.
-
-    Importing fusemerge.cli at module level would be circular once fusemerge.cli imports this module.
-    """
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from fusemerge.cli import _user_errors_exit_2 as handler
-
-        return handler(fn)(*args, **kwargs)
-
-    return wrapper
 
 
 @click.command()
@@ -42,7 +25,7 @@ def _user_errors_exit_2(fn: Callable[..., Any]) -> Callable[..., Any]:
     help=f"Comma-separated steps to run ({', '.join(STEPS)}); finished work is skipped.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-@_user_errors_exit_2
+@exit_2_on_user_error
 def fuse(recipe: Path, steps: str, quiet: bool) -> None:
     """Fuse chat models of different tokenizers as the RECIPE says (FuseChat).
 

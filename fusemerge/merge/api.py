@@ -114,7 +114,14 @@ def run_merge(
         if finished:
             echo(f"resuming: {len(finished)} of {len(plan.shards)} shard(s) already complete")
         execute_fn = _engine()
-        execute_fn(plan, writer, skip_shards=finished, device=device, progress=progress, allow_nonfinite=allow_nonfinite)
+        execute_fn(
+            plan,
+            writer,
+            skip_shards=finished,
+            device=device,
+            progress=progress,
+            allow_nonfinite=allow_nonfinite,
+        )
         writer.publish()
         _write_side_files(plan, out)
         writer.write_index()

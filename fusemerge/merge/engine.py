@@ -94,7 +94,9 @@ def _read_checked(plan: MergePlan, info: TensorInfo, allow_nonfinite: bool) -> t
     tensor = _open(plan, info).read(info.name)
     if not allow_nonfinite and not bool(torch.isfinite(tensor).all()):
         raise FusemergeError(
-            "holds NaN or Inf values; pass --allow-nonfinite to merge it anyway", file=info.file, tensor=info.name
+            "holds NaN or Inf values; pass --allow-nonfinite to merge it anyway",
+            file=info.file,
+            tensor=info.name,
         )
     return tensor
 
@@ -219,7 +221,11 @@ def execute(
             disable=not progress,
         ) as bar:
             stats = group_statistics(
-                plan, device, prefetch_bytes=prefetch_bytes, on_bytes=bar.update, allow_nonfinite=allow_nonfinite
+                plan,
+                device,
+                prefetch_bytes=prefetch_bytes,
+                on_bytes=bar.update,
+                allow_nonfinite=allow_nonfinite,
             )
 
     written: queue.Queue[Any] = queue.Queue(maxsize=2)
