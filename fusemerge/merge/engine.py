@@ -19,7 +19,7 @@ from fusemerge.checkpoint.dtypes import torch_dtype
 from fusemerge.checkpoint.reader import TensorInfo
 from fusemerge.checkpoint.writer import ShardedWriter
 from fusemerge.errors import FusemergeError
-from fusemerge.merge.plan import DEFAULT_PREFETCH_BYTES, MergePlan, TensorTask
+from fusemerge.merge.plan import DEFAULT_PREFETCH_BYTES, PREFETCH_TENSORS, MergePlan, TensorTask
 
 if TYPE_CHECKING:
     import torch
@@ -37,23 +37,31 @@ class _Loaded:
 
 
 class _ByteBudget:
-    """Blocks the reader once `limit` bytes are in flight; one item is always allowed through."""
+    """Blocks the reader once `limit` bytes or `max_items` tensors are in flight; one is always allowed."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_items: int = PREFETCH_TENSORS) -> None:
         self.limit = limit
+        self.max_items = max_items
         self.used = 0
+        self.items = 0
         self.cond = threading.Condition()
 
     def acquire(self, n: int, stop: threading.Event) -> bool:
         with self.cond:
-            while self.used > 0 and self.used + n > self.limit and not stop.is_set():
+            while (
+                self.items > 0
+                and (self.used + n > self.limit or self.items >= self.max_items)
+                and not stop.is_set()
+            ):
                 self.cond.wait(0.1)
             self.used += n
+            self.items += 1
             return not stop.is_set()
 
     def release(self, n: int) -> None:
         with self.cond:
             self.used -= n
+            self.items -= 1
             self.cond.notify_all()
 
 

@@ -22,7 +22,9 @@ from fusemerge.merge.models import num_layers, open_models
 from fusemerge.merge.parameters import layer_t, resolve
 from fusemerge.recipes import LoadedRecipe
 
-DEFAULT_PREFETCH_BYTES = 512 * 1024 * 1024
+# Read-ahead bound: a few tensors hide read latency; more would only raise the memory peak.
+DEFAULT_PREFETCH_BYTES = 256 * 1024 * 1024
+PREFETCH_TENSORS = 3
 
 
 @dataclass
@@ -120,6 +122,8 @@ def build_plan(loaded: LoadedRecipe, *, out_shard_size: int, allow_pickle: bool 
     folders = open_models(
         recipe.referenced_models(), recipe_dir=loaded.path.parent, allow_pickle=allow_pickle
     )
+    for folder in folders.values():
+        _ = folder.config  # every config.json must parse, not only the reference's
     reference = folders[base_ref] if base_ref else folders[input_refs[0]]
     layers = num_layers(reference)
     model_params = {m.model: m.parameters for m in recipe.models or []}
