@@ -80,16 +80,9 @@ class _Stage(threading.Thread):
             self.error = exc
 
 
-def _open(plan: MergePlan, info: TensorInfo):
-    for folder in plan.folders.values():
-        if folder.tensors.get(info.name) is info:
-            return folder
-    raise KeyError(info.name)
-
-
 def _read_task(plan: MergePlan, task: TensorTask, allow_nonfinite: bool) -> _Loaded:
     if task.copy_from is not None:
-        return _Loaded(task, [_open(plan, task.copy_from).read(task.name)], None, task.read_bytes)
+        return _Loaded(task, [plan.folder_of(task.copy_from).read(task.name)], None, task.read_bytes)
     inputs = [_read_checked(plan, info, allow_nonfinite) for info in task.inputs]
     base = _read_checked(plan, task.base, allow_nonfinite) if task.base is not None else None
     return _Loaded(task, inputs, base, task.read_bytes)
@@ -99,7 +92,7 @@ def _read_checked(plan: MergePlan, info: TensorInfo, allow_nonfinite: bool) -> t
     """Read a float tensor, refusing NaN/Inf: merging them silently would spread them into the output."""
     import torch
 
-    tensor = _open(plan, info).read(info.name)
+    tensor = plan.folder_of(info).read(info.name)
     if not allow_nonfinite and not bool(torch.isfinite(tensor).all()):
         raise FusemergeError(
             "holds NaN or Inf values; pass --allow-nonfinite to merge it anyway",

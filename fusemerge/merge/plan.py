@@ -97,6 +97,12 @@ class MergePlan:
             + 2 * max((t.write_bytes for t in self.tasks), default=0)
         )
 
+    def folder_of(self, info: TensorInfo) -> ModelFolder:
+        """The model folder that holds `info` (by file), for reading it."""
+        if not hasattr(self, "_by_file"):
+            self._by_file = {t.file: f for f in self.folders.values() for t in f.tensors.values()}
+        return self._by_file[info.file]
+
     def fingerprint(self) -> str:
         """Identifies recipe + inputs + layout: a resume only continues a merge with the same fingerprint."""
         inputs = []
@@ -252,17 +258,17 @@ def describe(plan: MergePlan, out: Path | None = None) -> str:
     """The --dry-run report."""
     gib = 1024**3
     lines = [
-        f"recipe:        {plan.loaded.path}",
-        f"method:        {plan.method.name} ({plan.method.pretty_name})",
-        f"base model:    {plan.base_ref or '-'}",
-        f"models:        {', '.join(plan.input_refs)}",
-        f"tensors:       {len(plan.tasks)}",
-        f"bytes to read: {plan.bytes_read / gib:.3f} GiB",
-        f"bytes to write:{plan.bytes_written / gib:.3f} GiB in {len(plan.shards)} shard(s)",
-        f"peak memory:   about {plan.peak_memory_estimate() / gib:.2f} GiB (estimate)",
+        f"recipe:         {plan.loaded.path}",
+        f"method:         {plan.method.name} ({plan.method.pretty_name})",
+        f"base model:     {plan.base_ref or '-'}",
+        f"models:         {', '.join(plan.input_refs)}",
+        f"tensors:        {len(plan.tasks)}",
+        f"bytes to read:  {plan.bytes_read / gib:.3f} GiB",
+        f"bytes to write: {plan.bytes_written / gib:.3f} GiB in {len(plan.shards)} shard(s)",
+        f"peak memory:    about {plan.peak_memory_estimate() / gib:.2f} GiB (estimate)",
     ]
     if plan.needs_group_pass:
-        lines.append("statistics:    a first pass reads every input once to pool variation statistics")
+        lines.append("statistics:     a first pass reads every input once to pool variation statistics")
     if out is not None:
-        lines.append(f"output:        {out}")
+        lines.append(f"output:         {out}")
     return "\n".join(lines)
