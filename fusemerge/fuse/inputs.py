@@ -55,7 +55,7 @@ def open_fusion_inputs(where: FuseRecipe | str | Path) -> FusionInputs:
             work_dir folder: every store under `aligned/` is opened and the pivot store is the teacher
             store whose model and tokenizer hash the aligned stores name.
     """
-    if isinstance(where, FuseRecipe) or Path(where).is_file():
+    if isinstance(where, FuseRecipe) or Path(where).is_file() or Path(where).suffix in (".yml", ".yaml"):
         recipe = where if isinstance(where, FuseRecipe) else load_fuse_recipe(where)
         return _from_recipe(recipe)
     return _from_work_dir(Path(where))

@@ -99,7 +99,13 @@ def align(
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Path]:
-    """Every source's teacher store moved into the pivot's positions and vocabulary (skipped when done)."""
+    """Every source's teacher store moved into the pivot's positions and vocabulary (skipped when done).
+
+    CPU work: under `accelerate launch` the main process does it while the others wait, so that no two
+    processes write one store.
+    """
+    from accelerate import PartialState
+
     from fusemerge.fuse.aligned import run_align
     from fusemerge.fuse.teacher import load_teacher_tokenizer
 
@@ -107,9 +113,13 @@ def align(
     teacher = store_folders(recipe)
     out = {}
     sources = recipe.models[1:]
+    state = PartialState()
     for (role, spec), store, folder, mapping in zip(
         sources, teacher[1:], aligned_folders(recipe), mapping_files(recipe), strict=True
     ):
+        out[f"aligned/{role}"] = folder
+        if not state.is_main_process:
+            continue
         tokenizer = load_teacher_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
         run_align(
             tokenizer,
@@ -124,7 +134,7 @@ def align(
             progress=progress,
             echo=echo,
         )
-        out[f"aligned/{role}"] = folder
+    state.wait_for_everyone()
     return out
 
 
