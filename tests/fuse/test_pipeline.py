@@ -49,7 +49,7 @@ def test_the_fusechat_7b_recipe_validates(tmp_path):
         (("format: sharegpt", "format: alpaca"), ":6, key 'dataset.format'"),
         (("output: fused/\n", ""), "key 'output': required key is missing"),
         (("lambda: 0.9", "lambda: 1.5"), ":10, key 'fusion.lambda'"),
-        (("chat_template: pivot", "chat_template: [pivot"), ":8: not valid YAML"),
+        (("chat_template: pivot", "chat_template: [pivot"), ":8: invalid YAML"),
     ],
 )
 def test_recipe_errors_name_file_line_and_key(tmp_path, change, where):
