@@ -132,7 +132,7 @@ def _myers(peq: np.ndarray, la: int, b: np.ndarray, b0: int, lb: int) -> int:
     one = np.uint64(1)
     pv = ~np.uint64(0)
     mv = np.uint64(0)
-    last = one << np.uint64(la - 1)
+    top = np.uint64(la - 1)
     score = la
     for j in range(lb):
         eq = peq[b[b0 + j]]
@@ -140,10 +140,8 @@ def _myers(peq: np.ndarray, la: int, b: np.ndarray, b0: int, lb: int) -> int:
         xh = (((eq & pv) + pv) ^ pv) | eq
         ph = mv | ~(xh | pv)
         mh = pv & xh
-        if ph & last:
-            score += 1
-        elif mh & last:
-            score -= 1
+        # +1 / -1 where the last row's horizontal delta is; branch-free (the sign is data-dependent)
+        score += np.int64((ph >> top) & one) - np.int64((mh >> top) & one)
         ph = (ph << one) | one
         mh <<= one
         pv = mh | ~(xv | ph)
