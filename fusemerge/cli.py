@@ -67,6 +67,19 @@ def main(verbose: bool) -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Replace whatever OUT holds.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle (*.bin) checkpoints. They can run code.")
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "streaming", "mergekit"]),
+    default="auto",
+    show_default=True,
+    help="streaming, or mergekit as the fallback (slices, modules, tokenizer surgery, MoE); auto picks.",
+)
+@click.option(
+    "--random-seed",
+    type=int,
+    default=None,
+    help="Seed of the random methods (DARE, DELLA); the same seed gives the same model. Default 0.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_user_errors_exit_2
 def merge(
@@ -77,6 +90,8 @@ def merge(
     out_shard_size: str,
     overwrite: bool,
     allow_pickle: bool,
+    engine: str,
+    random_seed: int | None,
     quiet: bool,
 ) -> None:
     """Merge the models of a mergekit-style RECIPE into the folder OUT.
@@ -105,6 +120,8 @@ def merge(
         allow_pickle=allow_pickle,
         progress=not quiet,
         echo=click.echo,
+        engine=engine,
+        random_seed=random_seed,
     )
 
 

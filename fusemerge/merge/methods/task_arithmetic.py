@@ -13,11 +13,10 @@ bf16 step for this reason (float32 recipes match).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
 
 from fusemerge.merge.methods.chunks import compute_dtype, flat, spans
+from fusemerge.merge.methods.masks import NONE_KEPT, Keep, Mask, magnitudes, top_k
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param
 
@@ -56,8 +55,8 @@ def task_arithmetic(
 
     `density` is accepted and, as in mergekit, unused: task arithmetic does not sparsify.
     """
-    thresholds: list[Keep | None] = [None] * len(tensors)
-    return _combine(tensors, base, weight, thresholds, rescale, normalize, shared["lambda"], consensus=False)
+    thresholds: list[Mask | None] = [None] * len(tensors)
+    return combine(tensors, base, weight, thresholds, rescale, normalize, shared["lambda"], consensus=False)
 
 
 @merge_method(
@@ -83,48 +82,22 @@ def ties(
     thresholds = [
         _magnitude_keep(t, base, d) if d < 1 else None for t, d in zip(tensors, density, strict=True)
     ]
-    return _combine(tensors, base, weight, thresholds, rescale, normalize, shared["lambda"], consensus=True)
-
-
-@dataclass(frozen=True)
-class Keep:
-    """Which elements a top-k magnitude selection keeps: |delta| > threshold, plus those equal to it up
-    to flat index `last_tied` (so exactly k are kept, ties going to the lowest indices)."""
-
-    threshold: float
-    last_tied: int
-
-    def mask(self, magnitudes: torch.Tensor, span: slice) -> torch.Tensor:
-        keep = magnitudes > self.threshold
-        if self.last_tied >= span.start:
-            index = torch.arange(span.start, span.stop, device=magnitudes.device)
-            keep |= (magnitudes == self.threshold) & (index <= self.last_tied)
-        return keep
+    return combine(tensors, base, weight, thresholds, rescale, normalize, shared["lambda"], consensus=True)
 
 
 def _magnitude_keep(tensor: torch.Tensor, base: torch.Tensor, density: float) -> Keep:
     """Select the top k = max(1, int(density * n)) magnitudes of the task vector by a k-th value search."""
     n = tensor.numel()
     if density <= 0 or n == 0:
-        return Keep(float("inf"), -1)
-    k = max(1, int(density * n))
-    dtype = compute_dtype([tensor, base])
-    magnitudes = torch.empty(n, dtype=dtype, device=tensor.device)
-    t_flat, b_flat = flat(tensor), flat(base)
-    for span in spans(n):
-        torch.sub(t_flat[span].to(dtype), b_flat[span].to(dtype), out=magnitudes[span]).abs_()
-    threshold = torch.kthvalue(magnitudes, n - k + 1).values
-    above = int((magnitudes > threshold).sum())
-    tied = (magnitudes == threshold).nonzero().flatten()
-    last_tied = int(tied[k - above - 1]) if k > above else -1
-    return Keep(float(threshold), last_tied)
+        return NONE_KEPT
+    return top_k(magnitudes(tensor, base), max(1, int(density * n)))
 
 
-def _combine(
+def combine(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
     weight: list[float],
-    thresholds: list[Keep | None],
+    thresholds: Sequence[Mask | None],
     rescale: bool,
     normalize: bool,
     lambda_: float,
@@ -132,7 +105,7 @@ def _combine(
     consensus: bool,
 ) -> torch.Tensor:
     dtype = compute_dtype([*tensors, base])
-    scales = _rescale_factors(tensors, base, thresholds, dtype) if rescale else [1.0] * len(tensors)
+    scales = rescale_factors(tensors, base, thresholds, dtype) if rescale else [1.0] * len(tensors)
     out = torch.empty(base.shape, dtype=dtype, device=base.device)
     out_flat, b_flat = flat(out), flat(base)
     inputs = [flat(t) for t in tensors]
@@ -163,8 +136,8 @@ def _combine(
     return out
 
 
-def _rescale_factors(
-    tensors: Sequence[torch.Tensor], base: torch.Tensor, thresholds: list[Keep | None], dtype: torch.dtype
+def rescale_factors(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor, thresholds: Sequence[Mask | None], dtype: torch.dtype
 ) -> list[float]:
     """L1 norm before / after sparsification, per model (1 where nothing was dropped or norms vanish)."""
     eps = 1e-7
