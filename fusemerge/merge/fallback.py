@@ -165,9 +165,55 @@ def _validate(data: Any, path: Path, *, moe: bool) -> Any:
         config = schema.model_validate(data)
     except (ValidationError, RuntimeError) as exc:
         raise FusemergeError(f"mergekit refuses the recipe: {_first_line(exc)}", file=path) from None
+    _check_unknown_keys(data, path, moe=moe)
     if not moe:
         _check_method(config, data, path)
     return config
+
+
+def _check_unknown_keys(data: dict[str, Any], path: Path, *, moe: bool) -> None:
+    """mergekit's schema ignores unknown keys; a typo there must be an error that names it."""
+    if moe:
+        from mergekit.moe.config import Expert, MoEMergeConfig
+
+        nested = {"experts": Expert, "shared_experts": Expert}
+        _known(data, MoEMergeConfig, "", path)
+        for key, cls in nested.items():
+            for i, item in enumerate(data.get(key) or []):
+                _known(item, cls, f"{key}[{i}]", path)
+        return
+    from mergekit.config import (
+        InputModelDefinition,
+        InputSliceDefinition,
+        MergeConfiguration,
+        OutputModuleDefinition,
+        OutputSliceDefinition,
+    )
+
+    def check_slices_and_models(node: dict[str, Any], where: str) -> None:
+        for i, sl in enumerate(node.get("slices") or []):
+            _known(sl, OutputSliceDefinition, f"{where}slices[{i}]", path)
+            for j, src in enumerate(sl.get("sources") or [] if isinstance(sl, dict) else []):
+                _known(src, InputSliceDefinition, f"{where}slices[{i}].sources[{j}]", path)
+        for i, m in enumerate(node.get("models") or []):
+            _known(m, InputModelDefinition, f"{where}models[{i}]", path)
+
+    _known(data, MergeConfiguration, "", path)
+    check_slices_and_models(data, "")
+    for name, module in (data.get("modules") or {}).items():
+        _known(module, OutputModuleDefinition, f"modules.{name}", path)
+        if isinstance(module, dict):
+            check_slices_and_models(module, f"modules.{name}.")
+
+
+def _known(node: Any, cls: Any, where: str, path: Path) -> None:
+    if not isinstance(node, dict):
+        return
+    for key in node:
+        if key not in cls.model_fields:
+            raise FusemergeError(
+                "unknown key (not a mergekit recipe key)", file=path, key=f"{where}.{key}" if where else key
+            )
 
 
 def _check_method(config: Any, data: dict[str, Any], path: Path) -> None:
