@@ -156,6 +156,7 @@ def build_plan(
         recipe.referenced_models(), recipe_dir=loaded.path.parent, allow_pickle=allow_pickle
     )
     reference = folders[base_ref] if base_ref else folders[input_refs[0]]
+    _check_architectures(folders, reference, loaded)
     layers = num_layers(reference)
     model_params = {m.model: m.parameters for m in recipe.models or []}
 
@@ -278,6 +279,25 @@ def _check_parameter_names(loaded: LoadedRecipe, method: MergeMethod) -> None:
                         file=loaded.path,
                         key=f"{where}.{name}",
                     )
+
+
+def _check_architectures(folders: dict[str, ModelFolder], reference: ModelFolder, loaded: LoadedRecipe) -> None:
+    """Models whose config.json names different architectures are refused before any tensor is read."""
+
+    def arch(folder: ModelFolder) -> str | None:
+        config = folder.config or {}
+        names = config.get("architectures")
+        return ",".join(names) if names else config.get("model_type")
+
+    expected = arch(reference)
+    for ref, folder in folders.items():
+        found = arch(folder)
+        if expected and found and found != expected:
+            raise FusemergeError(
+                f"model '{ref}' is a {found} but {reference.path} is a {expected}; they cannot be merged",
+                file=loaded.path,
+                key="models",
+            )
 
 
 def _check_same_tensor(
