@@ -25,7 +25,9 @@ from fusemerge.merge.methods.variation_ratio import variation_ratio as _varm_mat
 NAMES = ("variation_ratio", "varm")
 
 
-def _kernel(group: TensorGroup, weight: PerNonBase[float] = 1.0, granularity: Literal["matrix"] = "matrix") -> torch.Tensor:
+def _kernel(
+    group: TensorGroup, weight: PerNonBase[float] = 1.0, granularity: Literal["matrix"] = "matrix"
+) -> torch.Tensor:
     entries = group.non_base
     base = group.base.tensor
     result = _varm_math(

@@ -109,7 +109,9 @@ def run_merge(
             echo=echo,
         )
     if loaded is None:
-        raise FusemergeError("a MoE recipe (experts) needs --engine mergekit or auto", file=recipe, key="experts")
+        raise FusemergeError(
+            "a MoE recipe (experts) needs --engine mergekit or auto", file=recipe, key="experts"
+        )
     plan = build_plan(
         loaded, out_shard_size=out_shard_size, allow_pickle=allow_pickle, random_seed=random_seed
     )

@@ -126,7 +126,8 @@ def run_with_mergekit(
 def _walk_refs(node: Any, fn: Callable[[str], str]) -> Any:
     if isinstance(node, dict):
         return {
-            k: (fn(v) if k in _MODEL_KEYS and isinstance(v, str) else _walk_refs(v, fn)) for k, v in node.items()
+            k: (fn(v) if k in _MODEL_KEYS and isinstance(v, str) else _walk_refs(v, fn))
+            for k, v in node.items()
         }
     if isinstance(node, list):
         return [_walk_refs(v, fn) for v in node]
@@ -285,7 +286,9 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         raise FusemergeError("the output path exists and is not a folder", file=out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise FusemergeError("the output folder exists and is not empty; pass --overwrite to replace it", file=out)
+            raise FusemergeError(
+                "the output folder exists and is not empty; pass --overwrite to replace it", file=out
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -293,7 +296,9 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 def _describe(path: Path, data: Any, out: Path, *, moe: bool) -> str:
     lines = [f"recipe:        {path}", "engine:        mergekit"]
     if moe:
-        lines.append(f"MoE:           {len(data.get('experts') or [])} expert(s), gate_mode {data.get('gate_mode', 'hidden')}")
+        lines.append(
+            f"MoE:           {len(data.get('experts') or [])} expert(s), gate_mode {data.get('gate_mode', 'hidden')}"
+        )
     else:
         lines.append(f"method:        {data.get('merge_method')}")
         if data.get("slices"):

@@ -78,7 +78,9 @@ class LoraModel(ModelFolder):
                 pairs[module]["embedding"] = "1"
         for module, pair in pairs.items():
             if "A" not in pair or "B" not in pair:
-                raise FusemergeError(f"LoRA module '{module}' lacks its A or B weight", file=self.adapter_path)
+                raise FusemergeError(
+                    f"LoRA module '{module}' lacks its A or B weight", file=self.adapter_path
+                )
             target = f"{module}.weight"
             info = self.tensors.get(target)
             if info is None:
@@ -90,7 +92,9 @@ class LoraModel(ModelFolder):
             embedding = "embedding" in pair
             fan = bool(config.get("fan_in_fan_out")) and not embedding
             if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
-                raise FusemergeError(f"LoRA A {list(a)} and B {list(b)} do not pair", file=self.adapter_path, tensor=target)
+                raise FusemergeError(
+                    f"LoRA A {list(a)} and B {list(b)} do not pair", file=self.adapter_path, tensor=target
+                )
             folded = (a[1], b[0]) if embedding or fan else (b[0], a[1])
             if tuple(info.shape) != folded:
                 raise FusemergeError(
@@ -103,7 +107,9 @@ class LoraModel(ModelFolder):
             info = self.tensors.get(target)
             if info is None or tuple(info.shape) != tuple(self.adapter.tensors[key].shape):
                 raise FusemergeError(
-                    "the adapter's saved base weight does not match the base model's", file=self.adapter_path, tensor=key
+                    "the adapter's saved base weight does not match the base model's",
+                    file=self.adapter_path,
+                    tensor=key,
                 )
 
     def read(self, name: str) -> torch.Tensor:
@@ -137,11 +143,15 @@ def _adapter_config(adapter: Path) -> dict[str, Any]:
         raise FusemergeError(f"unreadable adapter config ({exc})", file=path) from None
     peft_type = config.get("peft_type", "LORA")
     if peft_type != "LORA":
-        raise FusemergeError(f"only LoRA adapters can be folded in, not {peft_type}", file=path, key="peft_type")
+        raise FusemergeError(
+            f"only LoRA adapters can be folded in, not {peft_type}", file=path, key="peft_type"
+        )
     if config.get("use_dora"):
         raise FusemergeError("DoRA adapters are not supported (magnitude vectors)", file=path, key="use_dora")
     if config.get("modules_to_save"):
-        raise FusemergeError("adapters with modules_to_save are not supported", file=path, key="modules_to_save")
+        raise FusemergeError(
+            "adapters with modules_to_save are not supported", file=path, key="modules_to_save"
+        )
     if not isinstance(config.get("r"), int) or config["r"] <= 0:
         raise FusemergeError("adapter config lacks a positive rank 'r'", file=path, key="r")
     return config

@@ -121,7 +121,9 @@ class MergePlan:
             inputs.append([ref, [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]])
         layout = [[s.filename, [[t.name, t.dtype, list(t.shape)] for t in s.tensors]] for s in self.shards]
         for ref, folder in sorted(self.folders.items()):
-            inputs.append([ref, [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in folder_extra_files(folder)]])
+            inputs.append(
+                [ref, [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in folder_extra_files(folder)]]
+            )
         seed = self.random_seed if self.method.random else None
         blob = json.dumps(
             {"recipe": self.loaded.text, "inputs": inputs, "layout": layout, "seed": seed}, sort_keys=True
@@ -281,7 +283,9 @@ def _check_parameter_names(loaded: LoadedRecipe, method: MergeMethod) -> None:
                     )
 
 
-def _check_architectures(folders: dict[str, ModelFolder], reference: ModelFolder, loaded: LoadedRecipe) -> None:
+def _check_architectures(
+    folders: dict[str, ModelFolder], reference: ModelFolder, loaded: LoadedRecipe
+) -> None:
     """Models whose config.json names different architectures are refused before any tensor is read."""
 
     def arch(folder: ModelFolder) -> str | None:

@@ -16,7 +16,10 @@ def run_mergekit(recipe_text: str, out: Path, *, seed: int | None = None) -> Pat
 
     config = MergeConfiguration.model_validate(yaml.safe_load(recipe_text))
     options = MergeOptions(
-        quiet=True, random_seed=seed, write_model_card=False, lora_merge_cache=str(out.parent / "mergekit-lora")
+        quiet=True,
+        random_seed=seed,
+        write_model_card=False,
+        lora_merge_cache=str(out.parent / "mergekit-lora"),
     )
     run_merge(config, str(out), options=options)
     return out

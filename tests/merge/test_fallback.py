@@ -57,7 +57,9 @@ def test_frankenmerge_runs_through_mergekit_and_loads(llama_fp32, tmp_path, writ
     from transformers import AutoModelForCausalLM
 
     said: list[str] = []
-    out = run_merge(write_recipe(FRANKEN.format(**_refs(llama_fp32))), tmp_path / "out", progress=False, echo=said.append)
+    out = run_merge(
+        write_recipe(FRANKEN.format(**_refs(llama_fp32))), tmp_path / "out", progress=False, echo=said.append
+    )
     assert said[0] == "engine: mergekit (the recipe uses slices (a frankenmerge))"
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 3
@@ -72,10 +74,16 @@ def test_frankenmerge_runs_through_mergekit_and_loads(llama_fp32, tmp_path, writ
 def test_variation_ratio_inside_mergekit_slices_equals_streaming(llama_fp32, tmp_path, write_recipe):
     refs = _refs(llama_fp32)
     sliced = run_merge(
-        write_recipe(VARM_SLICES.format(**refs), "slices.yml"), tmp_path / "slices", progress=False, echo=lambda _: None
+        write_recipe(VARM_SLICES.format(**refs), "slices.yml"),
+        tmp_path / "slices",
+        progress=False,
+        echo=lambda _: None,
     )
     streamed = run_merge(
-        write_recipe(VARM_MODELS.format(**refs), "models.yml"), tmp_path / "streamed", progress=False, echo=lambda _: None
+        write_recipe(VARM_MODELS.format(**refs), "models.yml"),
+        tmp_path / "streamed",
+        progress=False,
+        echo=lambda _: None,
     )
     forced: list[str] = []
     via_plugin = run_merge(
@@ -113,7 +121,10 @@ def test_missing_mergekit_says_how_to_install(llama_fp32, tmp_path, write_recipe
     [
         (("passthrough", "passthru"), "unknown merge method 'passthru'"),
         (("dtype: float32", "parameters: {scale: 2, t: 0.5}\ndtype: float32"), "unknown parameter"),
-        (("layer_range: [1, 2]", "layer_range: [1, 2]\n        model_typo: 1"), r"key 'slices\[1\]\.sources\[0\]\.model_typo'"),
+        (
+            ("layer_range: [1, 2]", "layer_range: [1, 2]\n        model_typo: 1"),
+            r"key 'slices\[1\]\.sources\[0\]\.model_typo'",
+        ),
         (("layer_range: [1, 2]", "layer_range: one-two"), "mergekit refuses the recipe"),
     ],
 )
@@ -134,10 +145,15 @@ def test_fallback_missing_model_fails_before_work(llama_fp32, tmp_path, write_re
 def test_cli_says_which_engine_ran(llama_fp32, tmp_path, write_recipe):
     refs = _refs(llama_fp32)
     runner = CliRunner()
-    streamed = runner.invoke(main, ["merge", str(write_recipe(VARM_MODELS.format(**refs), "m.yml")), str(tmp_path / "a"), "--dry-run"])
+    streamed = runner.invoke(
+        main,
+        ["merge", str(write_recipe(VARM_MODELS.format(**refs), "m.yml")), str(tmp_path / "a"), "--dry-run"],
+    )
     assert streamed.exit_code == 0, streamed.output
     assert "engine: streaming (the recipe uses only what the streaming engine does)" in streamed.output
-    franken = runner.invoke(main, ["merge", str(write_recipe(FRANKEN.format(**refs), "f.yml")), str(tmp_path / "b"), "--dry-run"])
+    franken = runner.invoke(
+        main, ["merge", str(write_recipe(FRANKEN.format(**refs), "f.yml")), str(tmp_path / "b"), "--dry-run"]
+    )
     assert franken.exit_code == 0, franken.output
     assert "engine: mergekit (the recipe uses slices (a frankenmerge))" in franken.output
     refused = runner.invoke(

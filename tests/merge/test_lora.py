@@ -44,14 +44,18 @@ def adapters(llama_fp32, tmp_path_factory):
     base = llama_fp32["base"]
     return {
         "attn": _adapter(base, root / "attn", targets=["q_proj", "v_proj", "o_proj"]),
-        "mlp_embed": _adapter(base, root / "mlp_embed", targets=["down_proj", "embed_tokens"], alpha=16, rslora=True, seed=1),
+        "mlp_embed": _adapter(
+            base, root / "mlp_embed", targets=["down_proj", "embed_tokens"], alpha=16, rslora=True, seed=1
+        ),
     }
 
 
 @pytest.mark.parametrize("which", ["attn", "mlp_embed"])
 def test_folded_adapter_equals_peft_merge(which, llama_fp32, adapters, tmp_path, write_recipe):
     base, adapter = llama_fp32["base"], adapters[which]
-    recipe = write_recipe(f"merge_method: passthrough\nmodels:\n  - model: {base}+{adapter}\ndtype: float32\n")
+    recipe = write_recipe(
+        f"merge_method: passthrough\nmodels:\n  - model: {base}+{adapter}\ndtype: float32\n"
+    )
     ours = load_folder(run_merge(recipe, tmp_path / "out", progress=False, echo=lambda _: None))
     expected = _peft_merged(base, adapter)
     original = load_folder(base)
@@ -61,7 +65,9 @@ def test_folded_adapter_equals_peft_merge(which, llama_fp32, adapters, tmp_path,
         if not torch.equal(tensor, original[name]):
             changed.add(name.split(".")[-2])
     # The adapter really moved every module it targets (and only those).
-    assert changed == {"attn": {"q_proj", "v_proj", "o_proj"}, "mlp_embed": {"down_proj", "embed_tokens"}}[which]
+    assert (
+        changed == {"attn": {"q_proj", "v_proj", "o_proj"}, "mlp_embed": {"down_proj", "embed_tokens"}}[which]
+    )
 
 
 def test_lora_input_in_a_merge_equals_mergekit(llama_fp32, adapters, tmp_path, write_recipe):
@@ -93,7 +99,9 @@ def test_bad_adapters_are_refused_before_any_tensor_is_read(llama_fp32, adapters
     with pytest.raises(FusemergeError, match="DoRA"):
         run_merge(recipe, tmp_path / "out", echo=lambda _: None)
 
-    other = write_recipe(f"merge_method: passthrough\nmodels:\n  - model: {llama_fp32['ft1']}+{tmp_path}\n", "o.yml")
+    other = write_recipe(
+        f"merge_method: passthrough\nmodels:\n  - model: {llama_fp32['ft1']}+{tmp_path}\n", "o.yml"
+    )
     with pytest.raises(FusemergeError, match="not a peft adapter folder"):
         run_merge(other, tmp_path / "out", echo=lambda _: None)
     assert not (tmp_path / "out").exists()

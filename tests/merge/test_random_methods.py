@@ -103,7 +103,9 @@ def test_kept_fraction_and_rescale_match_density(method, density):
     assert torch.equal(rescaled != 0, kept != 0)  # same seed, same mask
     factor = float(rescaled.abs().sum() / kept.abs().sum())
     assert factor == pytest.approx(float(delta.abs().sum() / kept.abs().sum()), rel=1e-5)
-    assert float(rescaled.abs().sum(dtype=torch.float64)) == pytest.approx(float(delta.abs().sum(dtype=torch.float64)), rel=1e-5)
+    assert float(rescaled.abs().sum(dtype=torch.float64)) == pytest.approx(
+        float(delta.abs().sum(dtype=torch.float64)), rel=1e-5
+    )
     # For DARE every element is equally likely to survive, so the L1 factor is close to 1 / density;
     # DELLA favours large magnitudes, so its factor is below 1 / density.
     if method == "dare_linear":

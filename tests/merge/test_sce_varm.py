@@ -41,7 +41,9 @@ dtype: float32
     out = {}
     for method in ("variation_ratio", "sce"):
         recipe = write_recipe(text.format(method=method, **refs), f"{method}.yml")
-        out[method] = load_folder(run_merge(recipe, tmp_path / method, progress=False, echo=lambda _: None))[name]
+        out[method] = load_folder(run_merge(recipe, tmp_path / method, progress=False, echo=lambda _: None))[
+            name
+        ]
     base = load_folder(llama_fp32["base"])[name]
     deltas = torch.stack([load_folder(llama_fp32[f"ft{i}"])[name] - base for i in (1, 2, 3)])
     conflict = (deltas > 0).any(dim=0) & (deltas < 0).any(dim=0)

@@ -43,7 +43,9 @@ def _ram(tensors, base, epsilon: float, lambdas: torch.Tensor | None) -> torch.T
     return out
 
 
-@merge_method("ram", pretty_name="Reinforced Agent Merging", reference_url=RAM_URL, base="required", shared=EPSILON)
+@merge_method(
+    "ram", pretty_name="Reinforced Agent Merging", reference_url=RAM_URL, base="required", shared=EPSILON
+)
 def ram(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, epsilon: float) -> torch.Tensor:
     """Unique deltas kept whole, shared deltas averaged over the models that made them (RAM, 2026)."""
     return _ram(tensors, base, epsilon, None)
@@ -60,7 +62,9 @@ def ram(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, epsilon: float) 
         **EPSILON,
     },
 )
-def ramplus_tl(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, r: float, alpha: float, epsilon: float) -> torch.Tensor:
+def ramplus_tl(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor, *, r: float, alpha: float, epsilon: float
+) -> torch.Tensor:
     """RAM with each model's unique deltas amplified by its shared/unique ratio in the tensor (RAM+, 2026)."""
     dtype = compute_dtype([*tensors, base])
     inputs, b = [flat(t) for t in tensors], flat(base)

@@ -24,7 +24,9 @@ def _deltas(inputs: list[torch.Tensor], b: torch.Tensor, span: slice, dtype: tor
     return torch.stack([x[span].to(dtype) - base for x in inputs])
 
 
-def _select(inputs: list[torch.Tensor], b: torch.Tensor, n: int, topk: float, dtype: torch.dtype) -> Keep | None:
+def _select(
+    inputs: list[torch.Tensor], b: torch.Tensor, n: int, topk: float, dtype: torch.dtype
+) -> Keep | None:
     if topk >= 1:
         return None
     if topk <= 0:
@@ -79,5 +81,7 @@ def sce(
     return out
 
 
-def _span_mask(keep: Keep, inputs: list[torch.Tensor], b: torch.Tensor, span: slice, dtype: torch.dtype) -> torch.Tensor:
+def _span_mask(
+    keep: Keep, inputs: list[torch.Tensor], b: torch.Tensor, span: slice, dtype: torch.dtype
+) -> torch.Tensor:
     return keep.mask(torch.var(_deltas(inputs, b, span, dtype), dim=0, unbiased=False).abs_(), span)

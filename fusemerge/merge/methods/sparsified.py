@@ -25,7 +25,16 @@ from typing import Any
 import torch
 
 from fusemerge.errors import FusemergeError
-from fusemerge.merge.methods.masks import NONE_KEPT, Band, Mask, RandomKeep, della_mask, derive_seed, magnitudes, top_k
+from fusemerge.merge.methods.masks import (
+    NONE_KEPT,
+    Band,
+    Mask,
+    RandomKeep,
+    della_mask,
+    derive_seed,
+    magnitudes,
+    top_k,
+)
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.methods.task_arithmetic import GTA_PER_MODEL, GTA_SHARED, combine
 from fusemerge.merge.parameters import Param
@@ -69,9 +78,7 @@ def _run(
 
 # -- DARE ---------------------------------------------------------------------------------------------
 def _dare_masks(n_models: int, density: list[float], seed: int) -> list[Mask | None]:
-    return [
-        None if d >= 1 else RandomKeep(derive_seed(seed, j), d) for j, d in enumerate(density[:n_models])
-    ]
+    return [None if d >= 1 else RandomKeep(derive_seed(seed, j), d) for j, d in enumerate(density[:n_models])]
 
 
 @merge_method(
@@ -83,7 +90,9 @@ def _dare_masks(n_models: int, density: list[float], seed: int) -> list[Mask | N
     per_model=GTA_PER_MODEL,
     random=True,
 )
-def dare_linear(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, seed: int, **params: Any) -> torch.Tensor:
+def dare_linear(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor, *, seed: int, **params: Any
+) -> torch.Tensor:
     """Drop each delta with probability 1 - density and rescale the rest, then add (Yu et al. 2023)."""
     masks = _dare_masks(len(tensors), params["density"], seed)
     return _run(tensors, base, masks, params, consensus=False)
@@ -98,7 +107,9 @@ def dare_linear(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, seed: in
     per_model=GTA_PER_MODEL,
     random=True,
 )
-def dare_ties(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, seed: int, **params: Any) -> torch.Tensor:
+def dare_ties(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor, *, seed: int, **params: Any
+) -> torch.Tensor:
     """DARE's random drop and rescale, then TIES' sign election (Yu et al. 2023)."""
     masks = _dare_masks(len(tensors), params["density"], seed)
     return _run(tensors, base, masks, params, consensus=True)
@@ -205,6 +216,8 @@ def della(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, seed: int, **p
     random=True,
     check=check_della,
 )
-def della_linear(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, seed: int, **params: Any) -> torch.Tensor:
+def della_linear(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor, *, seed: int, **params: Any
+) -> torch.Tensor:
     """MagPrune and rescale, then add the task vectors without sign election (Deep et al. 2024)."""
     return _della(tensors, base, params, seed, consensus=False)

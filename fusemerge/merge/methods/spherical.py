@@ -145,7 +145,10 @@ def multislerp(
             key="parameters.weight",
         )
     mean.div_(mean_norm)
-    dots = [sum(float(((delta(j, s) / (norms[j] + eps)) * mean[s]).sum()) for s in spans(n)) for j in range(len(xs))]
+    dots = [
+        sum(float(((delta(j, s) / (norms[j] + eps)) * mean[s]).sum()) for s in spans(n))
+        for j in range(len(xs))
+    ]
 
     def tangent(s: slice) -> torch.Tensor:
         acc = torch.zeros_like(mean[s])
@@ -221,4 +224,3 @@ def karcher(tensors: Sequence[torch.Tensor], base: None, *, max_iter: int, tol: 
             mean = mean / unit_norm
     scale = sum(a * nj for a, nj in zip(alphas, norms, strict=True))
     return (scale * mean).reshape(tensors[0].shape)
-

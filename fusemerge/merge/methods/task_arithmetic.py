@@ -13,6 +13,7 @@ bf16 step for this reason (float32 recipes match).
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import torch
 
 from fusemerge.merge.methods.chunks import compute_dtype, flat, spans
