@@ -117,13 +117,9 @@ class MergePlan:
         """Identifies recipe + inputs + layout: a resume only continues a merge with the same fingerprint."""
         inputs = []
         for ref, folder in sorted(self.folders.items()):
-            files = sorted({info.file for info in folder.tensors.values()})
+            files = sorted({info.file for info in folder.tensors.values()} | set(folder_extra_files(folder)))
             inputs.append([ref, [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]])
         layout = [[s.filename, [[t.name, t.dtype, list(t.shape)] for t in s.tensors]] for s in self.shards]
-        for ref, folder in sorted(self.folders.items()):
-            inputs.append(
-                [ref, [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in folder_extra_files(folder)]]
-            )
         seed = self.random_seed if self.method.random else None
         blob = json.dumps(
             {"recipe": self.loaded.text, "inputs": inputs, "layout": layout, "seed": seed}, sort_keys=True

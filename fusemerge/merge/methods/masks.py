@@ -4,7 +4,7 @@
 span)` for a boolean chunk. Magnitude masks (TIES, breadcrumbs) are thresholds found by k-th value
 selection, so they cost no memory per element; random masks (DARE) draw each chunk from a generator
 seeded by the tensor's seed and the chunk's offset, so asking twice (once for the rescale factor, once
-for the merge) gives the same mask without storing it, in any order; DELLA's rank-dependent masks need
+for the merge) gives the same mask without storing it, in any order and on any device; DELLA's rank-dependent masks need
 whole rows, so they are drawn once and held as one byte per element.
 """
 
@@ -29,10 +29,12 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def generator(seed: int, device: torch.device) -> torch.Generator:
-    gen = torch.Generator(device=device)
+def uniform(seed: int, shape: torch.Size | tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """U[0, 1) draws from a CPU generator, moved to `device`: the same seed gives the same draws on a
+    CPU or a GPU merge (CUDA generators produce other streams)."""
+    gen = torch.Generator()
     gen.manual_seed(seed)
-    return gen
+    return torch.rand(shape, generator=gen).to(device)
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,7 @@ class RandomKeep:
     density: float
 
     def mask(self, magnitudes: torch.Tensor, span: slice) -> torch.Tensor:
-        gen = generator(derive_seed(self.seed, span.start), magnitudes.device)
-        draws = torch.rand(magnitudes.shape, generator=gen, device=magnitudes.device)
-        return draws < self.density
+        return uniform(derive_seed(self.seed, span.start), magnitudes.shape, magnitudes.device) < self.density
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,6 @@ def della_mask(delta: torch.Tensor, density: float, epsilon: float, seed: int) -
         ranks = torch.argsort(torch.argsort(block, dim=1, stable=True), dim=1).float()
         rank_norm = ranks / (ncols - 1) if ncols > 1 else torch.zeros_like(ranks)
         probs = (density - epsilon) + rank_norm * 2 * epsilon
-        gen = generator(derive_seed(seed, start), delta.device)
-        keep[start : start + step] = torch.rand(probs.shape, generator=gen, device=delta.device) < probs
+        keep[start : start + step] = uniform(derive_seed(seed, start), probs.shape, delta.device) < probs
     keep = keep.reshape(moved.shape).movedim(-1, 1)
     return HeldMask(keep.reshape(delta.shape).contiguous().reshape(-1))
