@@ -50,6 +50,19 @@ def main(verbose: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace whatever OUT holds.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle (*.bin) checkpoints. They can run code.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs holding NaN/Inf instead of stopping.")
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "streaming", "mergekit"]),
+    default="auto",
+    show_default=True,
+    help="streaming, or mergekit as the fallback (slices, modules, tokenizer surgery, MoE); auto picks.",
+)
+@click.option(
+    "--random-seed",
+    type=int,
+    default=None,
+    help="Seed of the random methods (DARE, DELLA); the same seed gives the same model. Default 0.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @exit_2_on_user_error
 def merge(
@@ -61,6 +74,8 @@ def merge(
     overwrite: bool,
     allow_pickle: bool,
     allow_nonfinite: bool,
+    engine: str,
+    random_seed: int | None,
     quiet: bool,
 ) -> None:
     """Merge the models of a mergekit-style RECIPE into the folder OUT.
@@ -90,6 +105,8 @@ def merge(
         allow_nonfinite=allow_nonfinite,
         progress=not quiet,
         echo=click.echo,
+        engine=engine,
+        random_seed=random_seed,
     )
 
 

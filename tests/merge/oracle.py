@@ -15,7 +15,13 @@ def run_mergekit(recipe_text: str, out: Path, *, seed: int | None = None) -> Pat
     from mergekit.options import MergeOptions
 
     config = MergeConfiguration.model_validate(yaml.safe_load(recipe_text))
-    run_merge(config, str(out), options=MergeOptions(quiet=True, random_seed=seed, write_model_card=False))
+    options = MergeOptions(
+        quiet=True,
+        random_seed=seed,
+        write_model_card=False,
+        lora_merge_cache=str(out.parent / "mergekit-lora"),
+    )
+    run_merge(config, str(out), options=options)
     return out
 
 
