@@ -25,6 +25,20 @@ def run_mergekit(recipe_text: str, out: Path, *, seed: int | None = None) -> Pat
     return out
 
 
+def merge_both(
+    recipe_template: str, family: dict, dtype: str, tmp_path: Path, write_recipe, *, seed: int = 0
+):
+    """Run fusemerge and mergekit on the same recipe (model paths and dtype filled in); load both outputs."""
+    from fusemerge.merge.api import run_merge
+
+    text = recipe_template.format(dtype=dtype, **{k: str(v) for k, v in family.items()})
+    recipe = write_recipe(text)
+    ours = load_folder(run_merge(recipe, tmp_path / "ours", progress=False, echo=lambda _: None))
+    theirs = load_folder(run_mergekit(text, tmp_path / "mergekit", seed=seed))
+    assert set(ours) == set(theirs)
+    return ours, theirs
+
+
 def load_folder(folder: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(folder.glob("*.safetensors")):
