@@ -92,20 +92,28 @@ class EvalReport:
         widths = [max(len(self.name(m)), 3 * 10 + 2) for m in self.models]
         rows = [*self.domains, ALL] if len(self.domains) > 1 else list(self.domains)
         dom_w = max(len("domain"), *(len(d) for d in rows))
-        line1 = " " * dom_w + "  " + "  ".join(self.name(m).center(w) for m, w in zip(self.models, widths))
-        line2 = "domain".ljust(dom_w) + "  " + "  ".join(
-            " ".join(s.rjust(10) for s in sub).rjust(w) for w in widths
+        line1 = (
+            " " * dom_w
+            + "  "
+            + "  ".join(self.name(m).center(w) for m, w in zip(self.models, widths, strict=True))
+        )
+        line2 = (
+            "domain".ljust(dom_w)
+            + "  "
+            + "  ".join(" ".join(s.rjust(10) for s in sub).rjust(w) for w in widths)
         )
         out = [line1.rstrip(), line2, "-" * len(line2)]
         for d in rows:
             cells = []
-            for m, w in zip(self.models, widths):
+            for m, w in zip(self.models, widths, strict=True):
                 s = self.scores[(m, d)]
                 cells.append(
                     f"{s.bits_per_byte:10.4f} {s.nats_per_token:10.4f} {_fmt_ppl(s.perplexity):>10}".rjust(w)
                 )
             out.append(d.ljust(dom_w) + "  " + "  ".join(cells))
-        out.append("bits/byte: lower is better, comparable across tokenizers; nats/tok and ppl per model's tokens")
+        out.append(
+            "bits/byte: lower is better, comparable across tokenizers; nats/tok and ppl per model's tokens"
+        )
         return "\n".join(out)
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,7 +151,9 @@ class EvalReport:
                 for r in data["results"]
             }
             names = {r["model"]: r.get("name", r["model"]) for r in data["results"]}
-            return cls(list(data["models"]), list(data["domains"]), scores, data.get("chat_template", ""), names)
+            return cls(
+                list(data["models"]), list(data["domains"]), scores, data.get("chat_template", ""), names
+            )
         except (KeyError, TypeError) as exc:
             raise FusemergeError(f"not a fusemerge eval report (missing {exc})") from exc
 
@@ -283,7 +293,7 @@ def evaluate_models(
     )
     domains = sorted({s.domain for s in data})
     scores: dict[tuple[str, str], Score] = {}
-    for ref, tok in zip(refs, tokenizers):
+    for ref, tok in zip(refs, tokenizers, strict=True):
         per_domain = _score_model(ref, tok, data, batch_size, device, dtype, allow_pickle, progress)
         total = Score()
         for d in domains:
