@@ -11,7 +11,7 @@ Inputs are float32 chunks (the engine's float32 working copies), so results equa
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 HI_BINS = 1 << 16
 
@@ -45,40 +45,66 @@ def _count_ties_until(x, b, threshold_bits, wanted, start):  # pragma: no cover 
     return -seen - 1
 
 
-@njit(parallel=True, cache=True)
-def fused_task_vectors(
-    xs, b, thresholds, last_tied, start, coefficients, weights, consensus, scale, lam, out
-):  # pragma: no cover
-    """out[i] = b[i] + merged task vector at i (see task_arithmetic._combine for the torch reference).
+@njit(cache=True)
+def _kept_delta(x, b, threshold, tie_limit, coefficient, out):  # pragma: no cover - compiled
+    """out[i] = (x[i] - b[i]) * coefficient where the magnitude selection keeps element i, else 0.
 
-    xs: [k, n] float32 chunk of each model; thresholds/last_tied: the magnitude selection per model
-    (threshold -1 keeps everything); coefficients: weight * rescale per model; weights: raw weights (TIES
-    divisor); consensus: TIES sign election; scale: 1/sum(weights) or 1 for task arithmetic (lam apart).
+    Branch-free (0/1 multiplies): which elements survive a 50% selection is random, so branches would be
+    mispredicted half the time; simple loops like this one vectorise."""
+    for i in range(x.size):
+        d = x[i] - b[i]
+        a = abs(d)
+        kept = (a > threshold) | ((a == threshold) & (i <= tie_limit))
+        out[i] = d * coefficient * np.float32(kept)
+
+
+@njit(cache=True)
+def fused_task_vectors(
+    xs,
+    b,
+    thresholds,
+    last_tied,
+    start,
+    coefficients,
+    weights,
+    consensus,
+    scale,
+    lam,
+    out,
+    delta,
+    vote,
+    divisor,
+):  # pragma: no cover
+    """out = b + merged task vector (see task_arithmetic.combine for the torch reference).
+
+    xs: [k, n] float32 chunk of each model; thresholds/last_tied: each model's magnitude selection
+    (threshold -1 keeps everything); coefficients: weight * rescale; weights: raw weights (TIES divisor);
+    consensus: TIES sign election; scale: task arithmetic's 1/sum(weights) (or 1), for TIES non-zero
+    means 'normalise by the agreeing weights'. delta, vote, divisor: [n] float32 scratch buffers.
     """
     k, n = xs.shape
-    for i in prange(n):
-        bi = b[i]
-        vote = np.float32(0.0)
-        for j in range(k):
-            d = xs[j, i] - bi
-            a = abs(d)
-            if a > thresholds[j] or (a == thresholds[j] and start + i <= last_tied[j]):
-                vote += d * coefficients[j]
-        if not consensus:
-            out[i] = bi + (vote * scale) * lam
-            continue
-        mixed = np.float32(0.0)
-        divisor = np.float32(0.0)
-        for j in range(k):
-            d = xs[j, i] - bi
-            a = abs(d)
-            if a > thresholds[j] or (a == thresholds[j] and start + i <= last_tied[j]):
-                dj = d * coefficients[j]
-                if (vote >= 0 and dj > 0) or (vote < 0 and dj < 0):
-                    mixed += dj
-                    divisor += weights[j]
-        if scale != 0:  # normalise by the weights of the agreeing models
-            if divisor == 0:
-                divisor = np.float32(1.0)
-            mixed = mixed / divisor
-        out[i] = bi + mixed * lam
+    zero = np.float32(0.0)
+    vote[:n] = zero
+    for j in range(k):
+        _kept_delta(xs[j], b, thresholds[j], last_tied[j] - start, coefficients[j], delta)
+        for i in range(n):
+            vote[i] += delta[i]
+    if not consensus:
+        for i in range(n):
+            out[i] = b[i] + (vote[i] * scale) * lam
+        return
+    out[:n] = zero
+    divisor[:n] = zero
+    for j in range(k):
+        _kept_delta(xs[j], b, thresholds[j], last_tied[j] - start, coefficients[j], delta)
+        w = weights[j]
+        for i in range(n):
+            dj = delta[i]
+            agree = np.float32(((vote[i] >= zero) & (dj > zero)) | ((vote[i] < zero) & (dj < zero)))
+            out[i] += dj * agree
+            divisor[i] += w * agree
+    for i in range(n):
+        mixed = out[i]
+        if scale != zero:  # normalise by the weights of the agreeing models
+            mixed = mixed / (divisor[i] + np.float32(divisor[i] == zero))
+        out[i] = b[i] + mixed * lam

@@ -139,8 +139,12 @@ def use_kernels(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def _float32_chunks(t_flat: torch.Tensor, b_flat: torch.Tensor):
+    """Chunks of both tensors as float32 numpy arrays, staged in two reused buffers."""
+    size = min(CHUNK_ELEMENTS, t_flat.numel())
+    x, b = torch.empty(size, dtype=torch.float32), torch.empty(size, dtype=torch.float32)
     for span in spans(t_flat.numel()):
-        yield span, t_flat[span].to(torch.float32).numpy(), b_flat[span].to(torch.float32).numpy()
+        n = span.stop - span.start
+        yield span, x[:n].copy_(t_flat[span]).numpy(), b[:n].copy_(b_flat[span]).numpy()
 
 
 def _radix_keep(t_flat: torch.Tensor, b_flat: torch.Tensor, k: int) -> Keep:

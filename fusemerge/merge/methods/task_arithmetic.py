@@ -181,12 +181,19 @@ def _fused_combine(
         total = sum(weight)
         scale = 1.0 / (total if abs(total) >= 1e-8 else 1.0) if normalize else 1.0
     out_np = out_flat.numpy()
+    # float32 staging buffers, filled by copy_ (which converts bf16/fp16 in the same pass) and reused.
+    size = min(CHUNK_ELEMENTS, out_flat.numel())
+    staged = torch.empty((len(inputs), size), dtype=torch.float32)
+    staged_base = torch.empty(size, dtype=torch.float32)
+    delta, vote, divisor = (np.empty(size, dtype=np.float32) for _ in range(3))
     for span in spans(out_flat.numel()):
-        xs = torch.stack([x[span].to(torch.float32) for x in inputs]).numpy()
-        b = b_flat[span].to(torch.float32).numpy()
+        n = span.stop - span.start
+        for row, x in zip(staged, inputs, strict=True):
+            row[:n].copy_(x[span])
+        staged_base[:n].copy_(b_flat[span])
         kernels.fused_task_vectors(
-            xs,
-            b,
+            staged[:, :n].numpy(),
+            staged_base[:n].numpy(),
             keep_above,
             last_tied,
             span.start,
@@ -196,6 +203,9 @@ def _fused_combine(
             np.float32(scale),
             np.float32(lambda_),
             out_np[span],
+            delta,
+            vote,
+            divisor,
         )
 
 
