@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     import torch
 
@@ -65,3 +67,35 @@ def from_rows(rows: torch.Tensor, like: torch.Tensor, mode: str) -> torch.Tensor
         return rows.reshape(like.shape)
     moved_shape = like.transpose(0, -1).shape
     return rows.reshape(moved_shape).transpose(0, -1).contiguous()
+
+
+def weighted_sum(
+    tensors: Sequence[torch.Tensor], coefficients: Sequence[float], divide_by: float = 1.0
+) -> torch.Tensor:
+    """sum_j c_j * x_j / divide_by in float32 (float64 for float64 inputs), chunk by chunk.
+
+    On the CPU in float32 the numba kernel reads bf16 inputs in place (no float32 copies); elsewhere torch.
+    """
+    import torch
+
+    from fusemerge.merge.methods import kernels
+    from fusemerge.merge.methods.masks import kernel_view
+
+    dtype = compute_dtype(tensors)
+    first = tensors[0]
+    out = torch.empty(first.shape, dtype=dtype, device=first.device)
+    out_flat, inputs = flat(out), [flat(t) for t in tensors]
+    native = first.device.type == "cpu" and dtype == torch.float32
+    for span in spans(out.numel()):
+        acc = out_flat[span]
+        if native:
+            acc_np = acc.numpy()
+            for j, (x, c) in enumerate(zip(inputs, coefficients, strict=True)):
+                kernels.weighted_into(kernel_view(x[span]), np.float32(c), acc_np, j == 0)
+        else:
+            acc.copy_(inputs[0][span]).mul_(coefficients[0])
+            for x, c in zip(inputs[1:], coefficients[1:], strict=True):
+                acc.add_(x[span].to(dtype), alpha=c)
+        if divide_by != 1.0:
+            acc.div_(divide_by)
+    return out

@@ -1,44 +1,84 @@
-"""Fused numba kernels for the task-vector methods (TIES, task arithmetic with sparsification).
+"""Numba kernels for the CPU hot loops of the merge methods.
 
 Written with torch ops, TIES makes a dozen passes over memory per element (delta, |delta|, mask, weight,
-vote, sign tests, sums, division) and a full argsort for the density selection; on a CPU that is memory
-traffic, not arithmetic. Here each element is read once per pass and everything stays in registers:
-- the k-th largest |delta| is found by a radix select on the float bits (two histogram passes), O(n);
-- the merge itself (sparsify, weight, elect sign, sum agreeing deltas, normalise) is one fused loop.
-Inputs are float32 chunks (the engine's float32 working copies), so results equal the torch reference.
+vote, sign tests, sums, division) plus a full sort for the density selection, and every bf16 input is first
+converted to a float32 copy. On a CPU that is memory traffic, not arithmetic. These kernels:
+- read bf16 inputs in place (a bf16 is the top half of a float32: widening is a shift and a bitcast), so a
+  2-byte element is read once per pass instead of being copied to 4 bytes first;
+- find the k-th largest |delta| by a radix select on the float bits (two 16-bit histogram passes), O(n);
+- fuse sparsify, weight, sign election, sum and normalisation into a few branch-free loops (a random 50%
+  selection would mispredict branches half the time; 0/1 multiplies keep the loops vectorisable).
+They are serial on purpose: on our 2-core machines numba's thread pool was 4x slower than one thread while
+the engine's reader and writer threads run beside it.
+All arithmetic is float32, in the same order as the torch reference, so results match it (tested).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import intrinsic, overload
 
 HI_BINS = 1 << 16
 
 
-@njit(cache=True)
-def _histogram_hi(x, b, hist):  # pragma: no cover - compiled
-    mag = np.abs(x - b).view(np.uint32)
-    for i in range(mag.size):
-        hist[mag[i] >> 16] += 1
+@intrinsic
+def _bits_to_f32(typingctx, bits):  # pragma: no cover - compiled
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        word = context.cast(builder, args[0], signature.args[0], types.uint32)
+        return builder.bitcast(word, context.get_value_type(types.float32))
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _f32_to_bits(typingctx, value):  # pragma: no cover - compiled
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.uint32))
+
+    return types.uint32(types.float32), codegen
+
+
+def as_f32(value):  # pragma: no cover - replaced by the overload in compiled code
+    raise NotImplementedError
+
+
+@overload(as_f32)
+def _as_f32(value):  # pragma: no cover - compiled
+    if value == types.uint16:  # a bf16 element, viewed as its bits
+        return lambda value: _bits_to_f32(np.uint32(value) << np.uint32(16))
+    if value == types.float32:
+        return lambda value: value
+    return None
 
 
 @njit(cache=True)
-def _histogram_lo(x, b, top, hist):  # pragma: no cover - compiled
-    mag = np.abs(x - b).view(np.uint32)
-    for i in range(mag.size):
-        bits = mag[i]
+def histogram_hi(x, b, hist):  # pragma: no cover - compiled
+    """hist[top 16 bits of |x - b|] += 1 (non-negative floats order like their bit patterns)."""
+    for i in range(x.size):
+        hist[_f32_to_bits(abs(as_f32(x[i]) - as_f32(b[i]))) >> 16] += 1
+
+
+@njit(cache=True)
+def histogram_lo(x, b, top, hist):  # pragma: no cover - compiled
+    for i in range(x.size):
+        bits = _f32_to_bits(abs(as_f32(x[i]) - as_f32(b[i])))
         if bits >> 16 == top:
             hist[bits & 0xFFFF] += 1
 
 
 @njit(cache=True)
-def _count_ties_until(x, b, threshold_bits, wanted, start):  # pragma: no cover - compiled
+def tie_index(x, b, threshold_bits, wanted, start):  # pragma: no cover - compiled
     """Index (offset by `start`) of the `wanted`-th element equal to the threshold, or -(ties seen) - 1."""
-    mag = np.abs(x - b).view(np.uint32)
     seen = 0
-    for i in range(mag.size):
-        if mag[i] == threshold_bits:
+    for i in range(x.size):
+        if _f32_to_bits(abs(as_f32(x[i]) - as_f32(b[i]))) == threshold_bits:
             seen += 1
             if seen == wanted:
                 return start + i
@@ -46,65 +86,55 @@ def _count_ties_until(x, b, threshold_bits, wanted, start):  # pragma: no cover 
 
 
 @njit(cache=True)
-def _kept_delta(x, b, threshold, tie_limit, coefficient, out):  # pragma: no cover - compiled
+def kept_delta(x, b, threshold, tie_limit, coefficient, out):  # pragma: no cover - compiled
     """out[i] = (x[i] - b[i]) * coefficient where the magnitude selection keeps element i, else 0.
-
-    Branch-free (0/1 multiplies): which elements survive a 50% selection is random, so branches would be
-    mispredicted half the time; simple loops like this one vectorise."""
+    threshold -1 keeps everything; ties at the threshold are kept up to index `tie_limit`."""
     for i in range(x.size):
-        d = x[i] - b[i]
+        d = as_f32(x[i]) - as_f32(b[i])
         a = abs(d)
         kept = (a > threshold) | ((a == threshold) & (i <= tie_limit))
         out[i] = d * coefficient * np.float32(kept)
 
 
 @njit(cache=True)
-def fused_task_vectors(
-    xs,
-    b,
-    thresholds,
-    last_tied,
-    start,
-    coefficients,
-    weights,
-    consensus,
-    scale,
-    lam,
-    out,
-    delta,
-    vote,
-    divisor,
-):  # pragma: no cover
-    """out = b + merged task vector (see task_arithmetic.combine for the torch reference).
+def add_into(acc, delta):  # pragma: no cover - compiled
+    for i in range(acc.size):
+        acc[i] += delta[i]
 
-    xs: [k, n] float32 chunk of each model; thresholds/last_tied: each model's magnitude selection
-    (threshold -1 keeps everything); coefficients: weight * rescale; weights: raw weights (TIES divisor);
-    consensus: TIES sign election; scale: task arithmetic's 1/sum(weights) (or 1), for TIES non-zero
-    means 'normalise by the agreeing weights'. delta, vote, divisor: [n] float32 scratch buffers.
-    """
-    k, n = xs.shape
+
+@njit(cache=True)
+def add_agreeing(vote, delta, weight, mixed, divisor):  # pragma: no cover - compiled
+    """TIES: add the deltas whose sign matches the elected one (+ where the vote is >= 0)."""
     zero = np.float32(0.0)
-    vote[:n] = zero
-    for j in range(k):
-        _kept_delta(xs[j], b, thresholds[j], last_tied[j] - start, coefficients[j], delta)
-        for i in range(n):
-            vote[i] += delta[i]
-    if not consensus:
-        for i in range(n):
-            out[i] = b[i] + (vote[i] * scale) * lam
-        return
-    out[:n] = zero
-    divisor[:n] = zero
-    for j in range(k):
-        _kept_delta(xs[j], b, thresholds[j], last_tied[j] - start, coefficients[j], delta)
-        w = weights[j]
-        for i in range(n):
-            dj = delta[i]
-            agree = np.float32(((vote[i] >= zero) & (dj > zero)) | ((vote[i] < zero) & (dj < zero)))
-            out[i] += dj * agree
-            divisor[i] += w * agree
-    for i in range(n):
-        mixed = out[i]
-        if scale != zero:  # normalise by the weights of the agreeing models
-            mixed = mixed / (divisor[i] + np.float32(divisor[i] == zero))
-        out[i] = b[i] + mixed * lam
+    for i in range(vote.size):
+        d = delta[i]
+        agree = np.float32(((vote[i] >= zero) & (d > zero)) | ((vote[i] < zero) & (d < zero)))
+        mixed[i] += d * agree
+        divisor[i] += weight * agree
+
+
+@njit(cache=True)
+def finish_sum(b, vote, scale, lam, out):  # pragma: no cover - compiled
+    for i in range(out.size):
+        out[i] = as_f32(b[i]) + (vote[i] * scale) * lam
+
+
+@njit(cache=True)
+def finish_agreeing(b, mixed, divisor, normalize, lam, out):  # pragma: no cover - compiled
+    zero = np.float32(0.0)
+    for i in range(out.size):
+        m = mixed[i]
+        if normalize:
+            m = m / (divisor[i] + np.float32(divisor[i] == zero))
+        out[i] = as_f32(b[i]) + m * lam
+
+
+@njit(cache=True)
+def weighted_into(x, coefficient, out, first):  # pragma: no cover - compiled
+    """out = x * c (first model) or out += x * c: linear and VaRM's weighted sums."""
+    if first:
+        for i in range(out.size):
+            out[i] = as_f32(x[i]) * coefficient
+    else:
+        for i in range(out.size):
+            out[i] += as_f32(x[i]) * coefficient

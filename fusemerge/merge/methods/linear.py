@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from fusemerge.errors import FusemergeError
-from fusemerge.merge.methods.chunks import compute_dtype, flat, spans
+from fusemerge.merge.methods.chunks import weighted_sum
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param
 
@@ -32,17 +32,7 @@ def linear(
     tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, weight: list[float], normalize: bool
 ) -> torch.Tensor:
     """Weighted average of the models (Model Soups, Wortsman et al. 2022)."""
-    dtype = compute_dtype(tensors)
     total = sum(weight)
     if normalize and total == 0:
         raise FusemergeError("linear: the weights sum to zero, cannot normalize", key="parameters.weight")
-    out = torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device)
-    out_flat, inputs = flat(out), [flat(t) for t in tensors]
-    for span in spans(out.numel()):
-        acc = out_flat[span]
-        acc.copy_(inputs[0][span]).mul_(weight[0])
-        for x, w in zip(inputs[1:], weight[1:], strict=True):
-            acc.add_(x[span].to(dtype), alpha=w)
-        if normalize:
-            acc.div_(total)
-    return out
+    return weighted_sum(tensors, weight, total if normalize else 1.0)

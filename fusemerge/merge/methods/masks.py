@@ -138,13 +138,19 @@ def use_kernels(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
     return tensor.device.type == "cpu" and dtype == torch.float32
 
 
-def _float32_chunks(t_flat: torch.Tensor, b_flat: torch.Tensor):
-    """Chunks of both tensors as float32 numpy arrays, staged in two reused buffers."""
-    size = min(CHUNK_ELEMENTS, t_flat.numel())
-    x, b = torch.empty(size, dtype=torch.float32), torch.empty(size, dtype=torch.float32)
+def kernel_view(chunk: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU chunk as the kernels read it: bf16 as its raw bits (uint16, no copy), float32 as
+    is, anything else converted to float32."""
+    if chunk.dtype == torch.bfloat16:
+        return chunk.contiguous().view(torch.int16).numpy().view(np.uint16)
+    if chunk.dtype != torch.float32:
+        chunk = chunk.to(torch.float32)
+    return chunk.contiguous().numpy()
+
+
+def _chunks(t_flat: torch.Tensor, b_flat: torch.Tensor):
     for span in spans(t_flat.numel()):
-        n = span.stop - span.start
-        yield span, x[:n].copy_(t_flat[span]).numpy(), b[:n].copy_(b_flat[span]).numpy()
+        yield span, kernel_view(t_flat[span]), kernel_view(b_flat[span])
 
 
 def _radix_keep(t_flat: torch.Tensor, b_flat: torch.Tensor, k: int) -> Keep:
@@ -153,12 +159,12 @@ def _radix_keep(t_flat: torch.Tensor, b_flat: torch.Tensor, k: int) -> Keep:
     tied) finds where the kept ties end."""
     n = t_flat.numel()
     hist = np.zeros(kernels.HI_BINS, dtype=np.int64)
-    for _, x, b in _float32_chunks(t_flat, b_flat):
-        kernels._histogram_hi(x, b, hist)
+    for _, x, b in _chunks(t_flat, b_flat):
+        kernels.histogram_hi(x, b, hist)
     top, above = _bin_holding(hist, k)
     hist[:] = 0
-    for _, x, b in _float32_chunks(t_flat, b_flat):
-        kernels._histogram_lo(x, b, top, hist)
+    for _, x, b in _chunks(t_flat, b_flat):
+        kernels.histogram_lo(x, b, np.uint32(top), hist)
     low, above_low = _bin_holding(hist, k - above)
     above += above_low
     bits = np.uint32((top << 16) | low)
@@ -166,8 +172,8 @@ def _radix_keep(t_flat: torch.Tensor, b_flat: torch.Tensor, k: int) -> Keep:
     wanted = k - above  # how many elements equal to the threshold are kept, lowest indices first
     if wanted == hist[low]:
         return Keep(threshold, n)
-    for span, x, b in _float32_chunks(t_flat, b_flat):
-        found = kernels._count_ties_until(x, b, bits, wanted, span.start)
+    for span, x, b in _chunks(t_flat, b_flat):
+        found = kernels.tie_index(x, b, bits, wanted, span.start)
         if found >= 0:
             return Keep(threshold, int(found))
         wanted -= -found - 1

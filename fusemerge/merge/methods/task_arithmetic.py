@@ -19,7 +19,7 @@ import torch
 
 from fusemerge.merge.methods import kernels
 from fusemerge.merge.methods.chunks import CHUNK_ELEMENTS, compute_dtype, flat, spans
-from fusemerge.merge.methods.masks import NONE_KEPT, Keep, Mask, top_k_delta, use_kernels
+from fusemerge.merge.methods.masks import NONE_KEPT, Keep, Mask, kernel_view, top_k_delta, use_kernels
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param
 
@@ -175,38 +175,28 @@ def _fused_combine(
     last_tied = np.array([-1 if k is None else k.last_tied for k in thresholds], dtype=np.int64)  # type: ignore[union-attr]
     coef = np.array(coefficients, dtype=np.float32)
     weights = np.array(weight, dtype=np.float32)
-    if consensus:
-        scale = 1.0 if normalize else 0.0  # the kernel's flag: normalise by agreeing weights or not
-    else:
-        total = sum(weight)
-        scale = 1.0 / (total if abs(total) >= 1e-8 else 1.0) if normalize else 1.0
+    total = sum(weight)
+    scale = 1.0 / (total if abs(total) >= 1e-8 else 1.0) if normalize and not consensus else 1.0
     out_np = out_flat.numpy()
-    # float32 staging buffers, filled by copy_ (which converts bf16/fp16 in the same pass) and reused.
     size = min(CHUNK_ELEMENTS, out_flat.numel())
-    staged = torch.empty((len(inputs), size), dtype=torch.float32)
-    staged_base = torch.empty(size, dtype=torch.float32)
-    delta, vote, divisor = (np.empty(size, dtype=np.float32) for _ in range(3))
+    delta, vote, mixed, divisor = (np.empty(size, dtype=np.float32) for _ in range(4))
     for span in spans(out_flat.numel()):
         n = span.stop - span.start
-        for row, x in zip(staged, inputs, strict=True):
-            row[:n].copy_(x[span])
-        staged_base[:n].copy_(b_flat[span])
-        kernels.fused_task_vectors(
-            staged[:, :n].numpy(),
-            staged_base[:n].numpy(),
-            keep_above,
-            last_tied,
-            span.start,
-            coef,
-            weights,
-            consensus,
-            np.float32(scale),
-            np.float32(lambda_),
-            out_np[span],
-            delta,
-            vote,
-            divisor,
-        )
+        b = kernel_view(b_flat[span])
+        xs = [kernel_view(x[span]) for x in inputs]
+        vote[:n] = 0
+        for x, thr, last, c in zip(xs, keep_above, last_tied, coef, strict=True):
+            kernels.kept_delta(x, b, thr, last - span.start, c, delta[:n])
+            kernels.add_into(vote[:n], delta[:n])
+        if not consensus:
+            kernels.finish_sum(b, vote[:n], np.float32(scale), np.float32(lambda_), out_np[span])
+            continue
+        mixed[:n] = 0
+        divisor[:n] = 0
+        for x, thr, last, c, w in zip(xs, keep_above, last_tied, coef, weights, strict=True):
+            kernels.kept_delta(x, b, thr, last - span.start, c, delta[:n])
+            kernels.add_agreeing(vote[:n], delta[:n], w, mixed[:n], divisor[:n])
+        kernels.finish_agreeing(b, mixed[:n], divisor[:n], normalize, np.float32(lambda_), out_np[span])
 
 
 def rescale_factors(

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from fusemerge.merge.methods.chunks import compute_dtype, flat, spans
+from fusemerge.merge.methods.chunks import compute_dtype, flat, spans, weighted_sum
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param, layer_index
 
@@ -70,12 +70,4 @@ def variation_ratio(
     variation = stats[:, 0] / stats[:, 1].clamp(min=1) * torch.tensor(weight, dtype=torch.float64)
     total = float(variation.sum())
     coefficients = (variation / total).tolist() if total != 0 else [1.0 / len(tensors)] * len(tensors)
-    dtype = compute_dtype(tensors)
-    out = torch.empty(base.shape, dtype=dtype, device=base.device)
-    out_flat, inputs = flat(out), [flat(t) for t in tensors]
-    for span in spans(out.numel()):
-        acc = out_flat[span]
-        acc.copy_(inputs[0][span]).mul_(coefficients[0])
-        for x, c in zip(inputs[1:], coefficients[1:], strict=True):
-            acc.add_(x[span].to(dtype), alpha=c)
-    return out
+    return weighted_sum(tensors, coefficients)
