@@ -50,3 +50,48 @@ def merge_card(
     lines += [f"- `{m}`" for m in models if m != base_model]
     lines += ["", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def fused_card(
+    *,
+    pivot: str,
+    sources: list[str],
+    function_pretty: str,
+    function_url: str,
+    training_mode: str,
+    recipe_text: str,
+) -> str:
+    """The card of a fused target: `base_model` is the pivot (the model that was trained); the sources,
+    whose knowledge was distilled into it, are named in the text (DESIGN.md 5)."""
+    front: dict[str, object] = {}
+    ids = hub_ids([pivot])
+    if ids:
+        front["base_model"] = ids[0]
+        front["base_model_relation"] = "finetune"
+    front["library_name"] = "transformers"
+    front["tags"] = ["fusemerge", "fusechat", "knowledge-fusion"]
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        "# Fused chat model",
+        "",
+        f"A target model of [FuseChat](https://arxiv.org/abs/2402.16107) knowledge fusion, made with "
+        f"[fusemerge](https://github.com/fusemerge/fusemerge): the pivot `{pivot}` trained "
+        f"({training_mode}) on the fused top-K distributions of its teachers, chosen per "
+        f"[{function_pretty}]({function_url}).",
+        "",
+        "## Models",
+        "",
+        f"- pivot (base): `{pivot}`",
+        *[f"- source: `{s}`" for s in sources],
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        recipe_text.rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
