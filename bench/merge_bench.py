@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -163,17 +162,44 @@ def warm(paths: dict[str, Path]) -> None:
                     pass
 
 
-def run_child(cmd: list[str]) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS in MB, exit code) of one child process."""
+# Each tool runs inside a small wrapper that writes the child's own VmHWM (peak resident set of its
+# address space) at exit: ru_maxrss of a forked child would include this process's size at fork time.
+_MEASURE = """
+import atexit, runpy, sys
+path = sys.argv[1]
+def report():
+    with open(path, "w") as f:
+        f.write(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")))
+atexit.register(report)
+target, sys.argv = sys.argv[2], sys.argv[2:]
+if target.endswith(".py") or "/" in target:
+    runpy.run_path(target, run_name="__main__")
+else:
+    runpy.run_module(target, run_name="__main__")
+"""
+
+
+def run_child(target: str, args: list[str], workdir: Path) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS in MB, exit code) of one tool run in a child process.
+
+    `target` is a module name (fusemerge.cli) or a console-script path (mergekit-yaml).
+    """
+    report = workdir / "peak.txt"
+    report.unlink(missing_ok=True)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(report), target, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     wall = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
-        print(f"# {' '.join(cmd[:3])} failed ({code}): {err}", file=sys.stderr)
-    return wall, usage.ru_maxrss / 1024, code
+    if proc.returncode != 0:
+        print(
+            f"# {target} failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[-2000:]}",
+            file=sys.stderr,
+        )
+    peak = int(report.read_text().split()[1]) / 1024 if report.is_file() else float("nan")
+    return wall, peak, proc.returncode
 
 
 def main() -> None:
@@ -195,20 +221,14 @@ def main() -> None:
         json.loads((paths["base"] / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
         // 2
     )
-    bindir = Path(sys.executable).parent
-    fusemerge_cmd = (
-        [str(bindir / "fusemerge")]
-        if (bindir / "fusemerge").exists()
-        else [sys.executable, "-m", "fusemerge.cli"]
-    )
-    mergekit_cmd = str(bindir / "mergekit-yaml")
+    mergekit_script = str(Path(sys.executable).parent / "mergekit-yaml")
     for method in args.methods.split(","):
         recipe = args.workdir / f"{method}.yml"
         recipe.write_text(RECIPES[method].format(**{k: str(v) for k, v in paths.items()}))
         warm(paths)
         out_f = args.workdir / f"out-fusemerge-{method}"
         f_wall, f_rss, f_code = run_child(
-            [*fusemerge_cmd, "merge", str(recipe), str(out_f), "--overwrite", "-q"]
+            "fusemerge.cli", ["merge", str(recipe), str(out_f), "--overwrite", "-q"], args.workdir
         )
         shutil.rmtree(out_f, ignore_errors=True)
         line: dict[str, object] = {
@@ -223,7 +243,9 @@ def main() -> None:
             warm(paths)
             out_m = args.workdir / f"out-mergekit-{method}"
             shutil.rmtree(out_m, ignore_errors=True)
-            m_wall, m_rss, m_code = run_child([mergekit_cmd, str(recipe), str(out_m), "--quiet"])
+            m_wall, m_rss, m_code = run_child(
+                mergekit_script, [str(recipe), str(out_m), "--quiet"], args.workdir
+            )
             shutil.rmtree(out_m, ignore_errors=True)
             line.update(
                 {
@@ -236,7 +258,7 @@ def main() -> None:
             )
         print(json.dumps(line), flush=True)
     if args.help_timing:
-        wall, _, _ = run_child([*fusemerge_cmd, "--help"])
+        wall, _, _ = run_child("fusemerge.cli", ["--help"], args.workdir)
         print(json.dumps({"bench": "cli_help", "fusemerge_help_s": round(wall, 3)}), flush=True)
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from fusemerge.errors import FusemergeError
+from fusemerge.yaml_recipes import line_of, parse_mapping, read_recipe_text, validate
 
 ScalarValue = bool | int | float | str
 ScalarOrGradient = ScalarValue | list[ScalarValue]
@@ -81,83 +82,18 @@ class LoadedRecipe(BaseModel):
 
 def load_recipe(path: str | Path) -> LoadedRecipe:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise FusemergeError("recipe file not found", file=path) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FusemergeError(f"cannot read recipe ({exc})", file=path) from exc
+    text = read_recipe_text(path)
     return LoadedRecipe(recipe=parse_recipe(text, path), path=path, text=text)
 
 
 def parse_recipe(text: str, path: Path | str = "<recipe>") -> MergeRecipe:
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise FusemergeError(f"invalid YAML: {problem}", file=path, line=line) from exc
-    if not isinstance(data, dict):
-        raise FusemergeError(
-            "a recipe must be a YAML mapping (merge_method: ..., models: ...)", file=path, line=1
-        )
-    lines = key_lines(node)
-    try:
-        recipe = MergeRecipe.model_validate(data)
-    except ValidationError as exc:
-        raise _validation_error(exc, path, lines) from exc
-    _check_structure(recipe, path, lines)
+    data, node = parse_mapping(text, path, what="merge_method: ..., models: ...")
+    recipe = validate(MergeRecipe, data, path, node)
+    _check_structure(recipe, path, node)
     return recipe
 
 
-def key_lines(node: yaml.Node | None, prefix: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
-    """Map each key path in a composed YAML document to its 1-based line number."""
-    out: dict[tuple[Any, ...], int] = {}
-    if node is None:
-        return out
-    out[prefix] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            path = (*prefix, key_node.value)
-            out.update(key_lines(value_node, path))
-            out[path] = key_node.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            out.update(key_lines(item, (*prefix, i)))
-    return out
-
-
-def _line_for(lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
-    while loc:
-        if loc in lines:
-            return lines[loc]
-        loc = loc[:-1]
-    return lines.get(())
-
-
-def _validation_error(
-    exc: ValidationError, path: Path | str, lines: dict[tuple[Any, ...], int]
-) -> FusemergeError:
-    # Union members each report an error; the first "real" one (not a type mismatch of another member)
-    # is the most helpful.
-    errors = exc.errors()
-    first = next((e for e in errors if e["type"] in ("extra_forbidden", "missing")), errors[0])
-    loc = tuple(
-        p for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function")))
-    )
-    key = ".".join(str(p) for p in loc) or None
-    if first["type"] == "extra_forbidden":
-        message = "unknown key (not a mergekit recipe key)"
-    elif first["type"] == "missing":
-        message = "required key is missing"
-    else:
-        message = first["msg"]
-    return FusemergeError(message, file=path, line=_line_for(lines, tuple(first["loc"])), key=key)
-
-
-def _check_structure(recipe: MergeRecipe, path: Path | str, lines: dict[tuple[Any, ...], int]) -> None:
+def _check_structure(recipe: MergeRecipe, path: Path | str, node: yaml.Node | None) -> None:
     for key, what in (
         ("slices", "slices (frankenmerges)"),
         ("modules", "modules"),
@@ -167,17 +103,17 @@ def _check_structure(recipe: MergeRecipe, path: Path | str, lines: dict[tuple[An
             raise FusemergeError(
                 f"{what} is not supported by the streaming engine yet; run this recipe with mergekit-yaml",
                 file=path,
-                line=lines.get((key,)),
+                line=line_of(node, (key,)),
                 key=key,
             )
     if recipe.tokenizer_source == "union":
         raise FusemergeError(
             "tokenizer_source: union is not supported by the streaming engine yet; use 'base' or a model",
             file=path,
-            line=lines.get(("tokenizer_source",)),
+            line=line_of(node, ("tokenizer_source",)),
             key="tokenizer_source",
         )
     if not recipe.models:
         raise FusemergeError(
-            "the recipe lists no models", file=path, line=lines.get(("models",)), key="models"
+            "the recipe lists no models", file=path, line=line_of(node, ("models",)), key="models"
         )

@@ -1,7 +1,8 @@
-"""The `fuse` command: `fusemerge fuse RECIPE [--steps teach] [-q]`.
+"""The `fuse` command: `fusemerge fuse RECIPE [--steps teach,align] [-q]`.
 
-    fusemerge fuse recipes/fusechat-7b.yml --steps teach     # top-K stores of the pivot and every source
-    accelerate launch -m fusemerge.cli fuse recipe.yml        # the same, each process on its own shards
+    fusemerge fuse recipes/fusechat-7b.yml --steps teach         # top-K stores of the pivot and every source
+    fusemerge fuse recipes/fusechat-7b.yml --steps teach,align   # ... and each source in pivot positions/ids
+    accelerate launch -m fusemerge.cli fuse recipe.yml           # teach only: each process on its own shards
 
 `fusemerge.cli` registers it. It holds no logic: `run_fuse` does the work.
 """

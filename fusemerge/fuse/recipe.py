@@ -23,18 +23,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     PositiveInt,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from fusemerge.errors import FusemergeError
+from fusemerge.yaml_recipes import parse_mapping, read_recipe_text, validate
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -182,51 +180,6 @@ class FuseRecipe(_Frozen):
 def load_fuse_recipe(path: str | Path) -> FuseRecipe:
     """Read and validate a fuse recipe; every problem is a FusemergeError naming file, line and key."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise FusemergeError(f"cannot read the recipe: {exc.strerror or exc}", file=path) from exc
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        raise FusemergeError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=path, line=line) from exc
-    if not isinstance(data, dict):
-        raise FusemergeError(
-            "a fuse recipe is a YAML mapping (pivot:, sources:, dataset:, output:)", file=path
-        )
-    try:
-        return FuseRecipe.model_validate({**data, "raw_yaml": text})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(err["loc"])
-        key = ".".join(str(p) for p in loc) or None
-        message = err["msg"]
-        if err["type"] == "extra_forbidden":
-            message = "unknown key (check its spelling; unknown keys are never ignored)"
-        elif err["type"] == "missing":
-            message = "required key is missing"
-        elif "input" in err and err["type"] not in ("model_type", "dict_type"):
-            message = f"{message} (got {err['input']!r})"
-        raise FusemergeError(message, file=path, line=_line_of(node, loc), key=key) from exc
-
-
-def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
-    """The 1-based line of the deepest YAML node on the path `loc` (a pydantic error location)."""
-    line = node.start_mark.line + 1 if node is not None else None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                if key_node.value == str(part):
-                    line, node = key_node.start_mark.line + 1, value_node
-                    break
-            else:
-                return line
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            return line
-    return line
+    text = read_recipe_text(path)
+    data, node = parse_mapping(text, path, what="pivot:, sources:, dataset:, output:")
+    return validate(FuseRecipe, {**data, "raw_yaml": text}, path, node)

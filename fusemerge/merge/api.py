@@ -175,7 +175,7 @@ def _refuse_foreign_folder(out: Path, fingerprint: str, overwrite: bool) -> None
         return
     if state:
         raise FusemergeError(
-            "the output folder holds a merge of a different recipe or inputs; pass --overwrite to replace it",
+            "the output folder holds a merge of a different recipe, inputs or --out-shard-size; pass --overwrite to replace it",
             file=out,
         )
     if entries:

@@ -19,7 +19,7 @@ from fusemerge.checkpoint.dtypes import torch_dtype
 from fusemerge.checkpoint.reader import TensorInfo
 from fusemerge.checkpoint.writer import ShardedWriter
 from fusemerge.errors import FusemergeError
-from fusemerge.merge.plan import DEFAULT_PREFETCH_BYTES, MergePlan, TensorTask
+from fusemerge.merge.plan import DEFAULT_PREFETCH_BYTES, PREFETCH_TENSORS, MergePlan, TensorTask
 
 if TYPE_CHECKING:
     import torch
@@ -37,23 +37,31 @@ class _Loaded:
 
 
 class _ByteBudget:
-    """Blocks the reader once `limit` bytes are in flight; one item is always allowed through."""
+    """Blocks the reader once `limit` bytes or `max_items` tensors are in flight; one is always allowed."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_items: int = PREFETCH_TENSORS) -> None:
         self.limit = limit
+        self.max_items = max_items
         self.used = 0
+        self.items = 0
         self.cond = threading.Condition()
 
     def acquire(self, n: int, stop: threading.Event) -> bool:
         with self.cond:
-            while self.used > 0 and self.used + n > self.limit and not stop.is_set():
+            while (
+                self.items > 0
+                and (self.used + n > self.limit or self.items >= self.max_items)
+                and not stop.is_set()
+            ):
                 self.cond.wait(0.1)
             self.used += n
+            self.items += 1
             return not stop.is_set()
 
     def release(self, n: int) -> None:
         with self.cond:
             self.used -= n
+            self.items -= 1
             self.cond.notify_all()
 
 
@@ -72,16 +80,9 @@ class _Stage(threading.Thread):
             self.error = exc
 
 
-def _open(plan: MergePlan, info: TensorInfo):
-    for folder in plan.folders.values():
-        if folder.tensors.get(info.name) is info:
-            return folder
-    raise KeyError(info.name)
-
-
 def _read_task(plan: MergePlan, task: TensorTask, allow_nonfinite: bool) -> _Loaded:
     if task.copy_from is not None:
-        return _Loaded(task, [_open(plan, task.copy_from).read(task.name)], None, task.read_bytes)
+        return _Loaded(task, [plan.folder_of(task.copy_from).read(task.name)], None, task.read_bytes)
     inputs = [_read_checked(plan, info, allow_nonfinite) for info in task.inputs]
     base = _read_checked(plan, task.base, allow_nonfinite) if task.base is not None else None
     return _Loaded(task, inputs, base, task.read_bytes)
@@ -91,7 +92,7 @@ def _read_checked(plan: MergePlan, info: TensorInfo, allow_nonfinite: bool) -> t
     """Read a float tensor, refusing NaN/Inf: merging them silently would spread them into the output."""
     import torch
 
-    tensor = _open(plan, info).read(info.name)
+    tensor = plan.folder_of(info).read(info.name)
     if not allow_nonfinite and not bool(torch.isfinite(tensor).all()):
         raise FusemergeError(
             "holds NaN or Inf values; pass --allow-nonfinite to merge it anyway",

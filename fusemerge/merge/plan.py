@@ -22,7 +22,9 @@ from fusemerge.merge.models import num_layers, open_models
 from fusemerge.merge.parameters import layer_t, resolve
 from fusemerge.recipes import LoadedRecipe
 
-DEFAULT_PREFETCH_BYTES = 512 * 1024 * 1024
+# Read-ahead bound: a few tensors hide read latency; more would only raise the memory peak.
+DEFAULT_PREFETCH_BYTES = 256 * 1024 * 1024
+PREFETCH_TENSORS = 3
 
 
 @dataclass
@@ -95,6 +97,12 @@ class MergePlan:
             + 2 * max((t.write_bytes for t in self.tasks), default=0)
         )
 
+    def folder_of(self, info: TensorInfo) -> ModelFolder:
+        """The model folder that holds `info` (by file), for reading it."""
+        if not hasattr(self, "_by_file"):
+            self._by_file = {t.file: f for f in self.folders.values() for t in f.tensors.values()}
+        return self._by_file[info.file]
+
     def fingerprint(self) -> str:
         """Identifies recipe + inputs + layout: a resume only continues a merge with the same fingerprint."""
         inputs = []
@@ -120,6 +128,8 @@ def build_plan(loaded: LoadedRecipe, *, out_shard_size: int, allow_pickle: bool 
     folders = open_models(
         recipe.referenced_models(), recipe_dir=loaded.path.parent, allow_pickle=allow_pickle
     )
+    for folder in folders.values():
+        _ = folder.config  # every config.json must parse, not only the reference's
     reference = folders[base_ref] if base_ref else folders[input_refs[0]]
     layers = num_layers(reference)
     model_params = {m.model: m.parameters for m in recipe.models or []}
@@ -248,17 +258,17 @@ def describe(plan: MergePlan, out: Path | None = None) -> str:
     """The --dry-run report."""
     gib = 1024**3
     lines = [
-        f"recipe:        {plan.loaded.path}",
-        f"method:        {plan.method.name} ({plan.method.pretty_name})",
-        f"base model:    {plan.base_ref or '-'}",
-        f"models:        {', '.join(plan.input_refs)}",
-        f"tensors:       {len(plan.tasks)}",
-        f"bytes to read: {plan.bytes_read / gib:.3f} GiB",
-        f"bytes to write:{plan.bytes_written / gib:.3f} GiB in {len(plan.shards)} shard(s)",
-        f"peak memory:   about {plan.peak_memory_estimate() / gib:.2f} GiB (estimate)",
+        f"recipe:         {plan.loaded.path}",
+        f"method:         {plan.method.name} ({plan.method.pretty_name})",
+        f"base model:     {plan.base_ref or '-'}",
+        f"models:         {', '.join(plan.input_refs)}",
+        f"tensors:        {len(plan.tasks)}",
+        f"bytes to read:  {plan.bytes_read / gib:.3f} GiB",
+        f"bytes to write: {plan.bytes_written / gib:.3f} GiB in {len(plan.shards)} shard(s)",
+        f"peak memory:    about {plan.peak_memory_estimate() / gib:.2f} GiB (estimate)",
     ]
     if plan.needs_group_pass:
-        lines.append("statistics:    a first pass reads every input once to pool variation statistics")
+        lines.append("statistics:     a first pass reads every input once to pool variation statistics")
     if out is not None:
-        lines.append(f"output:        {out}")
+        lines.append(f"output:         {out}")
     return "\n".join(lines)

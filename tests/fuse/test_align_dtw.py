@@ -9,9 +9,20 @@ import numpy as np
 import pytest
 from rapidfuzz.distance import Levenshtein
 
+import fusemerge.fuse.align.dtw as dtw_module
 from fusemerge.corpora import chatterbot_conversations
-from fusemerge.fuse.align import dtw_align, dtw_alignment
-from fusemerge.fuse.align.dtw import mined_cost
+from fusemerge.fuse.align import (
+    ALIGNMENT_METHODS,
+    TokenizerProfile,
+    align,
+    align_batch,
+    dtw_align,
+    dtw_align_batch,
+    dtw_alignment,
+    dtw_alignment_batch,
+    tokenize,
+)
+from fusemerge.fuse.align.dtw import _levenshtein, _myers, mined_cost
 
 
 def reference_dtw(
@@ -141,3 +152,115 @@ def test_band_wide_enough_is_exact_and_narrow_band_still_aligns_everything(
     # a path through the band still visits every source position, in order
     assert sorted(set(narrow.indices.tolist())) == list(range(len(s)))
     assert np.all(np.diff(narrow.indices) >= 0)
+
+
+# --- the batched entry point: one compiled call for many pairs, identical to one call per pair ---------
+
+
+def _per_pair(pairs, source_marker, pivot_marker, band=None):
+    return [
+        dtw_align(s, p, source_marker=source_marker, pivot_marker=pivot_marker, band=band) for s, p in pairs
+    ]
+
+
+def test_levenshtein_kernels_match_rapidfuzz():
+    """The batch computes edit distances itself (bit-parallel up to 64 code points, a DP beyond)."""
+    rng = random.Random(1)
+    row = np.empty(300, dtype=np.int64)
+    peq = np.zeros(0x110000, dtype=np.uint64)
+    for alphabet in ("ab", "abcdefgh", "aé你\ud800🙂"):
+        for _ in range(3000):
+            a, b = (
+                "".join(rng.choice(alphabet) for _ in range(rng.choice((0, 1, 5, 63, 64, 65, 200))))
+                for _ in "ab"
+            )
+            ca, cb = (np.frombuffer(x.encode("utf-32-le", "surrogatepass"), dtype=np.uint32) for x in (a, b))
+            expected = Levenshtein.distance(a, b)
+            assert _levenshtein(ca, 0, len(ca), cb, 0, len(cb), row) == expected, (a, b)
+            if 0 < len(ca) <= 64:
+                for q, c in enumerate(ca):
+                    peq[c] |= np.uint64(1) << np.uint64(q)
+                assert _myers(peq, len(ca), cb, 0, len(cb)) == expected, (a, b)
+                peq[ca] = 0
+
+
+def test_batch_of_random_pairs_equals_per_pair_and_reference():
+    """Empty and length-1 sequences, bare markers, strings that strip to the same text, bands on and off."""
+    rng = random.Random(2)
+    alphabet = ["a", "b", "ab", "ba", "aa", "abc", "c", "", "▁", "▁a", "▁▁", "Ġ", "Ġb", "▁Ġa", "你", "x" * 70]
+    pairs = [
+        (
+            [rng.choice(alphabet) for _ in range(rng.choice((0, 1, 1, 2, 5, 9)))],
+            [rng.choice(alphabet) for _ in range(rng.choice((0, 1, 1, 2, 5, 9)))],
+        )
+        for _ in range(400)
+    ]
+    got = dtw_align_batch(pairs, source_marker="▁", pivot_marker="Ġ")
+    assert got == _per_pair(pairs, "▁", "Ġ")
+    assert all(g == reference_dtw(s, p, "▁", "Ġ") for g, (s, p) in zip(got, pairs, strict=True) if s and p)
+    for band in (1, 2, 4):
+        assert dtw_align_batch(pairs, source_marker="▁", pivot_marker="Ġ", band=band) == _per_pair(
+            pairs, "▁", "Ġ", band
+        )
+    assert dtw_align_batch(pairs, source_marker="", pivot_marker="▁") == _per_pair(pairs, "", "▁")
+
+
+def test_batch_edge_cases():
+    assert dtw_align_batch([], source_marker="", pivot_marker="") == []
+    pairs = [([], ["a"]), (["a"], []), ([], []), (["a"], ["a"]), (["ab"], ["a", "b"])]
+    assert dtw_align_batch(pairs, source_marker="", pivot_marker="") == [[[]], [], [], [[0]], [[0], [0]]]
+    lengths = [a.source_len for a in dtw_alignment_batch(pairs, source_marker="", pivot_marker="")]
+    assert lengths == [0, 1, 0, 1, 1]
+    # as per pair: an empty side needs no band, so a bad band is only an error where a table is filled
+    assert dtw_align_batch(pairs[:3], source_marker="", pivot_marker="", band=0) == [[[]], [], []]
+    with pytest.raises(ValueError, match="band must be >= 1"):
+        dtw_align_batch(pairs, source_marker="", pivot_marker="", band=0)
+    # long tokens (past one machine word, past what an int8 memo holds) take the general path
+    long_pairs = [(["q" * 80, "b"], ["q" * 79 + "z", "q" * 200]), (["a" * 65], ["a" * 64])]
+    assert dtw_align_batch(long_pairs, source_marker="", pivot_marker="") == _per_pair(long_pairs, "", "")
+    assert dtw_align_batch(long_pairs, source_marker="", pivot_marker="")[0] == reference_dtw(
+        *long_pairs[0], "", ""
+    )
+
+
+def test_batch_split_for_a_small_memo_changes_nothing(monkeypatch):
+    pairs = [(["ab", "c", "▁d"], ["a", "bc", "Ġd"]), (["x", "y"], ["xy"]), (["go"], ["going", "o"])] * 5
+    expected = _per_pair(pairs, "▁", "Ġ")
+    monkeypatch.setattr(dtw_module, "_MEMO_BYTES", 4)
+    assert dtw_align_batch(pairs, source_marker="▁", pivot_marker="Ġ") == expected
+
+
+@pytest.mark.parametrize(("source", "pivot"), [("mistral", "qwen"), ("qwen", "gpt2"), ("gpt2", "mistral")])
+def test_batch_on_real_tokens_equals_per_pair(request, short_texts, source, pivot):
+    tok_s = request.getfixturevalue(f"{source}_tokenizer")
+    tok_p = request.getfixturevalue(f"{pivot}_tokenizer")
+    markers = {"mistral": "▁", "qwen": "Ġ", "gpt2": "Ġ"}
+    texts = [*short_texts, " ".join(short_texts[:12])]
+    pairs = [
+        (
+            tok_s.convert_ids_to_tokens(tok_s(t)["input_ids"]),
+            tok_p.convert_ids_to_tokens(tok_p(t)["input_ids"]),
+        )
+        for t in texts
+    ]
+    sm, pm = markers[source], markers[pivot]
+    for band in (None, 3, 24):
+        assert dtw_align_batch(pairs, source_marker=sm, pivot_marker=pm, band=band) == _per_pair(
+            pairs, sm, pm, band
+        )
+    got = dtw_align_batch(pairs[:6], source_marker=sm, pivot_marker=pm)
+    assert got == [reference_dtw(s, p, sm, pm) for s, p in pairs[:6]]
+
+
+def test_registered_dtw_has_a_batch_and_align_batch_uses_it(short_texts, mistral_tokenizer, qwen_tokenizer):
+    assert ALIGNMENT_METHODS.get("dtw").batch_fn is not None
+    profiles = [TokenizerProfile.from_tokenizer(t) for t in (mistral_tokenizer, qwen_tokenizer)]
+    m = [tokenize(mistral_tokenizer, t, profile=profiles[0]) for t in short_texts]
+    q = [tokenize(qwen_tokenizer, t, profile=profiles[1]) for t in short_texts]
+    # mixed markers in one batch: mistral -> qwen, qwen -> mistral and qwen -> qwen pairs interleaved
+    pairs = [x for k in range(len(m)) for x in ((m[k], q[k]), (q[k], m[k]), (q[k], q[k]))]
+    for band in (None, 5):
+        got = align_batch("dtw", pairs, band=band)
+        assert [a.to_lists() for a in got] == [align("dtw", s, p, band=band).to_lists() for s, p in pairs]
+    offsets = align_batch("offsets", pairs[:4])  # no batched form: falls back to one call per pair
+    assert [a.to_lists() for a in offsets] == [align("offsets", s, p).to_lists() for s, p in pairs[:4]]

@@ -49,7 +49,7 @@ def test_the_fusechat_7b_recipe_validates(tmp_path):
         (("format: sharegpt", "format: alpaca"), ":6, key 'dataset.format'"),
         (("output: fused/\n", ""), "key 'output': required key is missing"),
         (("lambda: 0.9", "lambda: 1.5"), ":10, key 'fusion.lambda'"),
-        (("chat_template: pivot", "chat_template: [pivot"), ":8: not valid YAML"),
+        (("chat_template: pivot", "chat_template: [pivot"), ":8: invalid YAML"),
     ],
 )
 def test_recipe_errors_name_file_line_and_key(tmp_path, change, where):
@@ -90,7 +90,7 @@ def test_run_fuse_teaches_every_model_once(recipe, tmp_path):
 def test_fuse_command_reports_user_errors_in_one_line(recipe, tmp_path):
     result = CliRunner().invoke(fuse, [str(recipe), "--steps", "teach,distill", "-q"])
     assert result.exit_code == 2
-    assert result.output.strip() == "fusemerge: error: key '--steps': unknown step 'distill'; steps are teach"
+    assert result.output.strip() == "fusemerge: error: key '--steps': unknown step 'distill'; steps are teach, align"
     bad = tmp_path / "bad.yml"
     bad.write_text("pivot: a\nsources: [b]\ndataset: {path: x.jsonl}\noutput: o\nteachr: {}\n")
     result = CliRunner().invoke(fuse, [str(bad)])

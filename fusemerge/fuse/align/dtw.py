@@ -9,27 +9,35 @@ The reference (`FuseChat/train/align_token_and_vocab.py`, `dtw` + `transform_ste
 then walks back from (n-1, m-1) over D[1:, 1:], taking `np.argmin([diag, up, left])` (ties: diagonal,
 then up, then left) and collects, for each pivot position, the source positions on the path.
 
-Here the edit distances come from rapidfuzz's `cdist` over the *distinct* token strings (a chat turn
-repeats most of its tokens), containment is only tested where it is possible at all (a substring's edit
-distance to its superstring is exactly their length difference), and the table and the walk back run in
-numba. Every float is formed as in the reference (`ed * 0.1` in float64, then `cost + min(...)`), so
-the result is the same alignment, ties included. An optional band keeps long texts linear in memory.
+Here everything after the Python strings runs in one numba call per *batch* of (source, pivot) pairs
+(`dtw_alignment_batch`; a single pair is a batch of one): the batch's token strings are numbered once,
+each distinct (source, pivot) string pair's edit distance is computed once for the whole batch (bit-
+parallel Levenshtein; a teacher pass repeats the same tokens across conversations), containment is only
+tested where it is possible at all (a substring's edit distance to its superstring is exactly their
+length difference), and every table is filled and walked back. Every float is formed as in the reference
+(`ed * 0.1` in float64, then `cost + min(...)`), so the result is the same alignment, ties included. An
+optional band keeps long texts linear in memory.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections import defaultdict
+from collections.abc import Sequence
+from itertools import accumulate, chain
 
 import numba
 import numpy as np
 from rapidfuzz.distance import Levenshtein
-from rapidfuzz.process import cdist
 
 from fusemerge.fuse.align.alignment import Alignment, TokenizedText
 from fusemerge.fuse.align.registry import ALIGNMENT_METHODS
 
 INF = np.inf
-_NO_BAND = np.zeros(0, dtype=np.int64)
+# a batch whose distance memo (distinct source x distinct pivot strings) would outgrow this is split
+_MEMO_BYTES = 64 << 20
+_SCRATCH = threading.local()
 
 
 @numba.njit(cache=True, nogil=True)
@@ -46,23 +54,99 @@ def _contains(hay: np.ndarray, h0: int, hl: int, needle: np.ndarray, n0: int, nl
 
 
 @numba.njit(cache=True, nogil=True)
-def _costs(ed: np.ndarray, s_cp: np.ndarray, s_off: np.ndarray, p_cp: np.ndarray, p_off: np.ndarray):
-    """MinED cost of every distinct (source, pivot) string pair, from their Levenshtein distances."""
-    ns, np_ = ed.shape
-    out = np.empty((ns, np_), dtype=np.float64)
-    for a in range(ns):
-        a0, la = s_off[a], s_off[a + 1] - s_off[a]
-        for b in range(np_):
-            d = ed[a, b]
-            b0, lb = p_off[b], p_off[b + 1] - p_off[b]
-            inside = False
-            if d == abs(la - lb):  # necessary for containment; exact test only then
-                if la <= lb:
-                    inside = _contains(p_cp, b0, lb, s_cp, a0, la)
-                else:
-                    inside = _contains(s_cp, a0, la, p_cp, b0, lb)
-            out[a, b] = d * 0.1 if inside else float(d)
-    return out
+def _levenshtein(a: np.ndarray, a0: int, la: int, b: np.ndarray, b0: int, lb: int, row: np.ndarray) -> int:
+    """Unit-cost Levenshtein distance of two code-point slices (what rapidfuzz's `Levenshtein.distance`
+    computes on the strings), so that a batch needs no call back into Python per string pair.
+
+    A common prefix and suffix never change the distance and are cut first (most token pairs differ
+    early); a remainder of up to 64 code points on one side runs bit-parallel (Myers/Hyyrö, one machine
+    word per column), longer ones run the plain one-row DP in `row` (scratch, at least `lb + 1` long).
+    """
+    while la > 0 and lb > 0 and a[a0] == b[b0]:
+        a0 += 1
+        b0 += 1
+        la -= 1
+        lb -= 1
+    while la > 0 and lb > 0 and a[a0 + la - 1] == b[b0 + lb - 1]:
+        la -= 1
+        lb -= 1
+    if la == 0:
+        return lb
+    if lb == 0:
+        return la
+    if la > lb:  # the pattern (bit vector) side is the shorter one
+        a, a0, la, b, b0, lb = b, b0, lb, a, a0, la
+    if la <= 64:
+        one = np.uint64(1)
+        pv = ~np.uint64(0)
+        mv = np.uint64(0)
+        last = one << np.uint64(la - 1)
+        score = la
+        for j in range(lb):
+            c = b[b0 + j]
+            eq = np.uint64(0)
+            bit = one
+            for k in range(la):
+                if a[a0 + k] == c:
+                    eq |= bit
+                bit <<= one
+            xv = eq | mv
+            xh = (((eq & pv) + pv) ^ pv) | eq
+            ph = mv | ~(xh | pv)
+            mh = pv & xh
+            if ph & last:
+                score += 1
+            elif mh & last:
+                score -= 1
+            ph = (ph << one) | one
+            mh <<= one
+            pv = mh | ~(xv | ph)
+            mv = ph & xv
+        return score
+    for j in range(lb + 1):
+        row[j] = j
+    for i in range(la):
+        diag = row[0]
+        row[0] = i + 1
+        ca = a[a0 + i]
+        for j in range(lb):
+            up = row[j + 1]
+            best = diag if ca == b[b0 + j] else diag + 1
+            if up + 1 < best:
+                best = up + 1
+            if row[j] + 1 < best:
+                best = row[j] + 1
+            row[j + 1] = best
+            diag = up
+    return row[lb]
+
+
+@numba.njit(cache=True, nogil=True)
+def _myers(peq: np.ndarray, la: int, b: np.ndarray, b0: int, lb: int) -> int:
+    """Levenshtein distance of a pattern of 1..64 code points, given as `peq` (code point -> bit mask of
+    the pattern's positions holding it), to the text `b[b0:b0 + lb]`: Myers/Hyyrö, one word per column.
+
+    Building `peq` once per source string and reusing it against every pivot string is what makes this
+    cheaper than the general `_levenshtein` on the short strings tokens are.
+    """
+    one = np.uint64(1)
+    pv = ~np.uint64(0)
+    mv = np.uint64(0)
+    top = np.uint64(la - 1)
+    score = la
+    for j in range(lb):
+        eq = peq[b[b0 + j]]
+        xv = eq | mv
+        xh = (((eq & pv) + pv) ^ pv) | eq
+        ph = mv | ~(xh | pv)
+        mh = pv & xh
+        # +1 / -1 where the last row's horizontal delta is; branch-free (the sign is data-dependent)
+        score += np.int64((ph >> top) & one) - np.int64((mh >> top) & one)
+        ph = (ph << one) | one
+        mh <<= one
+        pv = mh | ~(xv | ph)
+        mv = ph & xv
+    return score
 
 
 @numba.njit(cache=True, nogil=True)
@@ -74,10 +158,9 @@ def _cell(table: np.ndarray, lo: np.ndarray, hi: np.ndarray, i: int, j: int) -> 
 
 
 @numba.njit(cache=True, nogil=True)
-def _fill_full(cost: np.ndarray, su: np.ndarray, pu: np.ndarray) -> np.ndarray:
-    """The reference's table D[1:, 1:], every cell (the common case: no band)."""
+def _fill_full(cost: np.ndarray, su: np.ndarray, pu: np.ndarray, table: np.ndarray) -> None:
+    """The reference's table D[1:, 1:] into `table` (n x m), every cell (the common case: no band)."""
     n, m = su.shape[0], pu.shape[0]
-    table = np.empty((n, m), dtype=np.float64)
     row = cost[su[0]]
     acc = 0.0
     for j in range(m):  # first row: only 'left' (and D[0][0] = 0 before the first cell)
@@ -97,19 +180,14 @@ def _fill_full(cost: np.ndarray, su: np.ndarray, pu: np.ndarray) -> np.ndarray:
                     best = left
             left = row[pu[j]] + best
             cur[j] = left
-    return table
 
 
 @numba.njit(cache=True, nogil=True)
 def _fill_band(
-    cost: np.ndarray, su: np.ndarray, pu: np.ndarray, lo: np.ndarray, hi: np.ndarray
-) -> np.ndarray:
-    """The same table, only within [lo[i], hi[i]) of each row (stored from column lo[i])."""
+    cost: np.ndarray, su: np.ndarray, pu: np.ndarray, lo: np.ndarray, hi: np.ndarray, table: np.ndarray
+) -> None:
+    """The same table, only within [lo[i], hi[i]) of each row (stored from column lo[i]) of `table`."""
     n = su.shape[0]
-    width = 0
-    for i in range(n):
-        width = max(width, hi[i] - lo[i])
-    table = np.empty((n, width), dtype=np.float64)
     for i in range(n):
         ci = su[i]
         for j in range(lo[i], hi[i]):
@@ -124,30 +202,20 @@ def _fill_band(
                 if left < best:
                     best = left
             table[i, j - lo[i]] = cost[ci, pu[j]] + best
-    return table
 
 
 @numba.njit(cache=True, nogil=True)
-def _align(ed, s_cp, s_off, p_cp, p_off, su, pu, lo, hi, full: bool):
-    """Costs, table and walk back in one compiled call (each call from Python costs microseconds)."""
-    return _dtw(_costs(ed, s_cp, s_off, p_cp, p_off), su, pu, lo, hi, full)
-
-
-@numba.njit(cache=True, nogil=True)
-def _dtw(cost: np.ndarray, su: np.ndarray, pu: np.ndarray, lo: np.ndarray, hi: np.ndarray, full: bool):
-    """Fill the (banded) table and walk back; return the alignment as (indptr, indices) by pivot."""
-    n, m = su.shape[0], pu.shape[0]
-    if full:
-        lo = np.zeros(n, dtype=np.int64)
-        hi = np.full(n, m, dtype=np.int64)
-        table = _fill_full(cost, su, pu)
-    else:
-        table = _fill_band(cost, su, pu, lo, hi)
-    path_i = np.empty(n + m, dtype=np.int64)
-    path_j = np.empty(n + m, dtype=np.int64)
+def _walk_back(
+    table: np.ndarray, lo: np.ndarray, hi: np.ndarray, m: int, indptr: np.ndarray, indices: np.ndarray
+) -> int:
+    """Walk back from (n-1, m-1) as the reference does; write the alignment by pivot as CSR into
+    `indptr` (m + 1 zeros) and `indices` (room for n + m - 1), and return how many indices it wrote."""
+    n = lo.shape[0]
     i, j, steps = n - 1, m - 1, 0
-    while i > 0 or j > 0:
-        path_i[steps], path_j[steps] = i, j
+    room = indices.shape[0]
+    while i > 0 or j > 0:  # recorded backwards from the end of `indices`, moved to the front below
+        indices[room - 1 - steps] = i
+        indptr[j + 1] += 1
         steps += 1
         diag = _cell(table, lo, hi, i - 1, j - 1) if i > 0 and j > 0 else INF
         up = _cell(table, lo, hi, i - 1, j) if i > 0 else INF
@@ -159,53 +227,265 @@ def _dtw(cost: np.ndarray, su: np.ndarray, pu: np.ndarray, lo: np.ndarray, hi: n
             i -= 1
         else:
             j -= 1
-    path_i[steps], path_j[steps] = 0, 0
+    indices[room - 1 - steps] = 0
+    indptr[1] += 1
     steps += 1
-    indptr = np.zeros(m + 1, dtype=np.int64)
-    indices = np.empty(steps, dtype=np.int64)
-    for k in range(steps):
-        indptr[path_j[k] + 1] += 1
     for c in range(m):
         indptr[c + 1] += indptr[c]
-    for k in range(steps):  # the path was recorded backwards: reversed, it is ascending in i and j
-        indices[steps - 1 - k] = path_i[k]
-    return indptr, indices
+    for k in range(steps):  # reversed, the path is ascending in i and j
+        indices[k] = indices[room - steps + k]
+    return steps
 
 
-def _distinct(tokens: list[str], marker: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """Distinct marker-free strings, each position's index into them, and their code points (CSR).
-
-    Raw strings are deduplicated first (C-level dict work), so only distinct ones are stripped; two raw
-    strings that strip to the same text just cost one more row of distances, never a different result.
-    """
-    raw = list(dict.fromkeys(tokens))
-    where = {t: k for k, t in enumerate(raw)}
-    codes = np.fromiter(map(where.__getitem__, tokens), dtype=np.int64, count=len(tokens))
-    uniq = [t.replace(marker, "") for t in raw] if marker else raw
-    lens = np.fromiter(map(len, uniq), dtype=np.int64, count=len(uniq))
-    off = np.zeros(len(uniq) + 1, dtype=np.int64)
-    np.cumsum(lens, out=off[1:])
-    cp = np.frombuffer("".join(uniq).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-    return uniq, codes, cp, off
-
-
-def _band_limits(n: int, m: int, band: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Per source row, the pivot columns [lo, hi) that are computed: all of them, or a diagonal band.
-
-    The band follows the line from (0, 0) to (n-1, m-1) and is widened to the slope so that a path
-    always exists; within it the result equals the unbanded one whenever the optimal path stays inside.
-    """
-    if band is None or band >= m:
-        return np.zeros(n, dtype=np.int64), np.full(n, m, dtype=np.int64)
-    if band < 1:
-        raise ValueError(f"band must be >= 1, got {band}")
+@numba.njit(cache=True, nogil=True)
+def _band_rows(n: int, m: int, band: int, lo: np.ndarray, hi: np.ndarray) -> None:
+    """`_band_limits` for one pair, into `lo[:n]`, `hi[:n]` (same floats, same rounding)."""
     slope = (m - 1) / (n - 1) if n > 1 else 0.0
     half = max(band, math.ceil(slope) + 1)
-    centre = np.arange(n, dtype=np.float64) * slope
-    lo = np.clip(np.floor(centre - half), 0, m - 1).astype(np.int64)
-    hi = np.clip(np.ceil(centre + half) + 1, 1, m).astype(np.int64)
-    hi[-1] = m
-    return lo, hi
+    for i in range(n):
+        centre = i * slope
+        lo[i] = min(max(math.floor(centre - half), 0), m - 1)
+        hi[i] = min(max(math.ceil(centre + half) + 1, 1), m)
+    hi[n - 1] = m
+
+
+@numba.njit(cache=True, nogil=True)
+def _pair_costs(
+    ns: int,
+    np_: int,
+    s_glob: np.ndarray,
+    p_glob: np.ndarray,
+    s_cp: np.ndarray,
+    s_off: np.ndarray,
+    p_cp: np.ndarray,
+    p_off: np.ndarray,
+    memo: np.ndarray,
+    peq: np.ndarray,
+    row: np.ndarray,
+    cost: np.ndarray,
+) -> None:
+    """MinED cost of each of one pair's distinct (source, pivot) strings into `cost` (ns x np_).
+
+    `memo[g, h]` keeps `2 * ed + contained` of global strings g, h once known (-1 before), so a string
+    pair met again in another conversation of the batch costs one load.
+    """
+    for a in range(ns):
+        ga = s_glob[a]
+        a0, la = s_off[ga], s_off[ga + 1] - s_off[ga]
+        bits = 0 < la <= 64
+        if bits:
+            for q in range(la):
+                peq[s_cp[a0 + q]] |= np.uint64(1) << np.uint64(q)
+        for b in range(np_):
+            gb = p_glob[b]
+            v = memo[ga, gb]
+            if v < 0:
+                b0, lb = p_off[gb], p_off[gb + 1] - p_off[gb]
+                if la == 0:
+                    d = lb
+                elif bits:
+                    d = _myers(peq, la, p_cp, b0, lb)
+                else:
+                    d = _levenshtein(s_cp, a0, la, p_cp, b0, lb, row)
+                inside = False
+                if d == abs(la - lb):  # necessary for containment; exact test only then
+                    if la <= lb:
+                        inside = _contains(p_cp, b0, lb, s_cp, a0, la)
+                    else:
+                        inside = _contains(s_cp, a0, la, p_cp, b0, lb)
+                v = 2 * d + (1 if inside else 0)
+                memo[ga, gb] = v
+            d = v >> 1
+            cost[a, b] = d * 0.1 if v & 1 else float(d)  # the reference's float64 `ed * 0.1`
+        if bits:  # leave `peq` all zeros again, as the next string (and the next call) expects
+            for q in range(la):
+                peq[s_cp[a0 + q]] = 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _localize(
+    ids: np.ndarray, start: int, length: int, local: np.ndarray, glob: np.ndarray, out: np.ndarray
+) -> int:
+    """Number one sequence's distinct global ids 0, 1, ... in order of appearance: `out[:length]` gets
+    each position's local id, `glob` each local id's global id; `local` (all -1) is left all -1."""
+    count = 0
+    for i in range(length):
+        g = ids[start + i]
+        if local[g] < 0:
+            local[g] = count
+            glob[count] = g
+            count += 1
+        out[i] = local[g]
+    for k in range(count):
+        local[glob[k]] = -1
+    return count
+
+
+@numba.njit(cache=True, nogil=True)
+def _align_batch(s_ids, s_seq, s_cp, s_off, p_ids, p_seq, p_cp, p_off, memo, peq, band: int):
+    """Every pair of a batch in one compiled call: costs, table fill and walk back.
+
+    `s_ids[s_seq[k]:s_seq[k + 1]]` are pair k's source tokens as ids into the batch's distinct
+    marker-free strings (code points `s_cp[s_off[g]:s_off[g + 1]]`), likewise the pivot side; `memo`
+    and `peq` as `_pair_costs` wants them; `band` < 0 for none. Returns the CSR alignments of all pairs
+    back to back: `indptr` (pair k's m_k + 1 entries start at `p_seq[k] + k`) and `indices` (pair k's
+    from `starts[k]` to `starts[k + 1]`). Scratch (tables, costs) is grown, never allocated per pair.
+    """
+    n_pairs = s_seq.shape[0] - 1
+    s_local = np.full(s_off.shape[0] - 1, -1, dtype=np.int64)
+    p_local = np.full(p_off.shape[0] - 1, -1, dtype=np.int64)
+    longest, widest, chars = 1, 1, 0
+    for k in range(n_pairs):
+        longest = max(longest, s_seq[k + 1] - s_seq[k])
+        widest = max(widest, p_seq[k + 1] - p_seq[k])
+    for g in range(s_off.shape[0] - 1):
+        chars = max(chars, s_off[g + 1] - s_off[g])
+    for g in range(p_off.shape[0] - 1):
+        chars = max(chars, p_off[g + 1] - p_off[g])
+    row = np.empty(chars + 1, dtype=np.int64)
+    s_glob = np.empty(longest, dtype=np.int64)
+    p_glob = np.empty(widest, dtype=np.int64)
+    su = np.empty(longest, dtype=np.int64)
+    pu = np.empty(widest, dtype=np.int64)
+    lo = np.zeros(longest, dtype=np.int64)
+    hi = np.empty(longest, dtype=np.int64)
+    table_buf = np.empty(0, dtype=np.float64)
+    cost_buf = np.empty(0, dtype=np.float64)
+    indptr = np.zeros(p_seq[n_pairs] + n_pairs, dtype=np.int64)
+    indices = np.empty(s_seq[n_pairs] + p_seq[n_pairs], dtype=np.int64)
+    starts = np.zeros(n_pairs + 1, dtype=np.int64)
+    out = 0
+    for k in range(n_pairs):
+        s0, n = s_seq[k], s_seq[k + 1] - s_seq[k]
+        p0, m = p_seq[k], p_seq[k + 1] - p_seq[k]
+        starts[k] = out
+        if n == 0 or m == 0:
+            continue
+        ns = _localize(s_ids, s0, n, s_local, s_glob, su)
+        np_ = _localize(p_ids, p0, m, p_local, p_glob, pu)
+        if ns * np_ > cost_buf.shape[0]:
+            cost_buf = np.empty(ns * np_, dtype=np.float64)
+        cost = cost_buf[: ns * np_].reshape((ns, np_))
+        _pair_costs(ns, np_, s_glob, p_glob, s_cp, s_off, p_cp, p_off, memo, peq, row, cost)
+        full = band < 0 or band >= m
+        if full:
+            width = m
+            lo[:n] = 0
+            hi[:n] = m
+        else:
+            _band_rows(n, m, band, lo, hi)
+            width = 0
+            for i in range(n):
+                width = max(width, hi[i] - lo[i])
+        if n * width > table_buf.shape[0]:
+            table_buf = np.empty(n * width, dtype=np.float64)
+        table = table_buf[: n * width].reshape((n, width))
+        if full:
+            _fill_full(cost, su[:n], pu[:m], table)
+        else:
+            _fill_band(cost, su[:n], pu[:m], lo[:n], hi[:n], table)
+        out += _walk_back(
+            table, lo[:n], hi[:n], m, indptr[p0 + k : p0 + k + m + 1], indices[out : out + n + m]
+        )
+    starts[n_pairs] = out
+    return indptr, indices, starts
+
+
+def _peq_scratch() -> np.ndarray:
+    """This thread's all-zero code point -> bit mask table for `_myers` (the kernel zeroes what it sets).
+
+    It spans every code point so that no alphabet has to be built per call; allocated once per thread
+    (the kernels release the GIL) and only the pages of code points actually met are ever touched.
+    """
+    table = getattr(_SCRATCH, "peq", None)
+    if table is None:
+        table = _SCRATCH.peq = np.zeros(0x110000, dtype=np.uint64)
+    return table
+
+
+def _intern(
+    seqs: Sequence[list[str]], marker: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """One side of a batch: every token as an id into the batch's distinct strings (flat), each
+    sequence's start in that flat array, and the distinct strings with the marker removed (code points,
+    CSR). Numbering is one C-level dict pass over the whole batch, so only distinct strings are stripped
+    and encoded; two raw strings that strip to the same text only cost a memo row, never a different result.
+    Last, the longest stripped string's length (it bounds every edit distance).
+    """
+    seq = np.fromiter(accumulate(map(len, seqs), initial=0), dtype=np.int64, count=len(seqs) + 1)
+    where: defaultdict[str, int] = defaultdict()
+    where.default_factory = where.__len__  # a new string gets the next id: one C-level pass numbers all
+    ids = np.fromiter(map(where.__getitem__, chain.from_iterable(seqs)), dtype=np.int64, count=int(seq[-1]))
+    uniq = [t.replace(marker, "") for t in where] if marker else list(where)
+    off = np.fromiter(accumulate(map(len, uniq), initial=0), dtype=np.int64, count=len(uniq) + 1)
+    cp = np.frombuffer("".join(uniq).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    return ids, seq, cp, off, max(map(len, uniq), default=0)
+
+
+def dtw_alignment_batch(
+    pairs: Sequence[tuple[list[str], list[str]]],
+    *,
+    source_marker: str,
+    pivot_marker: str,
+    band: int | None = None,
+) -> list[Alignment]:
+    """`dtw_alignment` of every (source tokens, pivot tokens) pair, identical results, one compiled call.
+
+    A 30-token conversation aligns in a few microseconds of compiled work but costs tens of microseconds
+    of Python around it per call; here the token strings of the whole batch are deduplicated once, each
+    distinct string pair's edit distance is computed once (a teacher pass repeats the same tokens across
+    conversations), and all tables are filled and walked back in one numba call.
+    """
+    if not pairs:
+        return []
+    sources = [s for s, _ in pairs]
+    pivots = [p for _, p in pairs]
+    s_ids, s_seq, s_cp, s_off, s_longest = _intern(sources, source_marker)
+    p_ids, p_seq, p_cp, p_off, p_longest = _intern(pivots, pivot_marker)
+    ns, np_ = len(s_off) - 1, len(p_off) - 1
+    dtype = np.int8 if 2 * max(s_longest, p_longest) + 1 <= 127 else np.int32  # memo holds 2 * ed + 1
+    if ns * np_ * np.dtype(dtype).itemsize > _MEMO_BYTES and len(pairs) > 1:
+        half = len(pairs) // 2  # too many distinct strings for one memo: two batches, each its own
+        kw = {"source_marker": source_marker, "pivot_marker": pivot_marker, "band": band}
+        return dtw_alignment_batch(pairs[:half], **kw) + dtw_alignment_batch(pairs[half:], **kw)
+    if band is not None and band < 1 and bool(np.any((np.diff(s_seq) > 0) & (np.diff(p_seq) > 0))):
+        raise ValueError(f"band must be >= 1, got {band}")
+    memo = np.full((ns, np_), -1, dtype=dtype)
+    indptr, indices, starts = _align_batch(
+        s_ids,
+        s_seq,
+        s_cp,
+        s_off,
+        p_ids,
+        p_seq,
+        p_cp,
+        p_off,
+        memo,
+        _peq_scratch(),
+        -1 if band is None else band,
+    )
+    s_len, p_at, at = s_seq.tolist(), p_seq.tolist(), starts.tolist()
+    return [
+        Alignment(
+            indptr[p_at[k] + k : p_at[k + 1] + k + 1], indices[at[k] : at[k + 1]], s_len[k + 1] - s_len[k]
+        )
+        for k in range(len(pairs))
+    ]
+
+
+def dtw_align_batch(
+    pairs: Sequence[tuple[list[str], list[str]]],
+    *,
+    source_marker: str,
+    pivot_marker: str,
+    band: int | None = None,
+) -> list[list[list[int]]]:
+    """`dtw_align` of every (source tokens, pivot tokens) pair, in one compiled call (see
+    `dtw_alignment_batch`); all sources share `source_marker`, all pivots `pivot_marker`."""
+    return [
+        a.to_lists()
+        for a in dtw_alignment_batch(pairs, source_marker=source_marker, pivot_marker=pivot_marker, band=band)
+    ]
 
 
 def mined_cost(a: str, b: str) -> float:
@@ -222,17 +502,10 @@ def dtw_alignment(
     pivot_marker: str,
     band: int | None = None,
 ) -> Alignment:
-    """MinED alignment as an `Alignment` (see `dtw_align` for the arguments)."""
-    n, m = len(source_tokens), len(pivot_tokens)
-    if n == 0 or m == 0:
-        return Alignment(np.zeros(m + 1, dtype=np.int64), np.zeros(0, dtype=np.int64), n)
-    s_uniq, su, s_cp, s_off = _distinct(source_tokens, source_marker)
-    p_uniq, pu, p_cp, p_off = _distinct(pivot_tokens, pivot_marker)
-    ed = cdist(s_uniq, p_uniq, scorer=Levenshtein.distance, dtype=np.int32, workers=1)
-    full = band is None or band >= m
-    lo, hi = (_NO_BAND, _NO_BAND) if full else _band_limits(n, m, band)
-    indptr, indices = _align(ed, s_cp, s_off, p_cp, p_off, su, pu, lo, hi, full)
-    return Alignment(indptr, indices, n)
+    """MinED alignment as an `Alignment` (see `dtw_align` for the arguments): a batch of one."""
+    return dtw_alignment_batch(
+        [(source_tokens, pivot_tokens)], source_marker=source_marker, pivot_marker=pivot_marker, band=band
+    )[0]
 
 
 def dtw_align(
@@ -260,8 +533,31 @@ def dtw_align(
     ).to_lists()
 
 
+def dtw_batch(
+    pairs: Sequence[tuple[TokenizedText, TokenizedText]], *, band: int | None = None
+) -> list[Alignment]:
+    """`dtw` over many (source, pivot) pairs: one `dtw_alignment_batch` call per marker combination
+    (a corpus normally has one: every source from one tokenizer, every pivot from another)."""
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for k, (source, pivot) in enumerate(pairs):
+        groups[source.marker, pivot.marker].append(k)
+    out: dict[int, Alignment] = {}
+    for (source_marker, pivot_marker), where in groups.items():
+        done = dtw_alignment_batch(
+            [(pairs[k][0].tokens, pairs[k][1].tokens) for k in where],
+            source_marker=source_marker,
+            pivot_marker=pivot_marker,
+            band=band,
+        )
+        out.update(zip(where, done, strict=True))
+    return [out[k] for k in range(len(pairs))]
+
+
 @ALIGNMENT_METHODS.register(
-    "dtw", pretty_name="MinED dynamic-programming alignment", reference_url="https://arxiv.org/abs/2408.07990"
+    "dtw",
+    pretty_name="MinED dynamic-programming alignment",
+    reference_url="https://arxiv.org/abs/2408.07990",
+    batch=dtw_batch,
 )
 def dtw(source: TokenizedText, pivot: TokenizedText, *, band: int | None = None) -> Alignment:
     """Minimum-edit-distance token alignment of FuseChat (Wan et al., 2024), on token strings."""

@@ -24,6 +24,7 @@ class Entry(Generic[F]):
     fn: F
     pretty_name: str
     reference_url: str | None
+    batch_fn: Callable | None = None  # the same method over a sequence of inputs, when it has one
 
 
 class Registry(Generic[F]):
@@ -34,12 +35,20 @@ class Registry(Generic[F]):
         self._entries: dict[str, Entry[F]] = {}
 
     def register(
-        self, name: str, *, pretty_name: str | None = None, reference_url: str | None = None
+        self,
+        name: str,
+        *,
+        pretty_name: str | None = None,
+        reference_url: str | None = None,
+        batch: Callable | None = None,
     ) -> Callable[[F], F]:
+        """Register the decorated function as `name`; `batch`, if given, does the same for a list of
+        inputs at once (returning a list), for methods whose per-call overhead a batch can amortise."""
+
         def decorator(fn: F) -> F:
             if name in self._entries:
                 raise ValueError(f"{self.kind} '{name}' is registered twice")
-            self._entries[name] = Entry(name, fn, pretty_name or name, reference_url)
+            self._entries[name] = Entry(name, fn, pretty_name or name, reference_url, batch)
             return fn
 
         return decorator
@@ -59,7 +68,8 @@ class Registry(Generic[F]):
         return name in self._entries
 
 
-# Sequence aligners: fn(source: TokenizedText, pivot: TokenizedText, **params) -> Alignment
+# Sequence aligners: fn(source: TokenizedText, pivot: TokenizedText, **params) -> Alignment;
+# batch: fn(pairs: Sequence[tuple[TokenizedText, TokenizedText]], **params) -> list[Alignment]
 ALIGNMENT_METHODS: Registry = Registry("token alignment method")
 # Vocabulary mappings: fn(source: TokenizerProfile, pivot: TokenizerProfile, **params) -> VocabMapping
 VOCAB_MAPPINGS: Registry = Registry("vocabulary mapping")

@@ -53,12 +53,15 @@ class VocabMapping:
         """Fraction of source ids that have a pivot id."""
         return float((self.source_to_pivot >= 0).mean()) if len(self.source_to_pivot) else 0.0
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, *, provenance: dict[str, str] | None = None) -> Path:
+        """Write the table; `provenance` (string pairs, e.g. the corpus a `stats` mapping was counted
+        on) goes into the file's metadata next to the fingerprints, for the caller to check on reuse."""
         from safetensors.numpy import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {
+            **(provenance or {}),
             "format": FORMAT,
             "version": "1",
             "method": self.method,
