@@ -1,0 +1,73 @@
+"""`fusemerge fuse` end to end on tiny models with three real tokenizers, then `fusemerge merge` on the
+recipe it writes: teach -> align -> train -> merge on the CPU, every step skipped on a rerun."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from fusemerge.cli import main
+
+
+def test_fuse_then_merge_on_three_tokenizers(tmp_path, tiny_models, chat_jsonl, fuse_helpers):
+    recipe = fuse_helpers.write_recipe(
+        tmp_path / "recipe.yml",
+        pivot=str(tiny_models["qwen"]),
+        sources=[str(tiny_models["mistral"]), str(tiny_models["gpt2"])],
+        dataset={"path": str(chat_jsonl), "limit": 12},
+        teacher={"shard_size": 8, "device": "cpu"},
+        alignment={"tokens": "dtw", "vocab": "stats"},
+        fusion={"function": "mince", "lambda": 0.5},
+        training={
+            "mode": "full",
+            "learning_rate": 1e-3,
+            "batch_size": 2,
+            "gradient_accumulation": 1,
+            "max_steps": 3,
+            "save_steps": 2,
+        },
+        output=str(tmp_path / "fused"),
+    )
+    start = time.perf_counter()
+    runner = CliRunner()
+    result = runner.invoke(main, ["fuse", str(recipe), "-q"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    targets = [
+        tmp_path / "fused" / "qwen-pivot-mistral-source",
+        tmp_path / "fused" / "qwen-pivot-gpt2-source",
+    ]
+    assert f"targets: {targets[0]}, {targets[1]}" in result.output
+    command = re.search(r"^next: fusemerge merge (\S+) (\S+)$", result.output, re.M)
+    assert command, result.output
+    merge_recipe, merged = command.groups()
+    text = (tmp_path / "fused" / "merge.yml").read_text()
+    assert "merge_method: variation_ratio" in text and f"base_model: {tiny_models['qwen']}" in text
+
+    result = runner.invoke(main, ["merge", merge_recipe, merged, "-q"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 180, f"fuse + merge took {elapsed:.0f} s"
+
+    pivot = load_file(tiny_models["qwen"] / "model.safetensors")
+    for target in targets:
+        weights = load_file(target / "model.safetensors")
+        assert weights.keys() == pivot.keys()
+        changed = [n for n in pivot if not torch.equal(weights[n], pivot[n])]
+        assert len(changed) > len(pivot) // 2, f"{target.name}: only {changed} changed"
+        card = (target / "README.md").read_text()
+        assert "source: `" in card and "pivot (base)" in card
+    a, b = (load_file(t / "model.safetensors") for t in targets)
+    assert any(not torch.equal(a[n], b[n]) for n in a)  # two sources, two different targets
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert (
+        model.config.vocab_size == AutoModelForCausalLM.from_pretrained(tiny_models["qwen"]).config.vocab_size
+    )
+
+    again = runner.invoke(main, ["fuse", str(recipe), "-q"])
+    assert again.exit_code == 0, again.output
+    assert again.output.count("skipped") >= 3 + 2 + 2, again.output  # teach x3, align x2, train x2
