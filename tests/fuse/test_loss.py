@@ -45,7 +45,7 @@ def dense_reference(logits, labels, ids, probs, lambda_, kind):
 
 
 @pytest.mark.parametrize("kind", ["ce", "kl"])
-@pytest.mark.parametrize("lambda_", [0.0, 0.9, 0.5])
+@pytest.mark.parametrize("lambda_", [0.0, 0.9, 0.5, 1.0])
 def test_sparse_loss_equals_dense_reference_forward_and_gradient(kind, lambda_):
     logits, labels, ids, probs = batch()
     sparse_in = logits.clone().requires_grad_(True)
