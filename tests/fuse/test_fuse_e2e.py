@@ -116,3 +116,74 @@ def test_smollm2_pivot_with_a_source_of_another_tokenizer_learns(tmp_path_factor
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 and losses[-1] < losses[0]
     assert AutoModelForCausalLM.from_pretrained(target).config.model_type == "llama"
+
+
+@pytest.mark.slow
+def test_train_step_under_accelerate_launch_with_two_processes(
+    tmp_path, tiny_models, chat_jsonl, fuse_helpers
+):
+    """`accelerate launch` (two CPU processes, gloo DDP) runs the train step without code changes."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from fusemerge.fuse.pipeline import run_fuse
+
+    recipe = fuse_helpers.write_recipe(
+        tmp_path / "recipe.yml",
+        pivot=str(tiny_models["gpt2"]),
+        sources=[str(tiny_models["mistral"])],
+        dataset={"path": str(chat_jsonl), "limit": 8},
+        chat_template="chatml",
+        teacher={"shard_size": 8, "device": "cpu"},
+        alignment={"tokens": "offsets", "vocab": "exact"},
+        training={
+            "mode": "lora",
+            "batch_size": 2,
+            "gradient_accumulation": 1,
+            "max_steps": 2,
+            "save_steps": 2,
+        },
+        output=str(tmp_path / "fused"),
+    )
+    run_fuse(recipe, steps=["teach", "align"], progress=False, echo=lambda _: None)
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    assert launcher, "accelerate's launcher is installed with the package"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    done = subprocess.run(
+        [
+            launcher,
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "fusemerge.cli",
+            "fuse",
+            str(recipe),
+            "--steps",
+            "train",
+            "-q",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    target = tmp_path / "fused" / "gpt2-source-mistral-source"
+    assert (target / "model.safetensors").is_file() and (target / "fusemerge_target.json").is_file()
+    state = json.loads(
+        (
+            tmp_path / "fused" / "work" / "train" / target.name / "checkpoint-2" / "trainer_state.json"
+        ).read_text()
+    )
+    assert state["global_step"] == 2
+    assert "one target, nothing to merge" in done.stdout

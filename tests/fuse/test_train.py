@@ -188,3 +188,20 @@ def test_qlora_is_a_clear_error_without_a_gpu(setup):
         build_trainer(
             recipe, setup["data"], setup["stores"], checkpoints=setup["root"] / "ck-q", progress=False
         )
+
+
+def test_gradient_checkpointing_gives_the_same_first_step(setup):
+    losses = []
+    for checkpointing in (False, True):
+        recipe = recipe_for(setup, mode="lora", max_steps=1, gradient_checkpointing=checkpointing)
+        trainer = build_trainer(
+            recipe,
+            setup["data"],
+            setup["stores"],
+            checkpoints=setup["root"] / f"ck-gc-{checkpointing}",
+            progress=False,
+        )
+        assert trainer.args.activation_checkpointing is checkpointing
+        trainer.train()
+        losses.append(next(h["loss"] for h in trainer.state.log_history if "loss" in h))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
