@@ -32,8 +32,8 @@ bench: $(STAMP)
 	$(PY) bench/merge_bench.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check fusemerge tests bench
-	$(VENV)/bin/ruff format --check fusemerge tests bench
+	$(VENV)/bin/ruff check fusemerge tests bench examples
+	$(VENV)/bin/ruff format --check fusemerge tests bench examples
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

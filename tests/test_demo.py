@@ -13,3 +13,18 @@ def test_demo(tmp_path):
     assert abs(linear["attention"][0] - 0.5) < 1e-3 and abs(linear["MLP"][1] - 0.5) < 1e-3
     assert any("VaRM" in line for line in lines)
     assert (tmp_path / "demo" / "merged-variation_ratio" / "model.safetensors.index.json").is_file()
+
+
+def test_python_api_example_runs(tmp_path):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).parents[1] / "examples" / "merge_with_python_api.py"
+    argv = sys.argv
+    sys.argv = [str(example), str(tmp_path)]
+    try:
+        runpy.run_path(str(example), run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()

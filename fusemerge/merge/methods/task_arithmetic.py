@@ -15,9 +15,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from fusemerge.merge.methods.chunks import compute_dtype, flat, spans
+from fusemerge.merge.methods import kernels
+from fusemerge.merge.methods.chunks import CHUNK_ELEMENTS, compute_dtype, flat, spans
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param
 
@@ -95,29 +97,77 @@ class Keep:
     last_tied: int
 
     def mask(self, magnitudes: torch.Tensor, span: slice) -> torch.Tensor:
+        if self.last_tied < span.start:
+            return magnitudes > self.threshold
+        if self.last_tied >= span.stop - 1:
+            return magnitudes >= self.threshold
         keep = magnitudes > self.threshold
-        if self.last_tied >= span.start:
-            index = torch.arange(span.start, span.stop, device=magnitudes.device)
-            keep |= (magnitudes == self.threshold) & (index <= self.last_tied)
+        cut = self.last_tied + 1 - span.start
+        keep[:cut] |= magnitudes[:cut] == self.threshold
         return keep
 
 
 def _magnitude_keep(tensor: torch.Tensor, base: torch.Tensor, density: float) -> Keep:
-    """Select the top k = max(1, int(density * n)) magnitudes of the task vector by a k-th value search."""
+    """Select the top k = max(1, int(density * n)) magnitudes of the task vector without sorting."""
     n = tensor.numel()
     if density <= 0 or n == 0:
         return Keep(float("inf"), -1)
     k = max(1, int(density * n))
     dtype = compute_dtype([tensor, base])
+    if _use_kernels(tensor, dtype):
+        return _radix_keep(flat(tensor), flat(base), k)
     magnitudes = torch.empty(n, dtype=dtype, device=tensor.device)
     t_flat, b_flat = flat(tensor), flat(base)
     for span in spans(n):
-        torch.sub(t_flat[span].to(dtype), b_flat[span].to(dtype), out=magnitudes[span]).abs_()
+        torch.sub(t_flat[span], b_flat[span].to(dtype), out=magnitudes[span]).abs_()
     threshold = torch.kthvalue(magnitudes, n - k + 1).values
     above = int((magnitudes > threshold).sum())
     tied = (magnitudes == threshold).nonzero().flatten()
     last_tied = int(tied[k - above - 1]) if k > above else -1
     return Keep(float(threshold), last_tied)
+
+
+def _use_kernels(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    return tensor.device.type == "cpu" and dtype == torch.float32
+
+
+def _float32_chunks(t_flat: torch.Tensor, b_flat: torch.Tensor):
+    for span in spans(t_flat.numel()):
+        yield span, t_flat[span].to(torch.float32).numpy(), b_flat[span].to(torch.float32).numpy()
+
+
+def _radix_keep(t_flat: torch.Tensor, b_flat: torch.Tensor, k: int) -> Keep:
+    """Exact top-k selection by the bits of |delta|: non-negative floats order like their bit patterns,
+    so two 16-bit histogram passes find the k-th largest value, and a third (only when the threshold is
+    tied) finds where the kept ties end."""
+    n = t_flat.numel()
+    hist = np.zeros(kernels.HI_BINS, dtype=np.int64)
+    for _, x, b in _float32_chunks(t_flat, b_flat):
+        kernels._histogram_hi(x, b, hist)
+    top, above = _bin_holding(hist, k)
+    hist[:] = 0
+    for _, x, b in _float32_chunks(t_flat, b_flat):
+        kernels._histogram_lo(x, b, top, hist)
+    low, above_low = _bin_holding(hist, k - above)
+    above += above_low
+    bits = np.uint32((top << 16) | low)
+    threshold = float(bits.view(np.float32))
+    wanted = k - above  # how many elements equal to the threshold are kept, lowest indices first
+    if wanted == hist[low]:
+        return Keep(threshold, n)
+    for span, x, b in _float32_chunks(t_flat, b_flat):
+        found = kernels._count_ties_until(x, b, bits, wanted, span.start)
+        if found >= 0:
+            return Keep(threshold, int(found))
+        wanted -= -found - 1
+    raise AssertionError("tie count changed between passes")
+
+
+def _bin_holding(hist: np.ndarray, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest element, and how many elements lie in higher bins."""
+    from_top = np.cumsum(hist[::-1])
+    index = int(np.searchsorted(from_top, k))
+    return len(hist) - 1 - index, int(from_top[index - 1]) if index > 0 else 0
 
 
 def _combine(
@@ -131,36 +181,96 @@ def _combine(
     *,
     consensus: bool,
 ) -> torch.Tensor:
+    """base + lambda * (normalised) sum of weighted, sparsified, optionally sign-agreeing task vectors.
+
+    Written for memory traffic: each chunk's deltas go through one reused buffer (task arithmetic) or one
+    buffer per model (TIES, whose sign vote needs them all), with in-place updates of the output chunk.
+    """
     dtype = compute_dtype([*tensors, base])
     scales = _rescale_factors(tensors, base, thresholds, dtype) if rescale else [1.0] * len(tensors)
+    coefficients = [w * s for w, s in zip(weight, scales, strict=True)]
     out = torch.empty(base.shape, dtype=dtype, device=base.device)
     out_flat, b_flat = flat(out), flat(base)
     inputs = [flat(t) for t in tensors]
+    total = sum(weight)
+    scale = lambda_ / (total if abs(total) >= 1e-8 else 1.0) if normalize else lambda_
+    if _use_kernels(base, dtype):
+        _fused_combine(
+            inputs, b_flat, out_flat, thresholds, coefficients, weight, consensus, normalize, lambda_
+        )
+        return out
+    buffer = torch.empty(min(CHUNK_ELEMENTS, out.numel()), dtype=dtype, device=base.device)
     for span in spans(out.numel()):
+        acc = out_flat[span]
         b = b_flat[span].to(dtype)
+        if not consensus:
+            acc.zero_()
+            for x, c, keep in zip(inputs, coefficients, thresholds, strict=True):
+                d = torch.sub(x[span], b, out=buffer[: acc.numel()])
+                if keep is not None:
+                    d.mul_(keep.mask(d.abs(), span))
+                acc.add_(d, alpha=c)
+            acc.mul_(scale).add_(b)
+            continue
         deltas = []
-        for x, w, thr, s in zip(inputs, weight, thresholds, scales, strict=True):
+        for x, c, keep in zip(inputs, coefficients, thresholds, strict=True):
             d = x[span].to(dtype) - b
-            if thr is not None:
-                d.mul_(thr.mask(d.abs(), span))
-            deltas.append(d.mul_(w * s))
-        if consensus:
-            majority = torch.where(sum(deltas) >= 0, 1.0, -1.0).to(dtype)
-            mixed = torch.zeros_like(b)
-            divisor = torch.zeros_like(b)
-            for d, w in zip(deltas, weight, strict=True):
-                agree = d.sign() == majority
-                mixed.add_(d * agree)
-                divisor.add_(agree.to(dtype), alpha=w)
-            divisor[divisor == 0] = 1
-        else:
-            mixed = sum(deltas)
-            divisor = torch.full_like(b, sum(weight))
-            divisor[divisor.abs() < 1e-8] = 1
+            if keep is not None:
+                d.mul_(keep.mask(d.abs(), span))
+            deltas.append(d.mul_(c))
+        vote = torch.sub(deltas[0], 0, out=buffer[: acc.numel()])
+        for d in deltas[1:]:
+            vote.add_(d)
+        positive = vote >= 0  # the elected sign: + where the summed mass is >= 0 (mergekit's rule)
+        acc.zero_()
+        divisor = vote.zero_()
+        for d, w in zip(deltas, weight, strict=True):
+            agree = torch.where(positive, d > 0, d < 0)
+            acc.add_(d.mul_(agree))
+            divisor.add_(agree, alpha=w)
         if normalize:
-            mixed = mixed / divisor
-        out_flat[span] = b + mixed * lambda_
+            acc.div_(divisor.masked_fill_(divisor == 0, 1))
+        acc.mul_(lambda_).add_(b)
     return out
+
+
+def _fused_combine(
+    inputs: list[torch.Tensor],
+    b_flat: torch.Tensor,
+    out_flat: torch.Tensor,
+    thresholds: list[Keep | None],
+    coefficients: list[float],
+    weight: list[float],
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+) -> None:
+    keep_above = np.array([-1.0 if k is None else k.threshold for k in thresholds], dtype=np.float32)
+    last_tied = np.array([-1 if k is None else k.last_tied for k in thresholds], dtype=np.int64)
+    coef = np.array(coefficients, dtype=np.float32)
+    weights = np.array(weight, dtype=np.float32)
+    if consensus:
+        scale = 1.0 if normalize else 0.0  # the kernel's flag: normalise by agreeing weights or not
+    else:
+        total = sum(weight)
+        scale = 1.0 / (total if abs(total) >= 1e-8 else 1.0) if normalize else 1.0
+    out_np = out_flat.numpy()
+    for span in spans(out_flat.numel()):
+        xs = torch.stack([x[span].to(torch.float32) for x in inputs]).numpy()
+        b = b_flat[span].to(torch.float32).numpy()
+        kernels.fused_task_vectors(
+            xs,
+            b,
+            keep_above,
+            last_tied,
+            span.start,
+            coef,
+            weights,
+            consensus,
+            np.float32(scale),
+            np.float32(lambda_),
+            out_np[span],
+        )
 
 
 def _rescale_factors(
