@@ -202,6 +202,7 @@ def write_merge_recipe(recipe: FuseRecipe, targets: list[Path]) -> Path:
         "models": [{"model": str(t)} for t in targets],
     }
     path = Path(recipe.output) / MERGE_RECIPE
+    path.parent.mkdir(parents=True, exist_ok=True)
     header = "# Written by `fusemerge fuse`: merge the fused targets (FuseChat's VaRM, the pivot as base).\n"
     atomic_write_text(path, header + yaml.safe_dump(body, sort_keys=False))
     return path

@@ -187,3 +187,24 @@ def test_train_step_under_accelerate_launch_with_two_processes(
     )
     assert state["global_step"] == 2
     assert "one target, nothing to merge" in done.stdout
+
+
+def test_target_plan_and_merge_recipe(tmp_path, fuse_helpers):
+    from fusemerge.fuse.pipeline import target_plan, write_merge_recipe
+    from fusemerge.fuse.recipe import load_fuse_recipe
+    from fusemerge.recipes import load_recipe
+
+    sections = {"pivot": "org/piv", "sources": ["org/s-a", "other/s_b"], "dataset": {"path": "d.jsonl"}}
+    path = fuse_helpers.write_recipe(tmp_path / "r.yml", **sections, output=str(tmp_path / "out"))
+    recipe = load_fuse_recipe(path)
+    assert target_plan(recipe) == [("piv-s-a", [0]), ("piv-s_b", [1])]
+    merge = write_merge_recipe(recipe, [tmp_path / "out" / "piv-s-a", tmp_path / "out" / "piv-s_b"])
+    loaded = load_recipe(merge)
+    assert loaded.recipe.merge_method == "variation_ratio" and loaded.recipe.base_model == "org/piv"
+    assert [m.model for m in loaded.recipe.models] == [
+        str(tmp_path / "out" / n) for n in ("piv-s-a", "piv-s_b")
+    ]
+    everything = fuse_helpers.write_recipe(
+        tmp_path / "all.yml", **sections, fusion={"sources": "all"}, output=str(tmp_path / "out")
+    )
+    assert target_plan(load_fuse_recipe(everything)) == [("piv-fused", [0, 1])]

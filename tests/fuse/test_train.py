@@ -205,3 +205,34 @@ def test_gradient_checkpointing_gives_the_same_first_step(setup):
         trainer.train()
         losses.append(next(h["loss"] for h in trainer.state.log_history if "loss" in h))
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_one_target_from_every_source_with_avgce_and_kl(setup, fuse_helpers):
+    """FuseLLM-style multi-source fusion: one target, every aligned store a candidate, CE-weighted mix."""
+    third = fuse_helpers.make_store(
+        setup["root"] / "third", setup["data"], setup["tokenizer"], seed=3, aligned=True
+    )
+    recipe = recipe_for(setup, mode="lora", max_steps=1)
+    recipe = recipe.model_copy(
+        update={
+            "fusion": recipe.fusion.model_copy(update={"function": "avgce", "sources": "all", "loss": "kl"})
+        }
+    )
+    out = train_target(
+        recipe,
+        setup["data"],
+        pivot_store=setup["stores"]["pivot"],
+        aligned={"org/a": setup["stores"]["src"], "org/b": third},
+        out=setup["root"] / "all-target",
+        checkpoints=setup["root"] / "ck-all",
+        progress=False,
+        echo=lambda _: None,
+    )
+    stamp = json.loads((out / TARGET_STAMP).read_text())
+    assert stamp["sources"] == ["org/a", "org/b"] and stamp["fusion"]["function"] == "avgce"
+    card = (out / "README.md").read_text()
+    assert "source: `org/a`" in card and "source: `org/b`" in card and "CE-weighted average" in card
+    log = json.loads((setup["root"] / "ck-all" / "checkpoint-1" / "trainer_state.json").read_text())[
+        "log_history"
+    ]
+    assert all(np.isfinite(h["loss"]) for h in log if "loss" in h)
