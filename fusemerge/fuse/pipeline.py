@@ -153,6 +153,8 @@ def train(
     recipe: FuseRecipe, data: Any, *, progress: bool = True, echo: Callable[[str], None] = print
 ) -> dict[str, Path]:
     """Train every target (one per source, or one from all), then write the merge recipe over them."""
+    from accelerate import PartialState
+
     from fusemerge.fuse.inputs import open_fusion_inputs
     from fusemerge.fuse.train import train_target
 
@@ -171,6 +173,8 @@ def train(
             echo=echo,
         )
     targets = list(out.values())
+    if not PartialState().is_main_process:  # under a launcher: one process reports and writes merge.yml
+        return out
     echo("targets: " + ", ".join(str(t) for t in targets))
     if len(targets) < 2:
         echo(f"one target, nothing to merge: the fused model is {targets[0]}")

@@ -179,6 +179,7 @@ def training_arguments(recipe: FuseRecipe, checkpoints: Path, *, cuda: bool, pro
         seed=t.seed,
         report_to="none",
         remove_unused_columns=False,  # the collator's features are not the model's arguments
+        ddp_find_unused_parameters=False,  # every trained weight is used each step (adapters or all)
         dataloader_num_workers=t.dataloader_workers,
         disable_tqdm=not progress,
         use_cpu=not cuda,

@@ -119,12 +119,15 @@ def test_smollm2_pivot_with_a_source_of_another_tokenizer_learns(tmp_path_factor
 
 
 @pytest.mark.slow
-def test_train_step_under_accelerate_launch_with_two_processes(
-    tmp_path, tiny_models, chat_jsonl, fuse_helpers
-):
-    """`accelerate launch` (two CPU processes, gloo DDP) runs the train step without code changes."""
+def test_train_step_data_parallel_over_two_processes(tmp_path, tiny_models, chat_jsonl, fuse_helpers):
+    """Two processes (torch.distributed, gloo on the CPU) train one target without code changes.
+
+    `accelerate launch --multi_gpu` starts its GPU processes with this same launcher (torch.distributed.run);
+    `accelerate launch --cpu` starts a single process unless MPI is set up, so the CPU check uses the
+    launcher directly. accelerate's PartialState picks the process group up from the environment.
+    """
     import os
-    import shutil
+    import socket
     import subprocess
     import sys
 
@@ -148,30 +151,13 @@ def test_train_step_under_accelerate_launch_with_two_processes(
         output=str(tmp_path / "fused"),
     )
     run_fuse(recipe, steps=["teach", "align"], progress=False, echo=lambda _: None)
-    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    assert launcher, "accelerate's launcher is installed with the package"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    with socket.socket() as probe:  # a free port for the process group's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     done = subprocess.run(
-        [
-            launcher,
-            "launch",
-            "--cpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "fusemerge.cli",
-            "fuse",
-            str(recipe),
-            "--steps",
-            "train",
-            "-q",
-        ],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+        + ["-m", "fusemerge.cli", "fuse", str(recipe), "--steps", "train", "-q"],
         env=env,
         capture_output=True,
         text=True,
@@ -187,6 +173,8 @@ def test_train_step_under_accelerate_launch_with_two_processes(
     )
     assert state["global_step"] == 2
     assert "one target, nothing to merge" in done.stdout
+    assert done.stdout.count(f"train {target.name}: lora on cpu") == 2, done.stdout  # one line per process
+    assert done.stdout.count("one target, nothing to merge") == 1, done.stdout  # the main process reports
 
 
 def test_target_plan_and_merge_recipe(tmp_path, fuse_helpers):
