@@ -57,6 +57,23 @@ parameters:
   t: [0, 0.5, 1]
 dtype: bfloat16
 """,
+    "dare_ties": """merge_method: dare_ties
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters: {{weight: 0.5, density: 0.5}}
+  - model: {ft2}
+    parameters: {{weight: 0.5, density: 0.5}}
+dtype: bfloat16
+""",
+    "sce": """merge_method: sce
+base_model: {base}
+models:
+  - model: {ft1}
+  - model: {ft2}
+parameters: {{select_topk: 0.5}}
+dtype: bfloat16
+""",
     "variation_ratio": """merge_method: variation_ratio
 base_model: {base}
 models:

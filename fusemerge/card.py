@@ -1,12 +1,24 @@
-"""Model cards (README.md with Hub front matter) for merged and fused models."""
+"""Model cards (README.md with Hub front matter) for merged and fused models (DESIGN.md 5).
+
+A merge names all its inputs in `base_model` with `base_model_relation: merge`; a fused target is a
+fine-tune of its pivot (`base_model: pivot`), and its sources, which are teachers and not weights it
+contains, are named in the text. An evaluation table sits between markers so that `fusemerge eval
+--save-to` and `fusemerge push` can refresh it without touching the rest of a card.
+"""
 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import yaml
 
+if TYPE_CHECKING:
+    from fusemerge.evaluate import EvalReport
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+EVAL_BEGIN = "<!-- fusemerge-eval -->"
+EVAL_END = "<!-- /fusemerge-eval -->"
 
 
 def hub_ids(refs: list[str]) -> list[str]:
@@ -23,6 +35,7 @@ def merge_card(
     models: list[str],
     recipe_text: str,
     extra_tags: list[str] | None = None,
+    evaluation: EvalReport | None = None,
 ) -> str:
     refs = ([base_model] if base_model else []) + [m for m in models if m != base_model]
     front: dict[str, object] = {}
@@ -48,7 +61,7 @@ def merge_card(
     if base_model:
         lines.append(f"- base: `{base_model}`")
     lines += [f"- `{m}`" for m in models if m != base_model]
-    lines += ["", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
+    lines += ["", *_eval_lines(evaluation), "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
     return "\n".join(lines)
 
 
@@ -56,37 +69,34 @@ def fused_card(
     *,
     pivot: str,
     sources: list[str],
-    function_pretty: str,
-    function_url: str,
-    training_mode: str,
     recipe_text: str,
+    extra_tags: list[str] | None = None,
+    evaluation: EvalReport | None = None,
 ) -> str:
-    """The card of a fused target: `base_model` is the pivot (the model that was trained); the sources,
-    whose knowledge was distilled into it, are named in the text (DESIGN.md 5)."""
+    """The card of one fused target: a fine-tune of the pivot, distilled from the sources' distributions."""
     front: dict[str, object] = {}
-    ids = hub_ids([pivot])
-    if ids:
-        front["base_model"] = ids[0]
+    if hub_ids([pivot]):
+        front["base_model"] = pivot
         front["base_model_relation"] = "finetune"
     front["library_name"] = "transformers"
-    front["tags"] = ["fusemerge", "fusechat", "knowledge-fusion"]
+    front["tags"] = ["fusechat", "knowledge-fusion", "fusemerge", *(extra_tags or [])]
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).rstrip(),
         "---",
         "",
-        "# Fused chat model",
+        "# Fused model",
         "",
-        f"A target model of [FuseChat](https://arxiv.org/abs/2402.16107) knowledge fusion, made with "
-        f"[fusemerge](https://github.com/fusemerge/fusemerge): the pivot `{pivot}` trained "
-        f"({training_mode}) on the fused top-K distributions of its teachers, chosen per "
-        f"[{function_pretty}]({function_url}).",
+        f"This model is `{pivot}` fine-tuned with [fusemerge](https://github.com/fusemerge/fusemerge) by "
+        "knowledge fusion ([FuseChat](https://arxiv.org/abs/2408.07990)): it was trained on chat data "
+        "towards the token distributions of the source models below, aligned to its own tokenizer.",
         "",
         "## Models",
         "",
         f"- pivot (base): `{pivot}`",
-        *[f"- source: `{s}`" for s in sources],
+        *(f"- source: `{s}`" for s in sources),
         "",
+        *_eval_lines(evaluation),
         "## Recipe",
         "",
         "```yaml",
@@ -95,3 +105,45 @@ def fused_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def eval_section(report: EvalReport) -> str:
+    """The evaluation table in Markdown, between markers: bits per byte and nats per token per domain."""
+    models = report.models
+    rows = [*report.domains, "all"] if len(report.domains) > 1 else list(report.domains)
+    head = "| domain | " + " | ".join(f"`{report.name(m)}`" for m in models) + " |"
+    lines = [
+        EVAL_BEGIN,
+        "## Evaluation",
+        "",
+        "Held-out loss on the assistant turns of chat data (`fusemerge eval`): bits per byte (lower is "
+        "better; comparable across tokenizers), with nats per token in parentheses.",
+        "",
+        head,
+        "|---|" + "---|" * len(models),
+    ]
+    for d in rows:
+        cells = []
+        for m in models:
+            s = report.score(m, d)
+            cells.append(f"{s.bits_per_byte:.4f} ({s.nats_per_token:.3f})")
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    lines += ["", EVAL_END, ""]
+    return "\n".join(lines)
+
+
+def with_eval_section(card: str, report: EvalReport) -> str:
+    """`card` with its evaluation section replaced, or inserted before the recipe (or at the end)."""
+    section = eval_section(report)
+    if EVAL_BEGIN in card and EVAL_END in card:
+        head, rest = card.split(EVAL_BEGIN, 1)
+        tail = rest.split(EVAL_END, 1)[1].lstrip("\n")
+        return head + section + tail
+    if "\n## Recipe\n" in card:
+        head, tail = card.split("\n## Recipe\n", 1)
+        return head.rstrip("\n") + "\n\n" + section + "## Recipe\n" + tail
+    return card.rstrip("\n") + "\n\n" + section
+
+
+def _eval_lines(report: EvalReport | None) -> list[str]:
+    return eval_section(report).split("\n") if report is not None else []

@@ -2,6 +2,8 @@
 
     fusemerge merge recipe.yml merged/ --dry-run
     fusemerge merge recipe.yml merged/
+    fusemerge eval pivot/ merged/ --data heldout.jsonl
+    fusemerge push merged/ me/my-merge --private
     fusemerge demo
 
 Heavy imports happen inside each command so that `fusemerge --help` answers at once. A `FusemergeError`
@@ -50,7 +52,24 @@ def main(verbose: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace whatever OUT holds.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pickle (*.bin) checkpoints. They can run code.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs holding NaN/Inf instead of stopping.")
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "streaming", "mergekit"]),
+    default="auto",
+    show_default=True,
+    help="streaming, or mergekit as the fallback (slices, modules, tokenizer surgery, MoE); auto picks.",
+)
+@click.option(
+    "--random-seed",
+    type=int,
+    default=None,
+    help="Seed of the random methods (DARE, DELLA); the same seed gives the same model. Default 0.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option(
+    "--push-to-hub", "push_to_hub", metavar="REPO_ID", help="Upload OUT to this Hub repo when done."
+)
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @exit_2_on_user_error
 def merge(
     recipe: Path,
@@ -61,7 +80,11 @@ def merge(
     overwrite: bool,
     allow_pickle: bool,
     allow_nonfinite: bool,
+    engine: str,
+    random_seed: int | None,
     quiet: bool,
+    push_to_hub: str | None,
+    private: bool,
 ) -> None:
     """Merge the models of a mergekit-style RECIPE into the folder OUT.
 
@@ -90,6 +113,115 @@ def merge(
         allow_nonfinite=allow_nonfinite,
         progress=not quiet,
         echo=click.echo,
+        engine=engine,
+        random_seed=random_seed,
+    )
+    if push_to_hub and not dry_run:
+        from fusemerge.hub import push_folder
+
+        push_folder(out, push_to_hub, private=private, echo=click.echo)
+
+
+@main.command("eval")
+@click.argument("models", nargs=-1, required=True)
+@click.option(
+    "--data",
+    "data_files",
+    multiple=True,
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSONL chat records (OpenAI or ShareGPT); repeat for one file per domain.",
+)
+@click.option("--domain-field", default="domain", show_default=True, help="Record key naming its domain.")
+@click.option(
+    "--chat-template",
+    default=None,
+    help="Render every conversation with this template (chatml, openchat or a .jinja file) instead of "
+    "the first model's.",
+)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--max-length",
+    default=2048,
+    show_default=True,
+    type=click.IntRange(min=8),
+    help="Longest sequence in the first model's tokens; longer conversations are split between rounds.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON on stdout.")
+@click.option(
+    "--save-to",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also write fusemerge_eval.json into this model folder (its card gets the table).",
+)
+@click.option("--allow-pickle", is_flag=True, help="Accept pickle (*.bin) checkpoints. They can run code.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@exit_2_on_user_error
+def eval_(
+    models: tuple[str, ...],
+    data_files: tuple[Path, ...],
+    domain_field: str,
+    chat_template: str | None,
+    batch_size: int,
+    device: str,
+    max_length: int,
+    as_json: bool,
+    save_to: Path | None,
+    allow_pickle: bool,
+    quiet: bool,
+) -> None:
+    """Held-out loss of MODELS on the assistant turns of chat data, per domain, side by side.
+
+    \b
+    Example:
+      fusemerge eval pivot/ fused/ merged/ --data heldout.jsonl
+      fusemerge eval pivot/ merged/ --data code.jsonl --data chat.jsonl --json
+
+    Bits per byte compares models of different tokenizers fairly: every model reads the same text
+    (rendered with the first model's chat template) and its loss is divided by the bytes it covers.
+    """
+    from fusemerge.evaluate import evaluate_models
+    from fusemerge.hub import refresh_card_eval
+
+    report = evaluate_models(
+        list(models),
+        list(data_files),
+        domain_field=domain_field,
+        chat_template=chat_template,
+        batch_size=batch_size,
+        device=device,
+        max_length=max_length,
+        allow_pickle=allow_pickle,
+        progress=not quiet,
+    )
+    click.echo(report.to_json() if as_json else report.table(), nl=not as_json)
+    if save_to is not None:
+        path = report.save(save_to)
+        refresh_card_eval(save_to)
+        click.echo(f"saved {path}", err=True)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing one keeps its setting).")
+@click.option("--revision", metavar="BRANCH", help="Push to this branch (created if missing).")
+@click.option("--commit-message", help="Commit message (default: 'Upload <folder> with fusemerge').")
+@exit_2_on_user_error
+def push(folder: Path, repo_id: str, private: bool, revision: str | None, commit_message: str | None) -> None:
+    """Upload a complete model FOLDER to the Hub repo REPO_ID (created if missing).
+
+    \b
+    Example:
+      fusemerge push merged/ me/OpenChat-3.5-7B-VaRM --private
+
+    The token comes from HF_TOKEN or `hf auth login`; it is never printed. fusemerge's state folder
+    (.fusemerge/) and unfinished shards are not uploaded; an unfinished merge is refused.
+    """
+    from fusemerge.hub import push_folder
+
+    push_folder(
+        folder, repo_id, private=private, revision=revision, commit_message=commit_message, echo=click.echo
     )
 
 

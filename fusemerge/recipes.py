@@ -1,8 +1,9 @@
 """The merge recipe: mergekit's YAML, as frozen pydantic models with errors that point at file, line and key.
 
 The raw YAML text is kept so that it can be written verbatim into the output folder and the model card.
-Features that mergekit has and the streaming engine does not (yet) are refused by name rather than ignored:
-a recipe that silently merged differently from mergekit would be worse than no merge.
+Features that mergekit has and the streaming engine does not (`slices`, `modules`, `tokenizer`,
+`tokenizer_source: union`) are accepted here and routed to the mergekit fallback engine (see
+`fusemerge.merge.fallback`); the streaming planner refuses them by name, never ignores them.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class InputModel(BaseModel):
 
 
 class MergeRecipe(BaseModel):
-    """mergekit's `MergeConfiguration`, restricted to what the streaming engine does."""
+    """mergekit's `MergeConfiguration`; the mergekit-only sections are validated by mergekit itself."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -57,7 +58,7 @@ class MergeRecipe(BaseModel):
     out_dtype: str | None = None
     tokenizer_source: str | None = None
     chat_template: str | None = None
-    # Accepted by mergekit, refused here with a message (see `_refuse_unsupported`).
+    # Only the mergekit fallback engine runs these; mergekit's own schema checks them.
     slices: list[Any] | None = None
     modules: dict[str, Any] | None = None
     tokenizer: dict[str, Any] | None = None
@@ -65,7 +66,14 @@ class MergeRecipe(BaseModel):
     def referenced_models(self) -> list[str]:
         """Every model the recipe names, base first, without duplicates, in recipe order."""
         seen: list[str] = []
-        for ref in [self.base_model, *(m.model for m in self.models or [])]:
+        slice_refs = [
+            src.get("model")
+            for sl in self.slices or []
+            if isinstance(sl, dict)
+            for src in sl.get("sources") or []
+            if isinstance(src, dict)
+        ]
+        for ref in [self.base_model, *(m.model for m in self.models or []), *slice_refs]:
             if ref is not None and ref not in seen:
                 seen.append(ref)
         return seen
@@ -94,26 +102,25 @@ def parse_recipe(text: str, path: Path | str = "<recipe>") -> MergeRecipe:
 
 
 def _check_structure(recipe: MergeRecipe, path: Path | str, node: yaml.Node | None) -> None:
-    for key, what in (
-        ("slices", "slices (frankenmerges)"),
-        ("modules", "modules"),
-        ("tokenizer", "the 'tokenizer' section (vocabulary union/permutation)"),
-    ):
-        if getattr(recipe, key) is not None:
-            raise FusemergeError(
-                f"{what} is not supported by the streaming engine yet; run this recipe with mergekit-yaml",
-                file=path,
-                line=line_of(node, (key,)),
-                key=key,
-            )
-    if recipe.tokenizer_source == "union":
+    given = [key for key in ("models", "slices", "modules") if getattr(recipe, key)]
+    if not given:
         raise FusemergeError(
-            "tokenizer_source: union is not supported by the streaming engine yet; use 'base' or a model",
+            "the recipe lists no models (give models, slices or modules)",
             file=path,
-            line=line_of(node, ("tokenizer_source",)),
-            key="tokenizer_source",
+            line=line_of(node, ("models",)),
+            key="models",
         )
-    if not recipe.models:
+    if len(given) > 1:
         raise FusemergeError(
-            "the recipe lists no models", file=path, line=line_of(node, ("models",)), key="models"
+            f"give exactly one of models, slices or modules (got {' and '.join(given)})",
+            file=path,
+            line=line_of(node, (given[1],)),
+            key=given[1],
+        )
+    if recipe.tokenizer is not None and recipe.tokenizer_source is not None:
+        raise FusemergeError(
+            "give either tokenizer_source or a tokenizer section, not both",
+            file=path,
+            line=line_of(node, ("tokenizer",)),
+            key="tokenizer",
         )

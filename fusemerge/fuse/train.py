@@ -302,8 +302,6 @@ def save_target(recipe: FuseRecipe, staging: Path, out: Path, *, sources: list[s
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from fusemerge.fuse.fusion import FUSION_FUNCTIONS
-
     pivot = recipe.pivot
     dtype = getattr(
         AutoConfig.from_pretrained(pivot.model, trust_remote_code=pivot.trust_remote_code), "dtype", None
@@ -325,15 +323,12 @@ def save_target(recipe: FuseRecipe, staging: Path, out: Path, *, sources: list[s
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(pivot.model, **remote).save_pretrained(tmp)
-    entry = FUSION_FUNCTIONS.get(recipe.fusion.function)
     (tmp / "README.md").write_text(
         fused_card(
             pivot=pivot.model,
             sources=sources,
-            function_pretty=entry.pretty_name,
-            function_url=entry.reference_url or "",
-            training_mode=recipe.training.mode,
             recipe_text=recipe.raw_yaml,
+            extra_tags=[recipe.fusion.function, f"{recipe.training.mode}-training"],
         ),
         encoding="utf-8",
     )

@@ -28,6 +28,7 @@ from fusemerge.checkpoint.reader import INDEX_NAME
 from fusemerge.checkpoint.writer import ShardedWriter, atomic_write_text
 from fusemerge.errors import FusemergeError
 from fusemerge.merge.chat_templates import resolve_chat_template
+from fusemerge.merge.fallback import choose_engine, is_moe_recipe, mergekit_reason, run_with_mergekit
 from fusemerge.merge.plan import MergePlan, build_plan, describe
 from fusemerge.recipes import load_recipe
 
@@ -70,6 +71,8 @@ def run_merge(
     allow_nonfinite: bool = False,
     progress: bool = True,
     echo: Callable[[str], Any] = print,
+    engine: str = "auto",
+    random_seed: int | None = None,
 ) -> Path:
     """Merge the models of `recipe` into the folder `out`; returns `out`.
 
@@ -84,10 +87,38 @@ def run_merge(
         allow_nonfinite: merge inputs that hold NaN or Inf instead of stopping at the first one.
         progress: show progress bars.
         echo: where one-line status messages go.
+        engine: "streaming", "mergekit" (the fallback engine) or "auto": streaming unless the recipe
+            uses what only mergekit does (slices, modules, tokenizer surgery, MoE).
+        random_seed: seed of the random methods (DARE, DELLA); the same seed gives the same model.
     """
     out = Path(out)
-    loaded = load_recipe(recipe)
-    plan = build_plan(loaded, out_shard_size=out_shard_size, allow_pickle=allow_pickle)
+    moe = is_moe_recipe(_peek_yaml(Path(recipe)))
+    loaded = None if moe else load_recipe(recipe)
+    reason = ("experts", "mergekit-moe's experts format") if moe else mergekit_reason(loaded.recipe)
+    chosen, why = choose_engine(engine, reason)
+    if chosen == "mergekit":
+        echo(f"engine: mergekit ({why})")
+        text = loaded.text if loaded is not None else Path(recipe).read_text(encoding="utf-8")
+        return run_with_mergekit(
+            Path(recipe),
+            text,
+            out,
+            dry_run=dry_run,
+            device=device,
+            out_shard_size=out_shard_size,
+            overwrite=overwrite,
+            random_seed=random_seed,
+            progress=progress,
+            echo=echo,
+        )
+    if loaded is None:
+        raise FusemergeError(
+            "a MoE recipe (experts) needs --engine mergekit or auto", file=recipe, key="experts"
+        )
+    plan = build_plan(
+        loaded, out_shard_size=out_shard_size, allow_pickle=allow_pickle, random_seed=random_seed
+    )
+    echo(f"engine: streaming ({why})")
     device = _check_device(device)
     _tokenizer_folder(plan)  # validate tokenizer_source and chat_template before any work
     if plan.loaded.recipe.chat_template:
@@ -128,6 +159,16 @@ def run_merge(
         _write_manifest(out, fingerprint, "complete")
     echo(f"merged {len(plan.tasks)} tensors into {out} ({len(plan.shards)} shard(s))")
     return out
+
+
+def _peek_yaml(path: Path) -> Any:
+    """The recipe's YAML data, or None when unreadable (load_recipe then reports the problem)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
 
 
 def _engine():

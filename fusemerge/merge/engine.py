@@ -19,6 +19,7 @@ from fusemerge.checkpoint.dtypes import torch_dtype
 from fusemerge.checkpoint.reader import TensorInfo
 from fusemerge.checkpoint.writer import ShardedWriter
 from fusemerge.errors import FusemergeError
+from fusemerge.merge.methods.masks import derive_seed
 from fusemerge.merge.plan import DEFAULT_PREFETCH_BYTES, PREFETCH_TENSORS, MergePlan, TensorTask
 
 if TYPE_CHECKING:
@@ -150,6 +151,8 @@ def merge_tensor(plan: MergePlan, loaded: _Loaded, device: str, group_stats: Any
     kwargs: dict[str, Any] = {**task.shared, **task.per_model}
     if group_stats is not None:
         kwargs["group_stats"] = group_stats
+    if plan.method.random:
+        kwargs["seed"] = derive_seed(plan.random_seed, task.name)
     try:
         result = plan.method.fn(inputs, base, **kwargs)
     except FusemergeError as exc:

@@ -17,11 +17,10 @@ def is_hub_id(ref: str) -> bool:
 
 
 def resolve_model_path(ref: str, *, recipe_dir: Path | None = None) -> Path:
-    """A local folder (as given, then relative to the recipe's folder), else the local Hub cache."""
-    if "+" in ref:
-        raise FusemergeError(
-            f"'{ref}': model+lora references are not supported by the streaming engine yet", key="models"
-        )
+    """A local folder (as given, then relative to the recipe's folder), else the local Hub cache.
+
+    One reference; `model+lora` pairs are split by `open_models`.
+    """
     candidates = [Path(os.path.expanduser(ref))]
     if recipe_dir is not None and not Path(ref).is_absolute():
         candidates.append(recipe_dir / ref)
@@ -32,12 +31,22 @@ def resolve_model_path(ref: str, *, recipe_dir: Path | None = None) -> Path:
         cached = _from_hub_cache(ref)
         if cached is not None:
             return cached
+        offline = " (HF_HUB_OFFLINE is set: nothing is downloaded)" if _offline() else ""
         raise FusemergeError(
-            f"model '{ref}' is neither a local folder nor in the Hugging Face cache; download it first "
-            f"(hf download {ref}) or give a local path",
+            f"model '{ref}' is neither a local folder nor in the Hugging Face cache{offline}; download it "
+            f"first (hf download {ref}) or give a local path",
             key="models",
         )
     raise FusemergeError("model folder not found", file=ref, key="models")
+
+
+def _offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:
+        return False
 
 
 def _from_hub_cache(repo_id: str) -> Path | None:
@@ -50,10 +59,20 @@ def _from_hub_cache(repo_id: str) -> Path | None:
 
 
 def open_models(refs: list[str], *, recipe_dir: Path | None, allow_pickle: bool) -> dict[str, ModelFolder]:
+    """Open every reference (`model+lora` folds the adapter in on read); headers only, no tensor data."""
+    from fusemerge.merge.lora import LoraModel
+
     folders: dict[str, ModelFolder] = {}
     for ref in refs:
-        path = resolve_model_path(ref, recipe_dir=recipe_dir)
+        parts = ref.split("+")
+        if len(parts) > 2 or not all(p.strip() for p in parts):
+            raise FusemergeError(f"cannot parse model reference '{ref}' (MODEL or MODEL+LORA)", key="models")
+        path = resolve_model_path(parts[0], recipe_dir=recipe_dir)
         try:
+            if len(parts) == 2:
+                adapter = resolve_model_path(parts[1], recipe_dir=recipe_dir)
+                folders[ref] = LoraModel(path, adapter, allow_pickle=allow_pickle)
+                continue
             folders[ref] = ModelFolder(path, allow_pickle=allow_pickle)
         except FusemergeError as exc:
             if exc.file is None:

@@ -25,6 +25,23 @@ from fusemerge.recipes import LoadedRecipe
 # Read-ahead bound: a few tensors hide read latency; more would only raise the memory peak.
 DEFAULT_PREFETCH_BYTES = 256 * 1024 * 1024
 PREFETCH_TENSORS = 3
+DEFAULT_RANDOM_SEED = 0
+# Whole-tensor temporaries beyond the chunked ones, in bytes per element (per model where noted): the
+# k-th value selections hold |delta| and a copy; DELLA holds one byte of mask per model; the spherical
+# means and Arcee Fusion hold a few float32 copies of the tensor.
+_EXTRA_BYTES_PER_ELEMENT = {
+    "ties": 8,
+    "breadcrumbs": 8,
+    "breadcrumbs_ties": 8,
+    "sce": 8,
+    "della": 12,
+    "della_linear": 12,
+    "multislerp": 4,
+    "karcher": 16,
+    "arcee_fusion": 24,
+    "nuslerp": 4,
+    "model_stock": 4,
+}
 
 
 @dataclass
@@ -69,6 +86,7 @@ class MergePlan:
     input_refs: list[str]
     tasks: list[TensorTask]
     shards: list[Shard]
+    random_seed: int = DEFAULT_RANDOM_SEED
 
     @property
     def bytes_read(self) -> int:
@@ -88,7 +106,7 @@ class MergePlan:
         for t in self.tasks:
             n_inputs = len(t.inputs) + (1 if t.base else 0)
             temps = 4 * min(t.numel, CHUNK_ELEMENTS) * (n_inputs + 4)
-            selection = 8 * t.numel if self.method.name == "ties" else 0  # |delta| + selection copy
+            selection = _EXTRA_BYTES_PER_ELEMENT.get(self.method.name, 0) * t.numel
             worst = max(worst, t.read_bytes + 4 * t.numel + t.write_bytes + temps + selection)
         biggest_read = max((t.read_bytes for t in self.tasks), default=0)
         return (
@@ -98,24 +116,40 @@ class MergePlan:
         )
 
     def folder_of(self, info: TensorInfo) -> ModelFolder:
-        """The model folder that holds `info` (by file), for reading it."""
-        if not hasattr(self, "_by_file"):
-            self._by_file = {t.file: f for f in self.folders.values() for t in f.tensors.values()}
-        return self._by_file[info.file]
+        """The model folder whose catalog entry `info` is. By identity, not by file: `base+lora` reads the
+        base's files through another folder object that folds the adapter in."""
+        if not hasattr(self, "_by_entry"):
+            self._by_entry = {id(t): f for f in self.folders.values() for t in f.tensors.values()}
+        return self._by_entry[id(info)]
 
     def fingerprint(self) -> str:
         """Identifies recipe + inputs + layout: a resume only continues a merge with the same fingerprint."""
         inputs = []
         for ref, folder in sorted(self.folders.items()):
-            files = sorted({info.file for info in folder.tensors.values()})
+            files = sorted({info.file for info in folder.tensors.values()} | set(folder_extra_files(folder)))
             inputs.append([ref, [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]])
         layout = [[s.filename, [[t.name, t.dtype, list(t.shape)] for t in s.tensors]] for s in self.shards]
-        blob = json.dumps({"recipe": self.loaded.text, "inputs": inputs, "layout": layout}, sort_keys=True)
+        seed = self.random_seed if self.method.random else None
+        blob = json.dumps(
+            {"recipe": self.loaded.text, "inputs": inputs, "layout": layout, "seed": seed}, sort_keys=True
+        )
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def build_plan(loaded: LoadedRecipe, *, out_shard_size: int, allow_pickle: bool = False) -> MergePlan:
+def folder_extra_files(folder: ModelFolder) -> list[Path]:
+    """Files besides the tensor shards that change a folder's tensors (a LoRA adapter's weights)."""
+    return list(getattr(folder, "extra_files", ()))
+
+
+def build_plan(
+    loaded: LoadedRecipe,
+    *,
+    out_shard_size: int,
+    allow_pickle: bool = False,
+    random_seed: int | None = None,
+) -> MergePlan:
     recipe = loaded.recipe
+    check_streaming_features(loaded)
     try:
         method = get_method(recipe.merge_method)
     except FusemergeError as exc:
@@ -131,6 +165,7 @@ def build_plan(loaded: LoadedRecipe, *, out_shard_size: int, allow_pickle: bool 
     for folder in folders.values():
         _ = folder.config  # every config.json must parse, not only the reference's
     reference = folders[base_ref] if base_ref else folders[input_refs[0]]
+    _check_architectures(folders, reference, loaded)
     layers = num_layers(reference)
     model_params = {m.model: m.parameters for m in recipe.models or []}
 
@@ -166,6 +201,11 @@ def build_plan(loaded: LoadedRecipe, *, out_shard_size: int, allow_pickle: bool 
             shared=shared,
             per_model=per_model,
         )
+        if method.check is not None:
+            try:
+                method.check(shared, per_model)
+            except FusemergeError as exc:
+                raise FusemergeError(exc.message, file=loaded.path, key=exc.key, tensor=info.name) from None
         if method.group_key is not None:
             task.group = method.group_key(info.name, shared)
         tasks.append(task)
@@ -173,7 +213,24 @@ def build_plan(loaded: LoadedRecipe, *, out_shard_size: int, allow_pickle: bool 
         raise FusemergeError("the models hold no tensors", file=reference.path)
     planned = [PlannedTensor(t.name, t.out_dtype, t.shape) for t in tasks]
     shards = plan_shards(planned, out_shard_size)
-    return MergePlan(loaded, method, folders, base_ref, input_refs, tasks, shards)
+    seed = DEFAULT_RANDOM_SEED if random_seed is None else random_seed
+    return MergePlan(loaded, method, folders, base_ref, input_refs, tasks, shards, random_seed=seed)
+
+
+def check_streaming_features(loaded: LoadedRecipe) -> None:
+    """Refuse, by name, what only the mergekit fallback engine does (see `fusemerge.merge.fallback`)."""
+    from fusemerge.merge.fallback import mergekit_reason
+
+    reason = mergekit_reason(loaded.recipe)
+    if reason is not None:
+        key, what = reason
+        raise FusemergeError(
+            f"{what} is not supported by the streaming engine; use --engine mergekit (or auto)",
+            file=loaded.path,
+            key=key,
+        )
+    if not loaded.recipe.models:
+        raise FusemergeError("the recipe lists no models", file=loaded.path, key="models")
 
 
 def _arrange_inputs(loaded: LoadedRecipe, method: MergeMethod) -> tuple[str | None, list[str]]:
@@ -233,6 +290,27 @@ def _check_parameter_names(loaded: LoadedRecipe, method: MergeMethod) -> None:
                     )
 
 
+def _check_architectures(
+    folders: dict[str, ModelFolder], reference: ModelFolder, loaded: LoadedRecipe
+) -> None:
+    """Models whose config.json names different architectures are refused before any tensor is read."""
+
+    def arch(folder: ModelFolder) -> str | None:
+        config = folder.config or {}
+        names = config.get("architectures")
+        return ",".join(names) if names else config.get("model_type")
+
+    expected = arch(reference)
+    for ref, folder in folders.items():
+        found = arch(folder)
+        if expected and found and found != expected:
+            raise FusemergeError(
+                f"model '{ref}' is a {found} but {reference.path} is a {expected}; they cannot be merged",
+                file=loaded.path,
+                key="models",
+            )
+
+
 def _check_same_tensor(
     info: TensorInfo, reference: ModelFolder, folders: dict[str, ModelFolder], refs: list[str]
 ) -> None:
@@ -262,6 +340,7 @@ def describe(plan: MergePlan, out: Path | None = None) -> str:
         f"method:         {plan.method.name} ({plan.method.pretty_name})",
         f"base model:     {plan.base_ref or '-'}",
         f"models:         {', '.join(plan.input_refs)}",
+        *([f"random seed:    {plan.random_seed}"] if plan.method.random else []),
         f"tensors:        {len(plan.tasks)}",
         f"bytes to read:  {plan.bytes_read / gib:.3f} GiB",
         f"bytes to write: {plan.bytes_written / gib:.3f} GiB in {len(plan.shards)} shard(s)",

@@ -231,7 +231,7 @@ def test_one_target_from_every_source_with_avgce_and_kl(setup, fuse_helpers):
     stamp = json.loads((out / TARGET_STAMP).read_text())
     assert stamp["sources"] == ["org/a", "org/b"] and stamp["fusion"]["function"] == "avgce"
     card = (out / "README.md").read_text()
-    assert "source: `org/a`" in card and "source: `org/b`" in card and "CE-weighted average" in card
+    assert "source: `org/a`" in card and "source: `org/b`" in card and "- avgce" in card
     log = json.loads((setup["root"] / "ck-all" / "checkpoint-1" / "trainer_state.json").read_text())[
         "log_history"
     ]

@@ -15,8 +15,28 @@ def run_mergekit(recipe_text: str, out: Path, *, seed: int | None = None) -> Pat
     from mergekit.options import MergeOptions
 
     config = MergeConfiguration.model_validate(yaml.safe_load(recipe_text))
-    run_merge(config, str(out), options=MergeOptions(quiet=True, random_seed=seed, write_model_card=False))
+    options = MergeOptions(
+        quiet=True,
+        random_seed=seed,
+        write_model_card=False,
+        lora_merge_cache=str(out.parent / "mergekit-lora"),
+    )
+    run_merge(config, str(out), options=options)
     return out
+
+
+def merge_both(
+    recipe_template: str, family: dict, dtype: str, tmp_path: Path, write_recipe, *, seed: int = 0
+):
+    """Run fusemerge and mergekit on the same recipe (model paths and dtype filled in); load both outputs."""
+    from fusemerge.merge.api import run_merge
+
+    text = recipe_template.format(dtype=dtype, **{k: str(v) for k, v in family.items()})
+    recipe = write_recipe(text)
+    ours = load_folder(run_merge(recipe, tmp_path / "ours", progress=False, echo=lambda _: None))
+    theirs = load_folder(run_mergekit(text, tmp_path / "mergekit", seed=seed))
+    assert set(ours) == set(theirs)
+    return ours, theirs
 
 
 def load_folder(folder: Path) -> dict[str, torch.Tensor]:

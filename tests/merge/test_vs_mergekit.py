@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusemerge.merge.api import run_merge
-from tests.merge.oracle import bf16_steps, load_folder, run_mergekit
+from tests.merge.oracle import bf16_steps, load_folder, merge_both
 
 RECIPES = {
     "linear": """
@@ -90,12 +89,7 @@ dtype: {dtype}
 
 
 def _merge_both(family, method, dtype, tmp_path, write_recipe):
-    text = RECIPES[method].format(dtype=dtype, **{k: str(v) for k, v in family.items()})
-    recipe = write_recipe(text)
-    ours = load_folder(run_merge(recipe, tmp_path / "ours", progress=False, echo=lambda _: None))
-    theirs = load_folder(run_mergekit(text, tmp_path / "mergekit"))
-    assert set(ours) == set(theirs)
-    return ours, theirs
+    return merge_both(RECIPES[method], family, dtype, tmp_path, write_recipe)
 
 
 @pytest.mark.parametrize("method", sorted(RECIPES))

@@ -31,3 +31,37 @@ def flat(t: torch.Tensor) -> torch.Tensor:
 def spans(numel: int, chunk: int = CHUNK_ELEMENTS) -> Iterator[slice]:
     for start in range(0, numel, chunk):
         yield slice(start, min(numel, start + chunk))
+
+
+def blocks(rows: int, cols: int, chunk: int = CHUNK_ELEMENTS) -> list[tuple[slice, slice]]:
+    """(row range, column range) blocks of a rows x cols view, about `chunk` elements each.
+
+    Several rows go whole into a block; a single row (a flattened tensor) is cut along its columns. Row-wise
+    reductions then sum a row's per-block partial results.
+    """
+    if rows <= 1:
+        return [(slice(0, 1), slice(s, min(cols, s + chunk))) for s in range(0, max(cols, 1), chunk)]
+    step = max(1, chunk // max(cols, 1))
+    return [(slice(r, min(rows, r + step)), slice(0, cols)) for r in range(0, rows, step)]
+
+
+def rows_view(t: torch.Tensor, mode: str) -> torch.Tensor:
+    """The tensor as a 2-D matrix of the vectors a spherical method works on.
+
+    mode "flat": one row holding every element; "last": rows along the last dimension (a 1-D tensor is one
+    row); "first": vectors along dim 0 (the tensor's dim 0 and last dim swapped, then rows along the last).
+    """
+    if mode == "flat" or t.dim() <= 1:
+        return t.reshape(1, -1)
+    if mode == "last":
+        return t.reshape(-1, t.shape[-1])
+    moved = t.transpose(0, -1)
+    return moved.reshape(-1, moved.shape[-1])
+
+
+def from_rows(rows: torch.Tensor, like: torch.Tensor, mode: str) -> torch.Tensor:
+    """Inverse of `rows_view`."""
+    if mode == "flat" or like.dim() <= 1 or mode == "last":
+        return rows.reshape(like.shape)
+    moved_shape = like.transpose(0, -1).shape
+    return rows.reshape(moved_shape).transpose(0, -1).contiguous()

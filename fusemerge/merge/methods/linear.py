@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -12,6 +13,12 @@ from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param
 
 
+def check_linear(shared: dict[str, Any], per_model: dict[str, list[Any]]) -> None:
+    """Zero-sum weights cannot be normalised: say so at plan time, not mid-merge."""
+    if shared["normalize"] and sum(per_model["weight"]) == 0:
+        raise FusemergeError("linear: the weights sum to zero, cannot normalize", key="parameters.weight")
+
+
 @merge_method(
     "linear",
     pretty_name="Linear",
@@ -19,6 +26,7 @@ from fusemerge.merge.parameters import Param
     base="ignored",
     shared={"normalize": Param(bool, True, "divide by the sum of weights")},
     per_model={"weight": Param(float, doc="the model's coefficient")},
+    check=check_linear,
 )
 def linear(
     tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, weight: list[float], normalize: bool

@@ -22,6 +22,8 @@ BasePolicy = Literal["required", "optional", "ignored"]
 # Group statistics: (tensors, base, params) -> per-model statistic tensor, summed over a group's tensors.
 StatsFn = Callable[..., "torch.Tensor"]
 GroupKeyFn = Callable[[str, dict[str, Any]], str]
+# Plan-time check of one tensor's resolved parameters: (shared, per_model) -> None, raises FusemergeError.
+CheckFn = Callable[[dict[str, Any], dict[str, list[Any]]], None]
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,11 @@ class MergeMethod:
     # granularity) declare how to compute one tensor's statistics and how tensors group.
     stats: StatsFn | None = None
     group_key: GroupKeyFn | None = None
+    # Random methods (DARE, DELLA) get a keyword `seed`: an int derived from the run's seed and the tensor
+    # name, so results depend neither on the order tensors are read nor on which shards a resume redoes.
+    random: bool = False
+    # Parameter combinations that mergekit would only reject mid-merge are rejected at plan time.
+    check: CheckFn | None = None
 
     @property
     def doc(self) -> str:
@@ -63,6 +70,8 @@ def merge_method(
     aliases: Sequence[str] = (),
     stats: StatsFn | None = None,
     group_key: GroupKeyFn | None = None,
+    random: bool = False,
+    check: CheckFn | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         method = MergeMethod(
@@ -78,6 +87,8 @@ def merge_method(
             aliases=tuple(aliases),
             stats=stats,
             group_key=group_key,
+            random=random,
+            check=check,
         )
         for key in (name, *aliases):
             if key in _METHODS or key in _ALIASES:

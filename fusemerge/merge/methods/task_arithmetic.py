@@ -13,13 +13,13 @@ bf16 step for this reason (float32 recipes match).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fusemerge.merge.methods import kernels
 from fusemerge.merge.methods.chunks import CHUNK_ELEMENTS, compute_dtype, flat, spans
+from fusemerge.merge.methods.masks import NONE_KEPT, Keep, Mask, top_k_delta, use_kernels
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param
 
@@ -58,8 +58,8 @@ def task_arithmetic(
 
     `density` is accepted and, as in mergekit, unused: task arithmetic does not sparsify.
     """
-    thresholds: list[Keep | None] = [None] * len(tensors)
-    return _combine(tensors, base, weight, thresholds, rescale, normalize, shared["lambda"], consensus=False)
+    thresholds: list[Mask | None] = [None] * len(tensors)
+    return combine(tensors, base, weight, thresholds, rescale, normalize, shared["lambda"], consensus=False)
 
 
 @merge_method(
@@ -85,96 +85,22 @@ def ties(
     thresholds = [
         _magnitude_keep(t, base, d) if d < 1 else None for t, d in zip(tensors, density, strict=True)
     ]
-    return _combine(tensors, base, weight, thresholds, rescale, normalize, shared["lambda"], consensus=True)
-
-
-@dataclass(frozen=True)
-class Keep:
-    """Which elements a top-k magnitude selection keeps: |delta| > threshold, plus those equal to it up
-    to flat index `last_tied` (so exactly k are kept, ties going to the lowest indices)."""
-
-    threshold: float
-    last_tied: int
-
-    def mask(self, magnitudes: torch.Tensor, span: slice) -> torch.Tensor:
-        if self.last_tied < span.start:
-            return magnitudes > self.threshold
-        if self.last_tied >= span.stop - 1:
-            return magnitudes >= self.threshold
-        keep = magnitudes > self.threshold
-        cut = self.last_tied + 1 - span.start
-        keep[:cut] |= magnitudes[:cut] == self.threshold
-        return keep
+    return combine(tensors, base, weight, thresholds, rescale, normalize, shared["lambda"], consensus=True)
 
 
 def _magnitude_keep(tensor: torch.Tensor, base: torch.Tensor, density: float) -> Keep:
-    """Select the top k = max(1, int(density * n)) magnitudes of the task vector without sorting."""
+    """Select the top k = max(1, int(density * n)) magnitudes of the task vector by a k-th value search."""
     n = tensor.numel()
     if density <= 0 or n == 0:
-        return Keep(float("inf"), -1)
-    k = max(1, int(density * n))
-    dtype = compute_dtype([tensor, base])
-    if _use_kernels(tensor, dtype):
-        return _radix_keep(flat(tensor), flat(base), k)
-    magnitudes = torch.empty(n, dtype=dtype, device=tensor.device)
-    t_flat, b_flat = flat(tensor), flat(base)
-    for span in spans(n):
-        torch.sub(t_flat[span], b_flat[span].to(dtype), out=magnitudes[span]).abs_()
-    threshold = torch.kthvalue(magnitudes, n - k + 1).values
-    above = int((magnitudes > threshold).sum())
-    tied = (magnitudes == threshold).nonzero().flatten()
-    last_tied = int(tied[k - above - 1]) if k > above else -1
-    return Keep(float(threshold), last_tied)
+        return NONE_KEPT
+    return top_k_delta(tensor, base, max(1, int(density * n)))
 
 
-def _use_kernels(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
-    return tensor.device.type == "cpu" and dtype == torch.float32
-
-
-def _float32_chunks(t_flat: torch.Tensor, b_flat: torch.Tensor):
-    for span in spans(t_flat.numel()):
-        yield span, t_flat[span].to(torch.float32).numpy(), b_flat[span].to(torch.float32).numpy()
-
-
-def _radix_keep(t_flat: torch.Tensor, b_flat: torch.Tensor, k: int) -> Keep:
-    """Exact top-k selection by the bits of |delta|: non-negative floats order like their bit patterns,
-    so two 16-bit histogram passes find the k-th largest value, and a third (only when the threshold is
-    tied) finds where the kept ties end."""
-    n = t_flat.numel()
-    hist = np.zeros(kernels.HI_BINS, dtype=np.int64)
-    for _, x, b in _float32_chunks(t_flat, b_flat):
-        kernels._histogram_hi(x, b, hist)
-    top, above = _bin_holding(hist, k)
-    hist[:] = 0
-    for _, x, b in _float32_chunks(t_flat, b_flat):
-        kernels._histogram_lo(x, b, top, hist)
-    low, above_low = _bin_holding(hist, k - above)
-    above += above_low
-    bits = np.uint32((top << 16) | low)
-    threshold = float(bits.view(np.float32))
-    wanted = k - above  # how many elements equal to the threshold are kept, lowest indices first
-    if wanted == hist[low]:
-        return Keep(threshold, n)
-    for span, x, b in _float32_chunks(t_flat, b_flat):
-        found = kernels._count_ties_until(x, b, bits, wanted, span.start)
-        if found >= 0:
-            return Keep(threshold, int(found))
-        wanted -= -found - 1
-    raise AssertionError("tie count changed between passes")
-
-
-def _bin_holding(hist: np.ndarray, k: int) -> tuple[int, int]:
-    """The bin holding the k-th largest element, and how many elements lie in higher bins."""
-    from_top = np.cumsum(hist[::-1])
-    index = int(np.searchsorted(from_top, k))
-    return len(hist) - 1 - index, int(from_top[index - 1]) if index > 0 else 0
-
-
-def _combine(
+def combine(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
     weight: list[float],
-    thresholds: list[Keep | None],
+    thresholds: Sequence[Mask | None],
     rescale: bool,
     normalize: bool,
     lambda_: float,
@@ -187,14 +113,14 @@ def _combine(
     buffer per model (TIES, whose sign vote needs them all), with in-place updates of the output chunk.
     """
     dtype = compute_dtype([*tensors, base])
-    scales = _rescale_factors(tensors, base, thresholds, dtype) if rescale else [1.0] * len(tensors)
+    scales = rescale_factors(tensors, base, thresholds, dtype) if rescale else [1.0] * len(tensors)
     coefficients = [w * s for w, s in zip(weight, scales, strict=True)]
     out = torch.empty(base.shape, dtype=dtype, device=base.device)
     out_flat, b_flat = flat(out), flat(base)
     inputs = [flat(t) for t in tensors]
     total = sum(weight)
     scale = lambda_ / (total if abs(total) >= 1e-8 else 1.0) if normalize else lambda_
-    if _use_kernels(base, dtype):
+    if use_kernels(base, dtype) and all(t is None or isinstance(t, Keep) for t in thresholds):
         _fused_combine(
             inputs, b_flat, out_flat, thresholds, coefficients, weight, consensus, normalize, lambda_
         )
@@ -238,15 +164,15 @@ def _fused_combine(
     inputs: list[torch.Tensor],
     b_flat: torch.Tensor,
     out_flat: torch.Tensor,
-    thresholds: list[Keep | None],
+    thresholds: Sequence[Mask | None],
     coefficients: list[float],
     weight: list[float],
     consensus: bool,
     normalize: bool,
     lambda_: float,
 ) -> None:
-    keep_above = np.array([-1.0 if k is None else k.threshold for k in thresholds], dtype=np.float32)
-    last_tied = np.array([-1 if k is None else k.last_tied for k in thresholds], dtype=np.int64)
+    keep_above = np.array([-1.0 if k is None else k.threshold for k in thresholds], dtype=np.float32)  # type: ignore[union-attr]
+    last_tied = np.array([-1 if k is None else k.last_tied for k in thresholds], dtype=np.int64)  # type: ignore[union-attr]
     coef = np.array(coefficients, dtype=np.float32)
     weights = np.array(weight, dtype=np.float32)
     if consensus:
@@ -273,8 +199,8 @@ def _fused_combine(
         )
 
 
-def _rescale_factors(
-    tensors: Sequence[torch.Tensor], base: torch.Tensor, thresholds: list[Keep | None], dtype: torch.dtype
+def rescale_factors(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor, thresholds: Sequence[Mask | None], dtype: torch.dtype
 ) -> list[float]:
     """L1 norm before / after sparsification, per model (1 where nothing was dropped or norms vanish)."""
     eps = 1e-7

@@ -1,0 +1,377 @@
+"""`fusemerge eval`: held-out cross-entropy of several models on the assistant turns of chat data.
+
+    fusemerge eval pivot/ fused/ merged/ --data heldout.jsonl
+    fusemerge eval pivot/ merged/ --data code.jsonl --data chat.jsonl --json > scores.json
+    fusemerge eval merged/ --data heldout.jsonl --save-to merged/    # the model card picks it up
+
+    from fusemerge.evaluate import evaluate_models
+    report = evaluate_models(["pivot/", "merged/"], ["heldout.jsonl"])
+    print(report.table())
+
+Why bits per byte: nats per token depend on the tokenizer (a tokenizer with longer tokens has fewer,
+harder predictions), so models of different tokenizers cannot be ranked by it. Every model therefore reads
+the *same text* (each conversation rendered once, with one chat template: the first model's unless
+`chat_template` says otherwise, as FuseChat does with the pivot's) and the summed negative log-likelihood of
+its assistant tokens, in bits, is divided by the UTF-8 bytes of the assistant text those tokens cover. Nats
+per token and perplexity are reported too, for comparisons within one tokenizer.
+
+Domains: a record's `domain` field (`domain_field`), else the file's stem, so one file per domain works.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusemerge import __version__
+from fusemerge.errors import FusemergeError
+from fusemerge.fuse.data import ChatSequence, ChatTokenizer, read_records
+from fusemerge.fuse.recipe import DatasetSpec
+
+EVAL_FILE = "fusemerge_eval.json"
+ALL = "all"
+
+
+@dataclass
+class Score:
+    """Sums over one model's assistant tokens in one domain; the ratios are derived from them."""
+
+    sequences: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    nll_nats: float = 0.0
+
+    @property
+    def nats_per_token(self) -> float:
+        return self.nll_nats / self.tokens if self.tokens else float("nan")
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nats_per_token) if self.tokens else float("nan")
+
+    @property
+    def bits_per_token(self) -> float:
+        return self.nats_per_token / math.log(2)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll_nats / math.log(2) / self.bytes if self.bytes else float("nan")
+
+    def add(self, other: Score) -> None:
+        self.sequences += other.sequences
+        self.tokens += other.tokens
+        self.bytes += other.bytes
+        self.nll_nats += other.nll_nats
+
+
+@dataclass
+class EvalReport:
+    """Scores per (model, domain), plus an `all` row per model; printable and JSON round-trippable."""
+
+    models: list[str]
+    domains: list[str]
+    scores: dict[tuple[str, str], Score]
+    chat_template: str = "first model"
+    names: dict[str, str] = field(default_factory=dict)
+
+    def score(self, model: str, domain: str = ALL) -> Score:
+        return self.scores[(model, domain)]
+
+    def name(self, model: str) -> str:
+        return self.names.get(model) or model
+
+    def table(self) -> str:
+        """A terminal table: one row per domain, per model bits/byte, nats/token and perplexity."""
+        sub = ("bits/byte", "nats/tok", "ppl")
+        widths = [max(len(self.name(m)), 3 * 10 + 2) for m in self.models]
+        rows = [*self.domains, ALL] if len(self.domains) > 1 else list(self.domains)
+        dom_w = max(len("domain"), *(len(d) for d in rows))
+        line1 = (
+            " " * dom_w
+            + "  "
+            + "  ".join(self.name(m).center(w) for m, w in zip(self.models, widths, strict=True))
+        )
+        line2 = (
+            "domain".ljust(dom_w)
+            + "  "
+            + "  ".join(" ".join(s.rjust(10) for s in sub).rjust(w) for w in widths)
+        )
+        out = [line1.rstrip(), line2, "-" * len(line2)]
+        for d in rows:
+            cells = []
+            for m, w in zip(self.models, widths, strict=True):
+                s = self.scores[(m, d)]
+                cells.append(
+                    f"{s.bits_per_byte:10.4f} {s.nats_per_token:10.4f} {_fmt_ppl(s.perplexity):>10}".rjust(w)
+                )
+            out.append(d.ljust(dom_w) + "  " + "  ".join(cells))
+        out.append(
+            "bits/byte: lower is better, comparable across tokenizers; nats/tok and ppl per model's tokens"
+        )
+        return "\n".join(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        results = []
+        for (model, domain), s in self.scores.items():
+            results.append(
+                {
+                    "model": model,
+                    "name": self.name(model),
+                    "domain": domain,
+                    **asdict(s),
+                    "nats_per_token": s.nats_per_token,
+                    "bits_per_token": s.bits_per_token,
+                    "perplexity": s.perplexity,
+                    "bits_per_byte": s.bits_per_byte,
+                }
+            )
+        return {
+            "fusemerge_version": __version__,
+            "chat_template": self.chat_template,
+            "models": self.models,
+            "domains": self.domains,
+            "results": results,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | dict[str, Any]) -> EvalReport:
+        data = json.loads(text) if isinstance(text, str) else text
+        try:
+            scores = {
+                (r["model"], r["domain"]): Score(r["sequences"], r["tokens"], r["bytes"], r["nll_nats"])
+                for r in data["results"]
+            }
+            names = {r["model"]: r.get("name", r["model"]) for r in data["results"]}
+            return cls(
+                list(data["models"]), list(data["domains"]), scores, data.get("chat_template", ""), names
+            )
+        except (KeyError, TypeError) as exc:
+            raise FusemergeError(f"not a fusemerge eval report (missing {exc})") from exc
+
+    def save(self, folder: str | Path) -> Path:
+        """Write `fusemerge_eval.json` into a model folder, where the model card and `push` find it."""
+        path = Path(folder)
+        if not path.is_dir():
+            raise FusemergeError("--save-to must be an existing folder", file=path)
+        out = path / EVAL_FILE
+        out.write_text(self.to_json(), encoding="utf-8")
+        return out
+
+
+def _fmt_ppl(value: float) -> str:
+    return f"{value:.4g}" if value < 1e5 else f"{value:.3e}"
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class EvalSequence:
+    domain: str
+    seq: ChatSequence
+
+
+def load_eval_data(
+    data_files: Sequence[str | Path],
+    render_tokenizer: Any,
+    *,
+    chat_template: str = "pivot",
+    domain_field: str = "domain",
+    max_length: int = 2048,
+) -> list[EvalSequence]:
+    """Every conversation of every file, rendered once, tagged with its domain; a bad record is an error."""
+    from fusemerge.fuse.data import build_chat_data
+
+    out: list[EvalSequence] = []
+    for file in data_files:
+        path = Path(file)
+        if not path.is_file():
+            raise FusemergeError("data file not found (a .jsonl file of chat records)", file=path)
+        spec = DatasetSpec(path=str(path), on_bad_record="error", max_length=max_length, split_long=True)
+        domains = {
+            number: str(rec[domain_field])
+            for number, rec in read_records(spec)
+            if isinstance(rec, dict) and rec.get(domain_field) not in (None, "")
+        }
+        try:
+            data = build_chat_data(spec, render_tokenizer, chat_template)
+        except FusemergeError as exc:
+            if exc.key == "chat_template":
+                raise FusemergeError(
+                    exc.message.replace("the pivot's tokenizer", "the first model's tokenizer").replace(
+                        "set chat_template to", "pass --chat-template"
+                    ),
+                    key="--chat-template",
+                ) from exc
+            raise
+        out.extend(EvalSequence(domains.get(s.record, path.stem), s) for s in data.sequences)
+    if not out:
+        raise FusemergeError("no data: pass at least one --data FILE")
+    return out
+
+
+def scored_positions(seq: ChatSequence, chat_tok: ChatTokenizer) -> tuple[np.ndarray, np.ndarray, int]:
+    """(ids, indices of scored tokens, UTF-8 bytes they cover) for one model.
+
+    A token is scored when it is an assistant token and not the first of the sequence (it needs a
+    prediction). The bytes are those of the characters the scored tokens cover (their offsets, merged);
+    a tokenizer without offsets is cut at the span boundaries, so its scored tokens cover the spans exactly.
+    """
+    ids, mask, offsets = chat_tok.with_offsets(seq)
+    mask = mask.copy()
+    if len(mask):
+        mask[0] = False
+    idx = np.flatnonzero(mask)
+    if offsets is None:
+        covered = [(s, e) for s, e in seq.spans]
+    else:
+        covered = sorted((int(offsets[i, 0]), int(offsets[i, 1])) for i in idx)
+    total, end = 0, 0
+    for a, b in covered:
+        a = max(a, end)
+        if b > a:
+            total += len(seq.text[a:b].encode("utf-8"))
+            end = b
+    return ids, idx, total
+
+
+# ---------------------------------------------------------------- models
+
+
+def evaluate_models(
+    models: Sequence[str | Path],
+    data_files: Sequence[str | Path],
+    *,
+    domain_field: str = "domain",
+    chat_template: str | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_length: int = 2048,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> EvalReport:
+    """Score each model on the assistant tokens of the chat data, per domain.
+
+    Args:
+        models: model folders (safetensors) or Hub ids in the local cache.
+        data_files: JSONL files of OpenAI (`messages`) or ShareGPT (`conversations`) records.
+        domain_field: the record key naming its domain; records without it take their file's stem.
+        chat_template: how conversations are rendered for every model: None for the first model's own,
+            a built-in name ("chatml", "openchat") or a .jinja file.
+        batch_size: sequences per forward pass.
+        device: "auto" (a GPU when present), "cpu", "cuda", "cuda:N".
+        dtype: "auto" (bfloat16 on a GPU, float32 on the CPU), "float32", "bfloat16", "float16".
+        max_length: longest sequence in tokens of the first model; longer conversations are split
+            between rounds, as for fusion.
+        allow_pickle: accept pickle checkpoints (they can run code when loaded).
+        progress: one progress bar per model.
+    """
+    from fusemerge.fuse.teacher import load_teacher_tokenizer
+
+    refs = [str(m) for m in models]
+    if not refs:
+        raise FusemergeError("no model to evaluate")
+    for ref in refs:
+        _check_model_ref(ref, allow_pickle=allow_pickle)
+    tokenizers = [load_teacher_tokenizer(ref) for ref in refs]
+    data = load_eval_data(
+        data_files,
+        tokenizers[0],
+        chat_template=chat_template or "pivot",
+        domain_field=domain_field,
+        max_length=max_length,
+    )
+    domains = sorted({s.domain for s in data})
+    scores: dict[tuple[str, str], Score] = {}
+    for ref, tok in zip(refs, tokenizers, strict=True):
+        per_domain = _score_model(ref, tok, data, batch_size, device, dtype, allow_pickle, progress)
+        total = Score()
+        for d in domains:
+            scores[(ref, d)] = per_domain.get(d, Score())
+            total.add(scores[(ref, d)])
+        scores[(ref, ALL)] = total
+    return EvalReport(refs, domains, scores, chat_template or "first model", _short_names(refs))
+
+
+def _check_model_ref(ref: str, *, allow_pickle: bool) -> None:
+    path = Path(ref)
+    if path.is_dir():
+        if not allow_pickle and not any(path.glob("*.safetensors")):
+            raise FusemergeError("no *.safetensors weights in this model folder", file=path)
+        return
+    looks_like_hub_id = ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
+    if path.exists() or not looks_like_hub_id:
+        raise FusemergeError("model folder not found", file=path)
+
+
+def _short_names(refs: list[str]) -> dict[str, str]:
+    names = {r: Path(r).name or r for r in refs}
+    if len(set(names.values())) < len(refs):
+        return {r: r for r in refs}
+    return names
+
+
+def _score_model(
+    ref: str,
+    tok: Any,
+    data: list[EvalSequence],
+    batch_size: int,
+    device: str,
+    dtype: str,
+    allow_pickle: bool,
+    progress: bool,
+) -> dict[str, Score]:
+    import torch
+    from tqdm.auto import tqdm
+
+    from fusemerge.fuse.teacher import (
+        TeacherSettings,
+        load_teacher_model,
+        resolve_device,
+        topk_forward,
+    )
+
+    device = resolve_device(device)
+    settings = TeacherSettings(dtype=dtype, allow_pickle=allow_pickle)
+    lm = load_teacher_model(ref, settings, device, progress=progress)
+    chat_tok = ChatTokenizer(tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    prepared = [(item.domain, *scored_positions(item.seq, chat_tok)) for item in data]
+    order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][1]))
+    scores: dict[str, Score] = {}
+    bar = tqdm(total=len(order), desc=Path(ref).name or ref, unit="seq", disable=not progress, leave=True)
+    try:
+        for a in range(0, len(order), batch_size):
+            batch = [prepared[i] for i in order[a : a + batch_size]]
+            width = max(len(ids) for _, ids, _, _ in batch)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, (_, ids, _, _) in enumerate(batch):
+                input_ids[row, : len(ids)] = torch.from_numpy(ids)
+                attention[row, : len(ids)] = 1
+            _, _, next_lp = topk_forward(lm, input_ids.to(device), attention.to(device), top_k=1)
+            next_lp = next_lp.double().cpu().numpy()
+            start = 0
+            for domain, ids, idx, nbytes in batch:
+                lp = next_lp[start : start + len(ids)]
+                start += len(ids)
+                s = scores.setdefault(domain, Score())
+                s.sequences += 1
+                s.tokens += len(idx)
+                s.bytes += nbytes
+                s.nll_nats += float(-lp[idx - 1].sum())
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        del lm
+    return scores

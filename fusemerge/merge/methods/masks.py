@@ -1,0 +1,197 @@
+"""Which elements of a task vector survive sparsification, as objects that answer chunk by chunk.
+
+`_combine` in task arithmetic walks a tensor in flat chunks and asks each model's mask `mask(magnitudes,
+span)` for a boolean chunk. Magnitude masks (TIES, breadcrumbs) are thresholds found by k-th value
+selection, so they cost no memory per element; random masks (DARE) draw each chunk from a generator
+seeded by the tensor's seed and the chunk's offset, so asking twice (once for the rescale factor, once
+for the merge) gives the same mask without storing it, in any order and on any device; DELLA's rank-dependent masks need
+whole rows, so they are drawn once and held as one byte per element.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from fusemerge.merge.methods import kernels
+from fusemerge.merge.methods.chunks import CHUNK_ELEMENTS, compute_dtype, flat, spans
+
+
+class Mask(Protocol):
+    def mask(self, magnitudes: torch.Tensor, span: slice) -> torch.Tensor: ...
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (run seed, tensor name, model index, chunk offset)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def uniform(seed: int, shape: torch.Size | tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """U[0, 1) draws from a CPU generator, moved to `device`: the same seed gives the same draws on a
+    CPU or a GPU merge (CUDA generators produce other streams)."""
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return torch.rand(shape, generator=gen).to(device)
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Which elements a top-k magnitude selection keeps: |delta| > threshold, plus those equal to it up
+    to flat index `last_tied` (so exactly k are kept, ties going to the lowest indices)."""
+
+    threshold: float
+    last_tied: int
+
+    def mask(self, magnitudes: torch.Tensor, span: slice) -> torch.Tensor:
+        if self.last_tied < span.start:
+            return magnitudes > self.threshold
+        if self.last_tied >= span.stop - 1:
+            return magnitudes >= self.threshold
+        keep = magnitudes > self.threshold
+        cut = self.last_tied + 1 - span.start
+        keep[:cut] |= magnitudes[:cut] == self.threshold
+        return keep
+
+
+NONE_KEPT = Keep(float("inf"), -1)
+
+
+@dataclass(frozen=True)
+class Band:
+    """The top `outer` magnitudes minus the top `inner` ones: model breadcrumbs drop both the smallest
+    deltas and the largest outliers. Both selections break ties towards low indices, so inner is a subset
+    of outer."""
+
+    outer: Keep
+    inner: Keep | None
+
+    def mask(self, magnitudes: torch.Tensor, span: slice) -> torch.Tensor:
+        keep = self.outer.mask(magnitudes, span)
+        if self.inner is not None:
+            keep &= ~self.inner.mask(magnitudes, span)
+        return keep
+
+
+@dataclass(frozen=True)
+class RandomKeep:
+    """Keep each element with probability `density` (DARE's Bernoulli mask), drawn per chunk."""
+
+    seed: int
+    density: float
+
+    def mask(self, magnitudes: torch.Tensor, span: slice) -> torch.Tensor:
+        return uniform(derive_seed(self.seed, span.start), magnitudes.shape, magnitudes.device) < self.density
+
+
+@dataclass(frozen=True)
+class HeldMask:
+    """A mask computed whole (DELLA) and held as a flat boolean tensor."""
+
+    keep: torch.Tensor
+
+    def mask(self, magnitudes: torch.Tensor, span: slice) -> torch.Tensor:
+        return self.keep[span]
+
+
+def magnitudes(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """|tensor - base| as a flat float32 (float64) tensor, computed chunk by chunk."""
+    n = tensor.numel()
+    dtype = compute_dtype([tensor, base])
+    out = torch.empty(n, dtype=dtype, device=tensor.device)
+    t_flat, b_flat = flat(tensor), flat(base)
+    for span in spans(n):
+        torch.sub(t_flat[span].to(dtype), b_flat[span].to(dtype), out=out[span]).abs_()
+    return out
+
+
+def top_k(values: torch.Tensor, k: int) -> Keep:
+    """The k largest of a flat tensor by a k-th value search (O(n)), ties to the lowest indices."""
+    n = values.numel()
+    if k <= 0 or n == 0:
+        return NONE_KEPT
+    k = min(k, n)
+    threshold = torch.kthvalue(values, n - k + 1).values
+    above = int((values > threshold).sum())
+    tied = (values == threshold).nonzero().flatten()
+    last_tied = int(tied[k - above - 1]) if k > above else -1
+    return Keep(float(threshold), last_tied)
+
+
+def top_k_delta(tensor: torch.Tensor, base: torch.Tensor, k: int) -> Keep:
+    """The k largest |tensor - base|: a radix select on the CPU (no whole-tensor temporaries), else
+    `top_k` over the magnitudes."""
+    n = tensor.numel()
+    if k <= 0 or n == 0:
+        return NONE_KEPT
+    k = min(k, n)
+    if use_kernels(tensor, compute_dtype([tensor, base])):
+        return _radix_keep(flat(tensor), flat(base), k)
+    return top_k(magnitudes(tensor, base), k)
+
+
+def use_kernels(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    return tensor.device.type == "cpu" and dtype == torch.float32
+
+
+def _float32_chunks(t_flat: torch.Tensor, b_flat: torch.Tensor):
+    for span in spans(t_flat.numel()):
+        yield span, t_flat[span].to(torch.float32).numpy(), b_flat[span].to(torch.float32).numpy()
+
+
+def _radix_keep(t_flat: torch.Tensor, b_flat: torch.Tensor, k: int) -> Keep:
+    """Exact top-k selection by the bits of |delta|: non-negative floats order like their bit patterns,
+    so two 16-bit histogram passes find the k-th largest value, and a third (only when the threshold is
+    tied) finds where the kept ties end."""
+    n = t_flat.numel()
+    hist = np.zeros(kernels.HI_BINS, dtype=np.int64)
+    for _, x, b in _float32_chunks(t_flat, b_flat):
+        kernels._histogram_hi(x, b, hist)
+    top, above = _bin_holding(hist, k)
+    hist[:] = 0
+    for _, x, b in _float32_chunks(t_flat, b_flat):
+        kernels._histogram_lo(x, b, top, hist)
+    low, above_low = _bin_holding(hist, k - above)
+    above += above_low
+    bits = np.uint32((top << 16) | low)
+    threshold = float(bits.view(np.float32))
+    wanted = k - above  # how many elements equal to the threshold are kept, lowest indices first
+    if wanted == hist[low]:
+        return Keep(threshold, n)
+    for span, x, b in _float32_chunks(t_flat, b_flat):
+        found = kernels._count_ties_until(x, b, bits, wanted, span.start)
+        if found >= 0:
+            return Keep(threshold, int(found))
+        wanted -= -found - 1
+    raise AssertionError("tie count changed between passes")
+
+
+def _bin_holding(hist: np.ndarray, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest element, and how many elements lie in higher bins."""
+    from_top = np.cumsum(hist[::-1])
+    index = int(np.searchsorted(from_top, k))
+    return len(hist) - 1 - index, int(from_top[index - 1]) if index > 0 else 0
+
+
+def della_mask(delta: torch.Tensor, density: float, epsilon: float, seed: int) -> HeldMask:
+    """DELLA's MagPrune: keep probability rises linearly with a delta's magnitude rank in its row, from
+    density - epsilon (smallest) to density + epsilon (largest). Rows are along dim 1 (a 1-D tensor is
+    one row), as mergekit ranks them; rank ties go to the lower index (stable sort)."""
+    x = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    moved = x.movedim(1, -1)
+    rows = moved.reshape(-1, moved.shape[-1])
+    ncols = rows.shape[1]
+    keep = torch.empty(rows.shape, dtype=torch.bool, device=delta.device)
+    step = max(1, CHUNK_ELEMENTS // max(1, ncols))
+    for start in range(0, rows.shape[0], step):
+        block = rows[start : start + step].abs().float()
+        ranks = torch.argsort(torch.argsort(block, dim=1, stable=True), dim=1).float()
+        rank_norm = ranks / (ncols - 1) if ncols > 1 else torch.zeros_like(ranks)
+        probs = (density - epsilon) + rank_norm * 2 * epsilon
+        keep[start : start + step] = uniform(derive_seed(seed, start), probs.shape, delta.device) < probs
+    keep = keep.reshape(moved.shape).movedim(-1, 1)
+    return HeldMask(keep.reshape(delta.shape).contiguous().reshape(-1))

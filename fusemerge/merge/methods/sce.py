@@ -1,0 +1,87 @@
+"""SCE (Select, Calculate, Erase): FuseChat 2.0's merge of target models' task vectors, as mergekit's `sce`.
+
+Select keeps the `select_topk` fraction of elements where the task vectors vary most across models;
+Calculate weights each model by the mean square of its (selected) task vector; Erase drops, per element,
+the deltas whose sign disagrees with the sum's. With `select_topk: 1` and no sign conflicts, SCE is VaRM.
+The selection is a k-th value search over the per-element variance (ties to the lowest indices) and the
+sums run in float32 chunks; mergekit uses topk and computes in the recipe's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fusemerge.merge.methods.chunks import compute_dtype, flat, spans
+from fusemerge.merge.methods.masks import NONE_KEPT, Keep, top_k
+from fusemerge.merge.methods.registry import merge_method
+from fusemerge.merge.parameters import Param
+
+
+def _deltas(inputs: list[torch.Tensor], b: torch.Tensor, span: slice, dtype: torch.dtype) -> torch.Tensor:
+    base = b[span].to(dtype)
+    return torch.stack([x[span].to(dtype) - base for x in inputs])
+
+
+def _select(
+    inputs: list[torch.Tensor], b: torch.Tensor, n: int, topk: float, dtype: torch.dtype
+) -> Keep | None:
+    if topk >= 1:
+        return None
+    if topk <= 0:
+        return NONE_KEPT
+    var = torch.empty(n, dtype=dtype, device=b.device)
+    for span in spans(n):
+        var[span] = torch.var(_deltas(inputs, b, span, dtype), dim=0, unbiased=False)
+    k = int(int(torch.count_nonzero(var)) * topk)
+    return top_k(var.abs_(), k) if k > 0 else NONE_KEPT
+
+
+@merge_method(
+    "sce",
+    pretty_name="SCE",
+    reference_url="https://arxiv.org/abs/2408.07990",
+    base="required",
+    shared={
+        "int8_mask": Param(bool, False, "store masks as int8 (memory only; same result)"),
+        "select_topk": Param(float, 1.0, "fraction of elements kept, by variance across models"),
+    },
+)
+def sce(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor, *, int8_mask: bool, select_topk: float
+) -> torch.Tensor:
+    """Select high-variance elements, weight models by mean squared delta, erase sign conflicts (Wan et al. 2024)."""
+    dtype = compute_dtype([*tensors, base])
+    n = base.numel()
+    inputs, b = [flat(t) for t in tensors], flat(base)
+    keep = _select(inputs, b, n, select_topk, dtype)
+
+    squares = torch.zeros(len(inputs), dtype=torch.float64, device=base.device)
+    for span in spans(n):
+        d = _deltas(inputs, b, span, dtype)
+        if keep is not None:
+            d.mul_(_span_mask(keep, inputs, b, span, dtype))
+        squares += d.square().sum(dim=1, dtype=torch.float64)
+    means = squares / max(n, 1)
+    total = float(means.sum())
+    weights = (means / total) if abs(total) >= 1e-6 else torch.full_like(means, 1 / len(inputs))
+    weights = weights.to(dtype).unsqueeze(1)
+
+    out = torch.empty(base.shape, dtype=dtype, device=base.device)
+    out_flat = flat(out)
+    for span in spans(n):
+        d = _deltas(inputs, b, span, dtype)
+        if keep is not None:
+            d.mul_(_span_mask(keep, inputs, b, span, dtype))
+        majority = torch.where(d.sum(dim=0) >= 0, 1.0, -1.0).to(dtype)
+        erased = weights * (d.sign() == majority)
+        merged = (d * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
+        out_flat[span] = b[span].to(dtype) + merged
+    return out
+
+
+def _span_mask(
+    keep: Keep, inputs: list[torch.Tensor], b: torch.Tensor, span: slice, dtype: torch.dtype
+) -> torch.Tensor:
+    return keep.mask(torch.var(_deltas(inputs, b, span, dtype), dim=0, unbiased=False).abs_(), span)
