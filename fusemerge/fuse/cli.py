@@ -1,8 +1,10 @@
-"""The `fuse` command: `fusemerge fuse RECIPE [--steps teach,align] [-q]`.
+"""The `fuse` command: `fusemerge fuse RECIPE [--steps teach,align,train] [-q]`.
 
+    fusemerge fuse recipes/fuse-tiny-cpu.yml                     # teach -> align -> train, then merge.yml
     fusemerge fuse recipes/fusechat-7b.yml --steps teach         # top-K stores of the pivot and every source
     fusemerge fuse recipes/fusechat-7b.yml --steps teach,align   # ... and each source in pivot positions/ids
-    accelerate launch -m fusemerge.cli fuse recipe.yml           # teach only: each process on its own shards
+    accelerate launch --config_file examples/accelerate/deepspeed_zero2.yaml \
+        -m fusemerge.cli fuse recipes/fusechat-7b.yml            # teach shards and training on every GPU
 
 `fusemerge.cli` registers it. It holds no logic: `run_fuse` does the work.
 """
@@ -21,7 +23,7 @@ from fusemerge.fuse.pipeline import STEPS
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--steps",
-    default="teach",
+    default=",".join(STEPS),
     show_default=True,
     help=f"Comma-separated steps to run ({', '.join(STEPS)}); finished work is skipped.",
 )
@@ -38,6 +40,8 @@ def fuse(recipe: Path, steps: str, quiet: bool) -> None:
       teacher: {top_k: 10, batch_size: 8}
       output: fused/
 
+    Each source gives one fused target (the pivot trained on its MinCE targets); the command then
+    prints where they are and writes OUTPUT/merge.yml, to be run with `fusemerge merge` (printed).
     An interrupted run, rerun with the same command, continues where it stopped.
     """
     from fusemerge.fuse.pipeline import run_fuse

@@ -1,13 +1,20 @@
-"""`fuse` as a sequence of resumable steps over a recipe: teach, align (then train, a later issue).
+"""`fuse` as a sequence of resumable steps over a recipe: teach -> align -> train.
 
     from fusemerge.fuse.pipeline import run_fuse
-    run_fuse("recipes/fusechat-7b.yml", steps=("teach", "align"))
+    run_fuse("recipes/fusechat-7b.yml", steps=("teach", "align", "train"))
 
 Folders under the recipe's work_dir (default <output>/work):
 
     teacher/<model-name>/                    top-K store of the pivot and of every source (fusemerge.fuse.store)
     vocab/<source>-to-<pivot>.safetensors    each source's vocabulary mapping (fusemerge.fuse.aligned)
     aligned/<source>/                        each source's top-K in pivot positions and ids (fusemerge.fuse.aligned)
+    train/<target>/                          Trainer checkpoints of each target (fusemerge.fuse.train)
+
+and under the recipe's output:
+
+    <pivot>-<source>/      one fused target per source (pairwise fusion, the paper), a model folder
+    <pivot>-fused/         or one target from all sources at once (`fusion.sources: all`, FuseLLM)
+    merge.yml              the next stage: `variation_ratio` over the targets with the pivot as base
 
 Every step reads only the previous step's files and skips what is already complete, so an interrupted
 run continues with the same command. The training stage opens the results with
@@ -24,20 +31,22 @@ from typing import Any
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.recipe import FuseRecipe, ModelSpec, load_fuse_recipe
 
-STEPS = ("teach", "align")
+STEPS = ("teach", "align", "train")
+MERGE_RECIPE = "merge.yml"
 
 
 def run_fuse(
     recipe_path: str | Path,
     *,
-    steps: Iterable[str] = ("teach",),
+    steps: Iterable[str] = STEPS,
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Path]:
     """Run the requested steps of the fuse recipe; returns the folders they made or checked.
 
     Keys: the teach step's stores by role ("pivot", "source1", ...), the align step's by
-    "aligned/<role>" ("aligned/source1", ...).
+    "aligned/<role>" ("aligned/source1", ...), the train step's target folders by "target/<name>"
+    and the merge recipe it wrote as "merge_recipe".
 
     Args:
         recipe_path: the fuse recipe (YAML).
@@ -60,6 +69,8 @@ def run_fuse(
         folders.update(teach(recipe, data, progress=progress, echo=echo))
     if "align" in steps:
         folders.update(align(recipe, data, pivot_tokenizer, progress=progress, echo=echo))
+    if "train" in steps:
+        folders.update(train(recipe, data, progress=progress, echo=echo))
     return folders
 
 
@@ -136,6 +147,69 @@ def align(
         )
     state.wait_for_everyone()
     return out
+
+
+def train(
+    recipe: FuseRecipe, data: Any, *, progress: bool = True, echo: Callable[[str], None] = print
+) -> dict[str, Path]:
+    """Train every target (one per source, or one from all), then write the merge recipe over them."""
+    from accelerate import PartialState
+
+    from fusemerge.fuse.inputs import open_fusion_inputs
+    from fusemerge.fuse.train import train_target
+
+    inputs = open_fusion_inputs(recipe)
+    out: dict[str, Path] = {}
+    for name, members in target_plan(recipe):
+        aligned = {recipe.sources[i].model: inputs.sources[aligned_folders(recipe)[i].name] for i in members}
+        out[f"target/{name}"] = train_target(
+            recipe,
+            data,
+            pivot_store=inputs.pivot,
+            aligned=aligned,
+            out=Path(recipe.output) / name,
+            checkpoints=recipe.work_path / "train" / name,
+            progress=progress,
+            echo=echo,
+        )
+    targets = list(out.values())
+    if not PartialState().is_main_process:  # under a launcher: one process reports and writes merge.yml
+        return out
+    echo("targets: " + ", ".join(str(t) for t in targets))
+    if len(targets) < 2:
+        echo(f"one target, nothing to merge: the fused model is {targets[0]}")
+        return out
+    merge_recipe = write_merge_recipe(recipe, targets)
+    out["merge_recipe"] = merge_recipe
+    echo(f"merge recipe: {merge_recipe}")
+    echo(f"next: fusemerge merge {merge_recipe} {Path(recipe.output) / (_names(recipe)[0] + '-varm')}")
+    return out
+
+
+def target_plan(recipe: FuseRecipe) -> list[tuple[str, list[int]]]:
+    """(target folder name, indices of its sources): pairwise = one per source, `all` = one for all."""
+    pivot, *sources = _names(recipe)
+    if recipe.fusion.sources == "all":
+        return [(f"{pivot}-fused", list(range(len(sources))))]
+    return [(f"{pivot}-{s}", [i]) for i, s in enumerate(sources)]
+
+
+def write_merge_recipe(recipe: FuseRecipe, targets: list[Path]) -> Path:
+    """<output>/merge.yml: FuseChat's merge (VaRM) of the targets with the pivot as base (a mergekit recipe)."""
+    import yaml
+
+    from fusemerge.checkpoint.writer import atomic_write_text
+
+    body = {
+        "merge_method": "variation_ratio",
+        "base_model": recipe.pivot.model,
+        "models": [{"model": str(t)} for t in targets],
+    }
+    path = Path(recipe.output) / MERGE_RECIPE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = "# Written by `fusemerge fuse`: merge the fused targets (FuseChat's VaRM, the pivot as base).\n"
+    atomic_write_text(path, header + yaml.safe_dump(body, sort_keys=False))
+    return path
 
 
 def store_folders(recipe: FuseRecipe) -> list[Path]:

@@ -86,8 +86,11 @@ class AlignmentSpec(_Frozen):
 
 
 class FusionSpec(_Frozen):
-    function: Literal["mince"] = "mince"
-    loss: Literal["ce"] = "ce"
+    """How teachers become a target (fusemerge.fuse.fusion) and how the student learns it (loss)."""
+
+    function: Literal["mince", "mince_token", "avgce"] = "mince"  # = fusion.FUSION_FUNCTIONS (tested)
+    sources: Literal["pairwise", "all"] = "pairwise"  # pairwise: one target per source (FuseChat)
+    loss: Literal["ce", "kl"] = "ce"
     lambda_: float = Field(0.9, alias="lambda", ge=0.0, le=1.0)
     temperature: float = Field(1.0, gt=0.0)
 
@@ -103,10 +106,17 @@ class TrainingSpec(_Frozen):
     epochs: float = Field(3, gt=0.0)
     batch_size: PositiveInt = 4
     gradient_accumulation: PositiveInt = 4
-    dtype: Dtype = "auto"
+    dtype: Dtype = "auto"  # auto: bf16 mixed precision where the device has it, else float32
     lora_r: PositiveInt = 16
     lora_alpha: PositiveInt = 32
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    lora_target_modules: str | list[str] = "all-linear"
+    gradient_checkpointing: bool = False
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    max_steps: PositiveInt | None = None  # stop after this many optimizer steps (smoke runs); else epochs
+    save_steps: PositiveInt = 500  # checkpoint every N optimizer steps: the unit of resumption
+    logging_steps: PositiveInt = 10
+    dataloader_workers: int = Field(0, ge=0)
     seed: int = 42
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from fusemerge.assets import build_random_model
 from fusemerge.corpora import chatterbot_conversations
+from fusemerge.fuse.data import ChatTokenizer
+from fusemerge.fuse.store import TopKStore
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -26,6 +29,47 @@ def chat_records(count: int, *, start: int = 0) -> list[dict]:
     convs = chatterbot_conversations()
     step = max(1, len(convs) // (count + start))
     return [{"messages": c["messages"]} for c in convs[start * step :: step][:count]]
+
+
+def make_store(
+    path: Path,
+    data,
+    tokenizer,
+    *,
+    k: int = 4,
+    seed: int = 0,
+    aligned: bool = False,
+    shard_size: int = 8,
+    ce_offset: float = 0.0,
+) -> TopKStore:
+    """A finished top-K store in the pivot's positions, written directly with the TopKStore API.
+
+    Rows list the gold next token first (a teacher that mostly knows the data) then random pivot ids;
+    an aligned store (the align step's contract) also has empty slots (-1) and rows with no distribution.
+    """
+    rng = np.random.default_rng(seed)
+    vocab = len(tokenizer)
+    tok = ChatTokenizer(tokenizer)
+    identity = {"kind": "aligned" if aligned else "teacher", "top_k": k, "seed": seed, "vocab": "pivot"}
+    store = TopKStore.create_or_resume(path, identity, n_sequences=len(data.sequences), shard_size=shard_size)
+    for shard in range(store.n_shards):
+        ids_list, lps_list, ces = [], [], []
+        for i in store.shard_sequences(shard):
+            ids, _ = tok(data.sequences[i])
+            rows = len(ids)
+            top = rng.integers(0, vocab, size=(rows, k)).astype(np.int32)
+            top[:-1, 0] = ids[1:]
+            lps = np.sort(np.log(rng.dirichlet(np.ones(k), size=rows)), axis=1)[:, ::-1]
+            if aligned:
+                top[rng.random((rows, k)) < 0.2] = -1
+                top[rng.random(rows) < 0.1] = -1
+                lps = np.where(top >= 0, lps, -np.inf)
+            ids_list.append(top)
+            lps_list.append(lps.astype(np.float16))
+            ces.append(float(rng.uniform(1.0, 3.0)) + ce_offset)
+        store.write_shard(shard, ids_list, lps_list, ces)
+    store.finalize()
+    return TopKStore.open(path)
 
 
 def write_recipe(path: Path, **sections) -> Path:
@@ -78,5 +122,6 @@ def fuse_helpers():
         write_jsonl = staticmethod(write_jsonl)
         chat_records = staticmethod(chat_records)
         write_recipe = staticmethod(write_recipe)
+        make_store = staticmethod(make_store)
 
     return Helpers

@@ -74,7 +74,7 @@ def recipe(tmp_path, tiny_models, chat_jsonl, fuse_helpers):
 
 def test_run_fuse_teaches_every_model_once(recipe, tmp_path):
     lines: list[str] = []
-    stores = run_fuse(recipe, progress=False, echo=lines.append)
+    stores = run_fuse(recipe, steps=["teach"], progress=False, echo=lines.append)
     assert list(stores) == ["pivot", "source1", "source2"]
     assert [p.name for p in stores.values()] == ["qwen-pivot", "mistral-source", "gpt2-source"]
     assert all(p.parent == tmp_path / "fused" / "work" / "teacher" for p in stores.values())
@@ -92,7 +92,7 @@ def test_fuse_command_reports_user_errors_in_one_line(recipe, tmp_path):
     assert result.exit_code == 2
     assert (
         result.output.strip()
-        == "fusemerge: error: key '--steps': unknown step 'distill'; steps are teach, align"
+        == "fusemerge: error: key '--steps': unknown step 'distill'; steps are teach, align, train"
     )
     bad = tmp_path / "bad.yml"
     bad.write_text("pivot: a\nsources: [b]\ndataset: {path: x.jsonl}\noutput: o\nteachr: {}\n")

@@ -1,0 +1,370 @@
+"""Training one fused target: the pivot learns `lambda * CLM + (1 - lambda) * fusion` with transformers' Trainer.
+
+    from fusemerge.fuse.train import train_target
+    train_target(recipe, data, pivot_store=..., aligned={"solar": ...}, out="fused/openchat-solar",
+                 checkpoints="fused/work/train/openchat-solar")
+
+    accelerate launch --config_file examples/accelerate/deepspeed_zero2.yaml -m fusemerge.cli \\
+        fuse recipes/fusechat-7b.yml --steps train        # the same code on many GPUs
+
+Why the Trainer: checkpoints, resume, schedules, gradient accumulation, mixed precision and accelerate
+(DDP, DeepSpeed ZeRO, FSDP) come for free; the only thing it does not know is our loss, so `FusionTrainer`
+overrides `compute_loss` alone. The model is always called through its (possibly wrapped) forward, so
+sharding wrappers see an ordinary step.
+
+`training.mode`: `full` fine-tunes every weight; `lora` trains peft adapters; `qlora` trains adapters on a
+4-bit base (CUDA + bitsandbytes only). Adapters are folded into full-precision pivot weights when the
+target is saved (`merge_and_unload`), so the merge stage always sees plain full tensors.
+
+A target folder appears under its final name only when complete, with `fusemerge_target.json` saying what
+it was trained from; a rerun skips it. An interrupted training resumes from its last checkpoint under
+`checkpoints` (every `training.save_steps` optimizer steps, and at the end).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer
+
+from fusemerge.card import fused_card
+from fusemerge.errors import FusemergeError
+from fusemerge.fuse.data import ChatData
+from fusemerge.fuse.recipe import FuseRecipe
+from fusemerge.fuse.store import TopKStore
+
+LOG = logging.getLogger(__name__)
+TARGET_STAMP = "fusemerge_target.json"
+RECIPE_NAME = "fusemerge_recipe.yml"
+
+# settings that change how a run is observed, not what it computes: free to change on a resume
+_NOT_IDENTITY = {"save_steps", "logging_steps", "dataloader_workers"}
+
+
+class FusionTrainer(Trainer):
+    """transformers' Trainer with the sparse fusion loss (fusemerge.fuse.loss) as its loss."""
+
+    # compute_loss returns a per-micro-batch mean: the Trainer divides it by the accumulation steps
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, lambda_: float = 0.9, loss_kind: str = "ce", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lambda_ = lambda_
+        self.loss_kind = loss_kind
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        from fusemerge.fuse.loss import fusion_loss
+
+        outputs = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+        )
+        parts = fusion_loss(
+            outputs.logits,
+            inputs["labels"],
+            inputs.get("target_ids"),
+            inputs.get("target_probs"),
+            lambda_=self.lambda_,
+            kind=self.loss_kind,  # type: ignore[arg-type]
+        )
+        return (parts.loss, outputs) if return_outputs else parts.loss
+
+
+# ---------------------------------------------------------------- devices and models
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def precision(dtype: str, cuda: bool) -> dict[str, bool]:
+    """TrainingArguments' mixed-precision flags: bf16 where the device has it unless the recipe says."""
+    import torch
+
+    if dtype == "auto":
+        dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
+    return {"bf16": dtype == "bfloat16", "fp16": dtype == "float16"}
+
+
+def load_student(recipe: FuseRecipe, *, cuda: bool) -> Any:
+    """The pivot as the model to train: float32 master weights (+ LoRA adapters, or a 4-bit base)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec, training = recipe.pivot, recipe.training
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "trust_remote_code": spec.trust_remote_code}
+    if training.mode == "qlora":
+        if not cuda:
+            raise FusemergeError(
+                "qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora or full", key="training.mode"
+            )
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise FusemergeError(
+                "qlora needs bitsandbytes: pip install bitsandbytes", key="training.mode"
+            ) from exc
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec.model, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise FusemergeError(f"cannot load the pivot: {str(exc).splitlines()[0]}", file=spec.model) from exc
+    model.config.use_cache = False
+    if training.mode == "full":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if training.mode == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=training.gradient_checkpointing
+        )
+    config = LoraConfig(
+        r=training.lora_r,
+        lora_alpha=training.lora_alpha,
+        lora_dropout=training.lora_dropout,
+        target_modules=training.lora_target_modules,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    if training.gradient_checkpointing:
+        model.enable_input_require_grads()  # adapters after a frozen embedding still get gradients
+    return model
+
+
+def training_arguments(recipe: FuseRecipe, checkpoints: Path, *, cuda: bool, progress: bool) -> Any:
+    """The recipe's `training` section as transformers 5.x TrainingArguments."""
+    from transformers import TrainingArguments
+
+    t = recipe.training
+    return TrainingArguments(
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # 5.x: a float in [0, 1) is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        eval_strategy="no",
+        activation_checkpointing=t.gradient_checkpointing,  # 5.x name of gradient_checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        seed=t.seed,
+        report_to="none",
+        remove_unused_columns=False,  # the collator's features are not the model's arguments
+        ddp_find_unused_parameters=False,  # every trained weight is used each step (adapters or all)
+        dataloader_num_workers=t.dataloader_workers,
+        disable_tqdm=not progress,
+        use_cpu=not cuda,
+        **precision(t.dtype, cuda),
+    )
+
+
+# ---------------------------------------------------------------- one target
+
+
+def target_identity(recipe: FuseRecipe, sources: list[str], stores: list[TopKStore]) -> dict[str, Any]:
+    """What a target depends on: a folder or checkpoint made for anything else is refused, never reused."""
+    return {
+        "pivot": recipe.pivot.model,
+        "sources": sources,
+        "stores": [s.identity for s in stores],
+        "fusion": recipe.fusion.model_dump(mode="json", by_alias=True),
+        "training": recipe.training.model_dump(mode="json", exclude=_NOT_IDENTITY),
+    }
+
+
+def train_target(
+    recipe: FuseRecipe,
+    data: ChatData,
+    *,
+    pivot_store: str | Path | TopKStore,
+    aligned: Mapping[str, str | Path | TopKStore],
+    out: str | Path,
+    checkpoints: str | Path,
+    progress: bool = True,
+    echo: Callable[[str], Any] = print,
+) -> Path:
+    """Train the pivot on the fused targets of `aligned` sources and save it as a model folder at `out`.
+
+    Args:
+        recipe: the fuse recipe (pivot, fusion, training sections; its YAML goes into the card).
+        data: the rendered sequences, the same that made the stores.
+        pivot_store: the pivot's own top-K store.
+        aligned: source model (as named in the recipe) -> its aligned store; one for pairwise fusion.
+        out: the target model folder (written under a temporary name, renamed when complete).
+        checkpoints: where the Trainer checkpoints go (resumed from when present).
+        progress: progress bars.
+        echo: where one-line status messages go.
+    """
+    from accelerate import PartialState
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out, checkpoints = Path(out), Path(checkpoints)
+    stores = {"pivot": _open(pivot_store)} | {k: _open(v) for k, v in aligned.items()}
+    identity = target_identity(recipe, list(aligned), list(stores.values()))
+    if _stamp_matches(out, identity):
+        echo(f"train {out.name}: target complete, skipped ({out})")
+        return out
+    if out.exists():
+        raise FusemergeError(
+            f"folder exists and is not this target ({TARGET_STAMP} differs); delete it", file=out
+        )
+    state = PartialState()
+    if state.is_main_process:
+        _claim_checkpoints(checkpoints, identity)
+    state.wait_for_everyone()
+
+    trainer = build_trainer(recipe, data, stores, checkpoints=checkpoints, progress=progress)
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    echo(
+        f"train {out.name}: {recipe.training.mode} on {trainer.args.device}, {len(data.sequences)} "
+        f"sequences, fusion {recipe.fusion.function} over {', '.join(aligned) or 'the pivot'}"
+        + (f"; resuming from {Path(last).name}" if last else "")
+    )
+    trainer.train(resume_from_checkpoint=last)
+    staging = checkpoints / "final"
+    trainer.save_model(str(staging))  # gathers ZeRO-3 / FSDP shards; adapters only for lora / qlora
+    if state.is_main_process:
+        save_target(recipe, staging, out, sources=list(aligned), identity=identity)
+        echo(f"train {out.name}: saved {out}")
+    state.wait_for_everyone()
+    return out
+
+
+def build_trainer(
+    recipe: FuseRecipe,
+    data: ChatData,
+    stores: Mapping[str, TopKStore],
+    *,
+    checkpoints: Path,
+    progress: bool = True,
+) -> FusionTrainer:
+    """The Trainer for one target: the student, the dataset, the collator over `stores` ("pivot" + sources)."""
+    from transformers import AutoTokenizer
+
+    from fusemerge.fuse.collate import FusionCollator, FusionDataset
+
+    cuda = has_cuda()
+    spec = recipe.pivot
+    tokenizer = AutoTokenizer.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    lambda_ = recipe.fusion.lambda_
+    collator = FusionCollator(
+        stores["pivot"],
+        {k: v for k, v in stores.items() if k != "pivot"},
+        function=recipe.fusion.function,
+        temperature=recipe.fusion.temperature,
+        pad_id=pad,
+        with_targets=lambda_ < 1.0,
+    )
+    return FusionTrainer(
+        model=load_student(recipe, cuda=cuda),
+        args=training_arguments(recipe, checkpoints, cuda=cuda, progress=progress),
+        data_collator=collator,
+        train_dataset=FusionDataset(data, tokenizer),
+        processing_class=tokenizer,
+        lambda_=lambda_,
+        loss_kind=recipe.fusion.loss,
+    )
+
+
+def save_target(recipe: FuseRecipe, staging: Path, out: Path, *, sources: list[str], identity: dict) -> Path:
+    """The trained weights (adapters folded into float32 pivot weights) as a model folder in the pivot's
+    dtype, with tokenizer, config, card and stamp; it appears under `out` only when complete."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    pivot = recipe.pivot
+    dtype = getattr(
+        AutoConfig.from_pretrained(pivot.model, trust_remote_code=pivot.trust_remote_code), "dtype", None
+    )
+    dtype = (
+        dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype or "float32"), torch.float32)
+    )
+    remote = {"trust_remote_code": pivot.trust_remote_code}
+    if recipe.training.mode == "full":
+        model = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32, **remote)
+    else:
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(pivot.model, dtype=torch.float32, **remote)
+        model = PeftModel.from_pretrained(base, staging).merge_and_unload()
+    model = model.to(dtype)
+    model.config.use_cache = True
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(pivot.model, **remote).save_pretrained(tmp)
+    (tmp / "README.md").write_text(
+        fused_card(
+            pivot=pivot.model,
+            sources=sources,
+            recipe_text=recipe.raw_yaml,
+            extra_tags=[recipe.fusion.function, f"{recipe.training.mode}-training"],
+        ),
+        encoding="utf-8",
+    )
+    if recipe.raw_yaml:
+        (tmp / RECIPE_NAME).write_text(recipe.raw_yaml, encoding="utf-8")
+    (tmp / TARGET_STAMP).write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
+def _open(store: str | Path | TopKStore) -> TopKStore:
+    return store if isinstance(store, TopKStore) else TopKStore.open(store)
+
+
+def _stamp_matches(folder: Path, identity: dict[str, Any], name: str = TARGET_STAMP) -> bool:
+    stamp = folder / name
+    if not stamp.is_file():
+        return False
+    try:
+        return json.loads(stamp.read_text(encoding="utf-8")) == json.loads(json.dumps(identity))
+    except json.JSONDecodeError:
+        return False
+
+
+def _claim_checkpoints(checkpoints: Path, identity: dict[str, Any]) -> None:
+    """Checkpoints resume only the run they were made for; others are an error, not a silent restart."""
+    name = "fusemerge_train.json"
+    if (
+        checkpoints.is_dir()
+        and any(checkpoints.iterdir())
+        and not _stamp_matches(checkpoints, identity, name)
+    ):
+        raise FusemergeError(
+            "training checkpoints here were made for other settings or stores; delete the folder to restart",
+            file=checkpoints,
+        )
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    (checkpoints / name).write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,0 +1,238 @@
+"""Training a target: the collator's batches, LoRA (only adapters move; the folded save is a plain model),
+full fine-tuning with resume from the last checkpoint, and qlora refused off the GPU."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from fusemerge.errors import FusemergeError
+from fusemerge.fuse.collate import FusionCollator, FusionDataset, next_token_labels
+from fusemerge.fuse.data import build_chat_data
+from fusemerge.fuse.loss import IGNORE_INDEX
+from fusemerge.fuse.recipe import DatasetSpec, FuseRecipe
+from fusemerge.fuse.train import TARGET_STAMP, build_trainer, save_target, target_identity, train_target
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_models, chat_jsonl, fuse_helpers):
+    """GPT-2-tokenizer pivot (chatml text), 8 sequences, its own store and one aligned source store."""
+    root = tmp_path_factory.mktemp("train")
+    pivot = str(tiny_models["gpt2"])
+    tokenizer = AutoTokenizer.from_pretrained(pivot)
+    data = build_chat_data(DatasetSpec(path=str(chat_jsonl), limit=8), tokenizer, "chatml")
+    stores = {
+        "pivot": fuse_helpers.make_store(root / "pivot", data, tokenizer, seed=1),
+        "src": fuse_helpers.make_store(root / "src", data, tokenizer, seed=2, aligned=True, ce_offset=-0.5),
+    }
+    return {"root": root, "pivot": pivot, "tokenizer": tokenizer, "data": data, "stores": stores}
+
+
+def recipe_for(setup, **training) -> FuseRecipe:
+    raw = {
+        "pivot": setup["pivot"],
+        "sources": ["org/some-source"],
+        "dataset": {"path": "unused.jsonl"},
+        "chat_template": "chatml",
+        "fusion": {"function": "mince", "lambda": 0.5},
+        "training": {
+            "mode": "lora",
+            "learning_rate": 1e-2,
+            "batch_size": 2,
+            "gradient_accumulation": 1,
+            "max_steps": 2,
+            "save_steps": 1,
+            "logging_steps": 1,
+            "lora_r": 4,
+            **training,
+        },
+        "output": str(setup["root"] / "fused"),
+    }
+    return FuseRecipe.model_validate({**raw, "raw_yaml": json.dumps(raw)})
+
+
+def test_collator_pads_shifts_labels_and_attaches_fused_targets(setup):
+    ds = FusionDataset(setup["data"], setup["tokenizer"])
+    collate = FusionCollator(setup["stores"]["pivot"], {"src": setup["stores"]["src"]}, pad_id=7)
+    items = [ds[0], ds[1]]
+    batch = collate(items)
+    lengths = [len(i["input_ids"]) for i in items]
+    width = max(lengths)
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, width)
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    short = int(np.argmin(lengths))
+    assert (batch["input_ids"][short, lengths[short] :] == 7).all()
+    assert (batch["labels"][short, lengths[short] :] == IGNORE_INDEX).all()
+    # the fused target of a sequence is the lower-CE teacher's rows, as MinCE says
+    seq = 0
+    pick = min(("pivot", "src"), key=lambda n: setup["stores"][n].sequence(seq).metric_ce)
+    rows = setup["stores"][pick].sequence(seq)
+    assert (batch["target_ids"][seq, : lengths[seq], : rows.ids.shape[1]].numpy() == rows.ids).all()
+    listed = batch["target_probs"][seq, : lengths[seq]].sum(-1)
+    has = (rows.ids >= 0).any(1)
+    np.testing.assert_allclose(listed.numpy()[has], 1.0, rtol=1e-5)
+    assert (listed.numpy()[~has] == 0).all()
+
+
+def test_labels_are_the_next_assistant_token():
+    ids = np.array([5, 6, 7, 8, 9])
+    mask = np.array([False, False, True, True, False])
+    assert next_token_labels(ids, mask).tolist() == [IGNORE_INDEX, 7, 8, IGNORE_INDEX, IGNORE_INDEX]
+
+
+def test_a_store_of_other_data_is_refused(setup):
+    ds = FusionDataset(setup["data"], setup["tokenizer"])
+    item = dict(ds[0])
+    item["input_ids"] = item["input_ids"][:-1]
+    item["labels"] = item["labels"][:-1]
+    with pytest.raises(FusemergeError, match="rows in the pivot store"):
+        FusionCollator(setup["stores"]["pivot"], {})([item])
+
+
+def test_lora_changes_only_adapters_and_the_folded_save_is_a_plain_model(setup):
+    recipe = recipe_for(setup)
+    trainer = build_trainer(
+        recipe, setup["data"], setup["stores"], checkpoints=setup["root"] / "ck-lora", progress=False
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    adapters = [n for n in before if "lora_" in n]
+    assert adapters and all(not after[n].requires_grad for n in before if "lora_" not in n)
+    assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n)
+    assert any(not torch.equal(before[n], after[n]) for n in adapters if "lora_B" in n)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses and all(np.isfinite(losses))
+
+    staging = setup["root"] / "ck-lora" / "final"
+    trainer.save_model(str(staging))
+    out = save_target(
+        recipe,
+        staging,
+        setup["root"] / "lora-target",
+        sources=["org/some-source"],
+        identity=target_identity(recipe, ["src"], list(setup["stores"].values())),
+    )
+    folded = AutoModelForCausalLM.from_pretrained(out)
+    names = list(folded.state_dict())
+    assert not any("lora" in n or "base_layer" in n for n in names)
+    pivot = AutoModelForCausalLM.from_pretrained(setup["pivot"])
+    assert names == list(pivot.state_dict())
+    # the folded weight is W + (alpha / r) * B @ A of the trained adapter
+    peft_model = trainer.model
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    delta = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * layer.scaling["default"]
+    expect = pivot.model.layers[0].self_attn.q_proj.weight + delta.detach()
+    torch.testing.assert_close(folded.model.layers[0].self_attn.q_proj.weight, expect, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(
+        folded.model.layers[0].self_attn.q_proj.weight, pivot.model.layers[0].self_attn.q_proj.weight
+    )
+    card = (out / "README.md").read_text()
+    assert "base_model" not in card.split("---")[1]  # a local pivot path is not a Hub id
+    assert "source: `org/some-source`" in card and (out / "tokenizer_config.json").is_file()
+
+
+class _StopAfterFirstSave(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt("simulated kill after checkpoint-1")
+
+
+def test_full_training_resumes_from_the_last_checkpoint_and_skips_when_done(setup, monkeypatch):
+    recipe = recipe_for(setup, mode="full")
+    ck, out = setup["root"] / "ck-full", setup["root"] / "full-target"
+    kwargs = {
+        "pivot_store": setup["stores"]["pivot"],
+        "aligned": {"src": setup["stores"]["src"]},
+        "out": out,
+        "checkpoints": ck,
+        "progress": False,
+    }
+    import fusemerge.fuse.train as train_module
+
+    real_build = train_module.build_trainer
+
+    def interrupted(*args, **kw):
+        trainer = real_build(*args, **kw)
+        trainer.add_callback(_StopAfterFirstSave())
+        return trainer
+
+    monkeypatch.setattr(train_module, "build_trainer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_target(recipe, setup["data"], echo=lambda _: None, **kwargs)
+    assert (ck / "checkpoint-1").is_dir() and not out.exists()
+    monkeypatch.setattr(train_module, "build_trainer", real_build)
+    lines: list[str] = []
+    train_target(recipe, setup["data"], echo=lines.append, **kwargs)
+    assert "resuming from checkpoint-1" in lines[0]
+    state = json.loads((ck / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert (out / TARGET_STAMP).is_file() and (out / "model.safetensors").is_file()
+    assert not list(out.glob("*.bin"))  # no pickles in a target folder
+    lines.clear()
+    train_target(recipe, setup["data"], echo=lines.append, **kwargs)
+    assert lines == [f"train {out.name}: target complete, skipped ({out})"]
+    changed = recipe_for(setup, mode="full", learning_rate=1e-3)
+    with pytest.raises(FusemergeError, match="is not this target"):
+        train_target(changed, setup["data"], echo=lines.append, **kwargs)
+
+
+def test_qlora_is_a_clear_error_without_a_gpu(setup):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: qlora is allowed here")
+    recipe = recipe_for(setup, mode="qlora")
+    with pytest.raises(FusemergeError, match="key 'training.mode': qlora needs a CUDA GPU"):
+        build_trainer(
+            recipe, setup["data"], setup["stores"], checkpoints=setup["root"] / "ck-q", progress=False
+        )
+
+
+def test_gradient_checkpointing_gives_the_same_first_step(setup):
+    losses = []
+    for checkpointing in (False, True):
+        recipe = recipe_for(setup, mode="lora", max_steps=1, gradient_checkpointing=checkpointing)
+        trainer = build_trainer(
+            recipe,
+            setup["data"],
+            setup["stores"],
+            checkpoints=setup["root"] / f"ck-gc-{checkpointing}",
+            progress=False,
+        )
+        assert trainer.args.activation_checkpointing is checkpointing
+        trainer.train()
+        losses.append(next(h["loss"] for h in trainer.state.log_history if "loss" in h))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_one_target_from_every_source_with_avgce_and_kl(setup, fuse_helpers):
+    """FuseLLM-style multi-source fusion: one target, every aligned store a candidate, CE-weighted mix."""
+    third = fuse_helpers.make_store(
+        setup["root"] / "third", setup["data"], setup["tokenizer"], seed=3, aligned=True
+    )
+    recipe = recipe_for(setup, mode="lora", max_steps=1)
+    recipe = recipe.model_copy(
+        update={
+            "fusion": recipe.fusion.model_copy(update={"function": "avgce", "sources": "all", "loss": "kl"})
+        }
+    )
+    out = train_target(
+        recipe,
+        setup["data"],
+        pivot_store=setup["stores"]["pivot"],
+        aligned={"org/a": setup["stores"]["src"], "org/b": third},
+        out=setup["root"] / "all-target",
+        checkpoints=setup["root"] / "ck-all",
+        progress=False,
+        echo=lambda _: None,
+    )
+    stamp = json.loads((out / TARGET_STAMP).read_text())
+    assert stamp["sources"] == ["org/a", "org/b"] and stamp["fusion"]["function"] == "avgce"
+    card = (out / "README.md").read_text()
+    assert "source: `org/a`" in card and "source: `org/b`" in card and "- avgce" in card
+    log = json.loads((setup["root"] / "ck-all" / "checkpoint-1" / "trainer_state.json").read_text())[
+        "log_history"
+    ]
+    assert all(np.isfinite(h["loss"]) for h in log if "loss" in h)
