@@ -99,3 +99,24 @@ def test_fuse_command_reports_user_errors_in_one_line(recipe, tmp_path):
     result = CliRunner().invoke(fuse, [str(bad)])
     assert result.exit_code == 2 and f"{bad}:5, key 'teachr': unknown key" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_shipped_fuse_recipes_validate():
+    """recipes/fusechat-7b.yml (the paper's setup) and the CPU recipe load as fuse recipes."""
+    from pathlib import Path
+
+    import yaml
+
+    from fusemerge.fuse.recipe import load_fuse_recipe
+
+    recipes = [
+        p
+        for p in sorted((Path(__file__).parents[2] / "recipes").glob("*.yml"))
+        if "pivot" in yaml.safe_load(p.read_text())
+    ]
+    assert {p.name for p in recipes} >= {"fusechat-7b.yml", "fuse-tiny-cpu.yml"}
+    paper = load_fuse_recipe(recipes[[p.name for p in recipes].index("fusechat-7b.yml")])
+    assert paper.pivot.model == "openchat/openchat_3.5" and len(paper.sources) == 2
+    assert paper.teacher.top_k == 10 and paper.fusion.lambda_ == 0.9
+    for path in recipes:
+        load_fuse_recipe(path)

@@ -1,4 +1,4 @@
-"""Every recipe in recipes/ passes `fusemerge merge --dry-run`, on tiny Mistral stand-ins of its models.
+"""Every merge recipe in recipes/ passes `fusemerge merge --dry-run`, on tiny Mistral stand-ins of its models.
 
 The recipes name the real Hub ids; the stand-ins sit in a fake local Hugging Face cache under those ids,
 so the recipes are checked verbatim, offline, by the same resolution path a user's cache takes.
@@ -20,7 +20,10 @@ from fusemerge.cli import main
 from tests.merge.hub_cache import add_to_cache
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = sorted((ROOT / "recipes").glob("*.yml"))
+# Merge recipes (mergekit YAML); the fuse recipes in the same folder are checked in tests/fuse.
+RECIPES = sorted(
+    p for p in (ROOT / "recipes").glob("*.yml") if "merge_method" in yaml.safe_load(p.read_text())
+)
 IDS = ("openchat/openchat_3.5", "FuseAI/OpenChat-3.5-7B-Mixtral", "FuseAI/OpenChat-3.5-7B-Solar")
 
 

@@ -138,3 +138,12 @@ def weighted_into(x, coefficient, out, first):  # pragma: no cover - compiled
     else:
         for i in range(out.size):
             out[i] += as_f32(x[i]) * coefficient
+
+
+@njit(cache=True)
+def all_finite(x):  # pragma: no cover - compiled
+    """No NaN or Inf, without the n-byte mask torch.isfinite(...).all() would allocate."""
+    for i in range(x.size):  # noqa: SIM110 - an explicit loop compiles to an early-exit scan
+        if not np.isfinite(as_f32(x[i])):
+            return False
+    return True
