@@ -52,3 +52,30 @@ def test_fused_combine_equals_torch_path(method, monkeypatch):
     monkeypatch.setattr(ta, "use_kernels", lambda *_: False)
     reference = fn([m.float() for m in models], base.float(), **kwargs)
     torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "linear"])
+def test_bf16_results_are_rounded_exactly_like_torch(method, monkeypatch):
+    """With bf16 inputs the kernels write bf16 directly; it must equal float32 result .to(bfloat16)."""
+    import fusemerge.merge.methods.chunks as chunks
+    from fusemerge.merge.methods.linear import linear
+
+    base = _quantized(1_000_003, seed=7)[1]
+    models = [_quantized(1_000_003, seed=s)[0] for s in (8, 9)]
+    if method == "linear":
+        fused = linear([base, *models], None, weight=[0.2, 0.5, 0.3], normalize=True)
+        reference = chunks.weighted_sum([t.float() for t in (base, *models)], [0.2, 0.5, 0.3], 1.0)
+    else:
+        kwargs = {
+            "weight": [0.6, 0.4],
+            "density": [0.5, 0.8],
+            "normalize": True,
+            "rescale": False,
+            "int8_mask": False,
+            "lambda": 1.0,
+        }
+        fn = getattr(ta, method)
+        fused = fn(models, base, **kwargs)
+        reference = fn([m.float() for m in models], base.float(), **kwargs)
+    assert fused.dtype == torch.bfloat16
+    assert torch.equal(fused, reference.to(torch.bfloat16))

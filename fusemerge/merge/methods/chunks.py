@@ -72,9 +72,10 @@ def from_rows(rows: torch.Tensor, like: torch.Tensor, mode: str) -> torch.Tensor
 def weighted_sum(
     tensors: Sequence[torch.Tensor], coefficients: Sequence[float], divide_by: float = 1.0
 ) -> torch.Tensor:
-    """sum_j c_j * x_j / divide_by in float32 (float64 for float64 inputs), chunk by chunk.
+    """sum_j c_j * x_j / divide_by, accumulated in float32 (float64 for float64 inputs), chunk by chunk.
 
-    On the CPU in float32 the numba kernel reads bf16 inputs in place (no float32 copies); elsewhere torch.
+    On the CPU in float32 the numba kernel reads bf16 inputs in place and, when every input is bf16,
+    writes the bf16 result directly (rounded once, as the engine's cast would); elsewhere torch.
     """
     import torch
 
@@ -83,19 +84,24 @@ def weighted_sum(
 
     dtype = compute_dtype(tensors)
     first = tensors[0]
-    out = torch.empty(first.shape, dtype=dtype, device=first.device)
-    out_flat, inputs = flat(out), [flat(t) for t in tensors]
     native = first.device.type == "cpu" and dtype == torch.float32
-    for span in spans(out.numel()):
-        acc = out_flat[span]
-        if native:
-            acc_np = acc.numpy()
+    out_dtype = torch.bfloat16 if native and all(t.dtype == torch.bfloat16 for t in tensors) else dtype
+    out = torch.empty(first.shape, dtype=out_dtype, device=first.device)
+    out_flat, inputs = flat(out), [flat(t) for t in tensors]
+    if native:
+        out_np = kernel_view(out_flat)
+        acc = np.empty(min(CHUNK_ELEMENTS, out.numel()), dtype=np.float32)
+        for span in spans(out.numel()):
+            n = span.stop - span.start
             for j, (x, c) in enumerate(zip(inputs, coefficients, strict=True)):
-                kernels.weighted_into(kernel_view(x[span]), np.float32(c), acc_np, j == 0)
-        else:
-            acc.copy_(inputs[0][span]).mul_(coefficients[0])
-            for x, c in zip(inputs[1:], coefficients[1:], strict=True):
-                acc.add_(x[span].to(dtype), alpha=c)
+                kernels.weighted_into(kernel_view(x[span]), np.float32(c), acc[:n], j == 0)
+            kernels.store_scaled(acc[:n], np.float32(divide_by), out_np[span])
+        return out
+    for span in spans(out.numel()):
+        acc_t = out_flat[span]
+        acc_t.copy_(inputs[0][span]).mul_(coefficients[0])
+        for x, c in zip(inputs[1:], coefficients[1:], strict=True):
+            acc_t.add_(x[span].to(dtype), alpha=c)
         if divide_by != 1.0:
-            acc.div_(divide_by)
+            acc_t.div_(divide_by)
     return out

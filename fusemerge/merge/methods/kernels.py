@@ -58,6 +58,34 @@ def _as_f32(value):  # pragma: no cover - compiled
     return None
 
 
+def store(out, i, value):  # pragma: no cover - replaced by the overload in compiled code
+    raise NotImplementedError
+
+
+@overload(store)
+def _store(out, i, value):  # pragma: no cover - compiled
+    """out[i] = value, rounding to bf16 (round to nearest even, as torch does) when `out` holds bf16 bits:
+    results are written straight in the output dtype, with no float32 copy of the whole tensor."""
+    if out.dtype == types.uint16:
+
+        def to_bf16(out, i, value):
+            bits = _f32_to_bits(value)
+            if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN stays a (quiet) NaN
+                out[i] = np.uint16((bits >> np.uint32(16)) | np.uint32(0x40))
+            else:
+                rounding = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+                out[i] = np.uint16((bits + rounding) >> np.uint32(16))
+
+        return to_bf16
+    if out.dtype == types.float32:
+
+        def as_is(out, i, value):
+            out[i] = value
+
+        return as_is
+    return None
+
+
 @njit(cache=True)
 def histogram_hi(x, b, hist):  # pragma: no cover - compiled
     """hist[top 16 bits of |x - b|] += 1 (non-negative floats order like their bit patterns)."""
@@ -116,7 +144,7 @@ def add_agreeing(vote, delta, weight, mixed, divisor):  # pragma: no cover - com
 @njit(cache=True)
 def finish_sum(b, vote, scale, lam, out):  # pragma: no cover - compiled
     for i in range(out.size):
-        out[i] = as_f32(b[i]) + (vote[i] * scale) * lam
+        store(out, i, as_f32(b[i]) + (vote[i] * scale) * lam)
 
 
 @njit(cache=True)
@@ -126,7 +154,7 @@ def finish_agreeing(b, mixed, divisor, normalize, lam, out):  # pragma: no cover
         m = mixed[i]
         if normalize:
             m = m / (divisor[i] + np.float32(divisor[i] == zero))
-        out[i] = as_f32(b[i]) + m * lam
+        store(out, i, as_f32(b[i]) + m * lam)
 
 
 @njit(cache=True)
@@ -138,6 +166,16 @@ def weighted_into(x, coefficient, out, first):  # pragma: no cover - compiled
     else:
         for i in range(out.size):
             out[i] += as_f32(x[i]) * coefficient
+
+
+@njit(cache=True)
+def store_scaled(acc, divide_by, out):  # pragma: no cover - compiled
+    """out = acc / divide_by, in out's dtype (float32, or bf16 bits)."""
+    for i in range(acc.size):
+        value = acc[i]
+        if divide_by != np.float32(1.0):
+            value = value / divide_by
+        store(out, i, value)
 
 
 @njit(cache=True)

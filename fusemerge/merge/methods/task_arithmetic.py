@@ -115,12 +115,18 @@ def combine(
     dtype = compute_dtype([*tensors, base])
     scales = rescale_factors(tensors, base, thresholds, dtype) if rescale else [1.0] * len(tensors)
     coefficients = [w * s for w, s in zip(weight, scales, strict=True)]
-    out = torch.empty(base.shape, dtype=dtype, device=base.device)
+    fused = use_kernels(base, dtype) and all(k is None or isinstance(k, Keep) for k in thresholds)
+    # The fused kernels write bf16 results directly (rounded once, as the engine's cast would), sparing
+    # a float32 copy of the whole tensor; elsewhere the result is float32.
+    out_dtype = (
+        torch.bfloat16 if fused and all(t.dtype == torch.bfloat16 for t in [*tensors, base]) else dtype
+    )
+    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
     out_flat, b_flat = flat(out), flat(base)
     inputs = [flat(t) for t in tensors]
     total = sum(weight)
     scale = lambda_ / (total if abs(total) >= 1e-8 else 1.0) if normalize else lambda_
-    if use_kernels(base, dtype) and all(t is None or isinstance(t, Keep) for t in thresholds):
+    if fused:
         _fused_combine(
             inputs, b_flat, out_flat, thresholds, coefficients, weight, consensus, normalize, lambda_
         )
@@ -177,7 +183,7 @@ def _fused_combine(
     weights = np.array(weight, dtype=np.float32)
     total = sum(weight)
     scale = 1.0 / (total if abs(total) >= 1e-8 else 1.0) if normalize and not consensus else 1.0
-    out_np = out_flat.numpy()
+    out_np = kernel_view(out_flat)
     size = min(CHUNK_ELEMENTS, out_flat.numel())
     delta, vote, mixed, divisor = (np.empty(size, dtype=np.float32) for _ in range(4))
     for span in spans(out_flat.numel()):
