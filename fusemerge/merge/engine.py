@@ -161,9 +161,7 @@ def merge_tensor(plan: MergePlan, loaded: _Loaded, device: str, group_stats: Any
     out_dtype = torch_dtype(task.out_dtype)
     if task.copy_from is not None:
         return loaded.inputs[0].to(out_dtype)
-    work = torch_dtype(task.work_dtype) if task.work_dtype else _promoted([*loaded.inputs, loaded.base])
-    inputs = [x.to(device=device, dtype=work) for x in loaded.inputs]
-    base = loaded.base.to(device=device, dtype=work) if loaded.base is not None else None
+    work, inputs, base = _working_inputs(loaded, device)
     kwargs: dict[str, Any] = {**task.shared, **task.per_model}
     if group_stats is not None:
         kwargs["group_stats"] = group_stats
@@ -175,6 +173,18 @@ def merge_tensor(plan: MergePlan, loaded: _Loaded, device: str, group_stats: Any
         raise FusemergeError(exc.message, key=exc.key, tensor=task.name) from None
     # Round through the working dtype first, as mergekit does (its result lives in the recipe dtype).
     return result.to(work).to(out_dtype).to("cpu")
+
+
+def _working_inputs(
+    loaded: _Loaded, device: str
+) -> tuple[torch.dtype, list[torch.Tensor], torch.Tensor | None]:
+    """The task's inputs in its working dtype (the recipe's `dtype`, else the inputs' promoted one) on
+    `device`: what both the statistics pass and the merge hand to a method."""
+    task = loaded.task
+    work = torch_dtype(task.work_dtype) if task.work_dtype else _promoted([*loaded.inputs, loaded.base])
+    inputs = [x.to(device=device, dtype=work) for x in loaded.inputs]
+    base = loaded.base.to(device=device, dtype=work) if loaded.base is not None else None
+    return work, inputs, base
 
 
 def _promoted(tensors: list[torch.Tensor | None]) -> torch.dtype:
@@ -205,9 +215,7 @@ def group_statistics(
     tasks = [t for t in plan.tasks if t.copy_from is None]
     for loaded in iter_loaded(plan, tasks, prefetch_bytes, allow_nonfinite=allow_nonfinite):
         task = loaded.task
-        work = torch_dtype(task.work_dtype) if task.work_dtype else _promoted([*loaded.inputs, loaded.base])
-        inputs = [x.to(device=device, dtype=work) for x in loaded.inputs]
-        base = loaded.base.to(device=device, dtype=work) if loaded.base is not None else None
+        _, inputs, base = _working_inputs(loaded, device)
         stats = plan.method.stats(inputs, base, **task.shared, **task.per_model)
         key = task.group or task.name
         totals[key] = stats if key not in totals else totals[key] + stats

@@ -127,7 +127,7 @@ class MergePlan:
         inputs = []
         for ref, folder in sorted(self.folders.items()):
             files = sorted({info.file for info in folder.tensors.values()} | set(folder_extra_files(folder)))
-            inputs.append([ref, [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]])
+            inputs.append([ref, [[f.name, (s := f.stat()).st_size, s.st_mtime_ns] for f in files]])
         layout = [[s.filename, [[t.name, t.dtype, list(t.shape)] for t in s.tensors]] for s in self.shards]
         seed = self.random_seed if self.method.random else None
         blob = json.dumps(
