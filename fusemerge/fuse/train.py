@@ -55,6 +55,9 @@ class FusionTrainer(Trainer):
 
     def __init__(self, *args: Any, lambda_: float = 0.9, loss_kind: str = "ce", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Releases without `loss_is_scaled_for_ga` (5.17, for one) skip the division by the accumulation
+        # steps when the model's forward takes **kwargs; our loss never sees num_items_in_batch, so say no.
+        self.model_accepts_loss_kwargs = False
         self.lambda_ = lambda_
         self.loss_kind = loss_kind
 
@@ -174,8 +177,7 @@ def training_arguments(recipe: FuseRecipe, checkpoints: Path, *, cuda: bool, pro
         save_steps=t.save_steps,
         save_total_limit=2,
         eval_strategy="no",
-        activation_checkpointing=t.gradient_checkpointing,  # 5.x name of gradient_checkpointing
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **checkpointing_arguments(t.gradient_checkpointing),
         seed=t.seed,
         report_to="none",
         remove_unused_columns=False,  # the collator's features are not the model's arguments
@@ -185,6 +187,24 @@ def training_arguments(recipe: FuseRecipe, checkpoints: Path, *, cuda: bool, pro
         use_cpu=not cuda,
         **precision(t.dtype, cuda),
     )
+
+
+def checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """Activation (gradient) checkpointing as TrainingArguments spell it in the installed transformers.
+
+    Recent 5.x releases call it `activation_checkpointing` (`gradient_checkpointing` is kept, deprecated);
+    earlier 5.x releases (5.17, for one) know only `gradient_checkpointing` and reject the new name.
+    """
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    name = (
+        "activation_checkpointing"
+        if any(f.name == "activation_checkpointing" for f in fields(TrainingArguments))
+        else "gradient_checkpointing"
+    )
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 # ---------------------------------------------------------------- one target
