@@ -9,7 +9,8 @@
 `HfApi.create_repo(exist_ok=True)` then `upload_folder` (resumable in current huggingface_hub releases;
 large files go through Xet or LFS as the Hub asks). Only complete folders are pushed: a merge's index is
 written last, so a folder without it (or whose state says it is still running) is refused rather than
-published half-written. fusemerge's own state (`.fusemerge/`) and unfinished shards never leave the machine.
+published half-written. fusemerge's own state (`.fusemerge/`, a fused target's `fusemerge_target.json`
+stamp) and unfinished shards never leave the machine.
 
 The token: huggingface_hub finds it (`HF_TOKEN`, or the login saved by `hf auth login`); fusemerge never
 reads it from a recipe, never prints or logs it, and scrubs it from any error it turns into a message.
@@ -27,7 +28,8 @@ from fusemerge.errors import FusemergeError
 
 LOG = logging.getLogger(__name__)
 INDEX_NAME = "model.safetensors.index.json"
-IGNORE_PATTERNS = [".fusemerge/*", "*.partial", "*.done", ".git*", "*/.git*"]
+# fusemerge's bookkeeping stays local: a merge's state, unfinished shards, a fused target's stamp
+IGNORE_PATTERNS = [".fusemerge/*", "*.partial", "*.done", "fusemerge_target.json", ".git*", "*/.git*"]
 
 
 def check_complete(folder: Path) -> None:

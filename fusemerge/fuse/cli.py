@@ -5,6 +5,7 @@
     fusemerge fuse recipes/fusechat-7b.yml --steps teach,align   # ... and each source in pivot positions/ids
     accelerate launch --config_file examples/accelerate/deepspeed_zero2.yaml \
         -m fusemerge.cli fuse recipes/fusechat-7b.yml            # teach shards and training on every GPU
+    fusemerge fuse recipe.yml --push-to-hub me/OpenChat-3.5-7B   # ... then upload each target
 
 `fusemerge.cli` registers it. It holds no logic: `run_fuse` does the work.
 """
@@ -28,8 +29,17 @@ from fusemerge.fuse.pipeline import STEPS
     help=f"Comma-separated steps to run ({', '.join(STEPS)}); finished work is skipped.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option(
+    "--push-to-hub",
+    "push_to_hub",
+    metavar="REPO_ID",
+    help="Upload the fused targets when trained: one target to REPO_ID; several (pairwise fusion) to "
+    "REPO_ID-<source name> each; a namespace alone (me/) puts each under its folder name. Needs the "
+    "train step; checked before any work starts.",
+)
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repos private.")
 @exit_2_on_user_error
-def fuse(recipe: Path, steps: str, quiet: bool) -> None:
+def fuse(recipe: Path, steps: str, quiet: bool, push_to_hub: str | None, private: bool) -> None:
     """Fuse chat models of different tokenizers as the RECIPE says (FuseChat).
 
     \b
@@ -43,7 +53,20 @@ def fuse(recipe: Path, steps: str, quiet: bool) -> None:
     Each source gives one fused target (the pivot trained on its MinCE targets); the command then
     prints where they are and writes OUTPUT/merge.yml, to be run with `fusemerge merge` (printed).
     An interrupted run, rerun with the same command, continues where it stopped.
+
+    \b
+    --push-to-hub, for the pivot org/openchat_3.5 and the sources org/Solar, org/Mixtral:
+      me/OC-7B  ->  me/OC-7B-Solar and me/OC-7B-Mixtral  (one target: me/OC-7B itself)
+      me/       ->  me/openchat_3.5-Solar and me/openchat_3.5-Mixtral  (the folder names)
+    The token comes from HF_TOKEN or `hf auth login`; it is never printed.
     """
     from fusemerge.fuse.pipeline import run_fuse
 
-    run_fuse(recipe, steps=steps.split(","), progress=not quiet, echo=click.echo)
+    run_fuse(
+        recipe,
+        steps=steps.split(","),
+        progress=not quiet,
+        echo=click.echo,
+        push_to_hub=push_to_hub,
+        private=private,
+    )

@@ -19,6 +19,10 @@ and under the recipe's output:
 Every step reads only the previous step's files and skips what is already complete, so an interrupted
 run continues with the same command. The training stage opens the results with
 `fusemerge.fuse.inputs.open_fusion_inputs`.
+
+With `push_to_hub`, the finished targets are uploaded at the end (`hub_repo_ids` says where): one target
+goes to the repo id as given; several go to `<repo id>-<source name>` each; a namespace alone (`me/`)
+puts each under its folder name. The ids are checked before any work starts.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ def run_fuse(
     steps: Iterable[str] = STEPS,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    push_to_hub: str | None = None,
+    private: bool = False,
 ) -> dict[str, Path]:
     """Run the requested steps of the fuse recipe; returns the folders they made or checked.
 
@@ -53,6 +59,8 @@ def run_fuse(
         steps: any of `STEPS`, run in pipeline order whatever order they are given in.
         progress: progress bars (per model: sequences, tokens/s, ETA).
         echo: where one-line status messages go.
+        push_to_hub: upload the targets when trained (see `hub_repo_ids`); needs the train step.
+        private: create the Hub repos private (an existing repo keeps its visibility).
     """
     steps = [s.strip() for s in steps if s.strip()]
     unknown = [s for s in steps if s not in STEPS]
@@ -60,7 +68,15 @@ def run_fuse(
         raise FusemergeError(f"unknown step {unknown[0]!r}; steps are {', '.join(STEPS)}", key="--steps")
     if not steps:
         raise FusemergeError(f"no step to run; steps are {', '.join(STEPS)}", key="--steps")
+    if private and not push_to_hub:
+        raise FusemergeError("--private only applies with --push-to-hub", key="--private")
+    if push_to_hub and "train" not in steps:
+        raise FusemergeError(
+            "the trained targets are what is pushed: add the train step (finished targets are skipped)",
+            key="--push-to-hub",
+        )
     recipe = load_fuse_recipe(recipe_path)
+    repo_ids = hub_repo_ids(recipe, push_to_hub) if push_to_hub else {}
     if "teach" not in steps:
         _require_teacher_stores(recipe)
     pivot_tokenizer, data = chat_data(recipe, echo=echo)
@@ -71,7 +87,72 @@ def run_fuse(
         folders.update(align(recipe, data, pivot_tokenizer, progress=progress, echo=echo))
     if "train" in steps:
         folders.update(train(recipe, data, progress=progress, echo=echo))
+    if repo_ids:
+        push_targets(repo_ids, private=private, echo=echo)
     return folders
+
+
+def hub_repo_ids(recipe: FuseRecipe, repo_id: str) -> dict[Path, str]:
+    """Where `--push-to-hub REPO_ID` puts each target folder, checked before any work is done.
+
+    - one target (one source, or `fusion.sources: all`): REPO_ID itself;
+    - several targets (pairwise fusion of several sources): REPO_ID-<source name> each,
+      e.g. me/OpenChat-3.5-7B -> me/OpenChat-3.5-7B-Nous-Hermes-2-SOLAR-10.7B;
+    - a namespace alone, with its slash (me/): each target under its folder name, me/<pivot>-<source>.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    plan = target_plan(recipe)
+    source_names = _names(recipe)[1:]
+    output = Path(recipe.output)
+    if repo_id.endswith("/"):
+        ids = {output / name: f"{repo_id}{name}" for name, _ in plan}
+    elif len(plan) == 1:
+        ids = {output / plan[0][0]: repo_id}
+    else:
+        ids = {output / name: f"{repo_id}-{source_names[members[0]]}" for name, members in plan}
+    for target, rid in ids.items():
+        try:
+            validate_repo_id(rid)
+        except HFValidationError as exc:
+            derived = "" if rid == repo_id else f" (for the target {target.name})"
+            reason = str(exc).rsplit(": '", 1)[0]
+            raise FusemergeError(
+                f"{rid!r}{derived} is not a valid Hub repo id: {reason}",
+                key="--push-to-hub",
+            ) from None
+    return ids
+
+
+def push_targets(
+    repo_ids: dict[Path, str],
+    *,
+    private: bool = False,
+    echo: Callable[[str], None] = print,
+) -> list[str]:
+    """Upload every finished target to its repo (`hub_repo_ids`); under a launcher the main process alone.
+
+    Returns the commit URLs. A target folder holds its model card (README.md), the fuse recipe and the
+    pivot's tokenizer; fusemerge's bookkeeping (`fusemerge_target.json`) stays local.
+    """
+    from accelerate import PartialState
+
+    from fusemerge.hub import push_folder
+
+    if not PartialState().is_main_process:
+        return []
+    urls = []
+    for target, rid in repo_ids.items():
+        urls.append(
+            push_folder(
+                target,
+                rid,
+                private=private,
+                commit_message=f"Upload {target.name}, fused with fusemerge",
+                echo=echo,
+            )
+        )
+    return urls
 
 
 def chat_data(recipe: FuseRecipe, *, echo: Callable[[str], None] = print) -> tuple[Any, Any]:
