@@ -27,6 +27,13 @@ from fusemerge.checkpoint.writer import atomic_write_text
 from fusemerge.corpora import chatterbot_conversations, stdlib_code_blocks
 
 DOMAINS = ("code", "chat")
+# The chat format of every demo model: plain "User:" / "Assistant:" lines that every tokenizer reads as
+# ordinary text. Pre-training texts are conversations in this format too, so the specialists know it, as
+# real chat models know theirs (FuseChat renders everything with the pivot's template).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ ('User: ' if m['role'] == 'user' else 'Assistant: ') + m['content'] + '\\n\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
 CODE_PROMPTS = (
     "Show me some code from the Python standard library module `{module}`.",
     "Write Python code like the standard library's `{module}.py`.",
@@ -49,9 +56,9 @@ class Split:
 class CorpusPlan:
     """The demo's data sizes. Defaults keep the whole demo within minutes on two CPU cores."""
 
-    code: Split = Split(heldout=80, fusion=160, pivot=60, specialist=420)
-    chat: Split = Split(heldout=250, fusion=400, pivot=180, specialist=1150)
-    code_max_chars: int = 1200
+    code: Split = Split(heldout=70, fusion=120, pivot=60, specialist=420)
+    chat: Split = Split(heldout=120, fusion=200, pivot=80, specialist=495)
+    code_max_chars: int = 1000
     seed: int = 0
 
 
@@ -93,8 +100,24 @@ def chat_records() -> list[dict]:
 
 
 def record_text(record: dict) -> str:
-    """A record as plain text for pre-training: its turns, one per line (no chat template)."""
-    return "\n".join(m["content"] for m in record["messages"])
+    """A record as pre-training text: exactly what CHAT_TEMPLATE renders (checked by the tests)."""
+    return "".join(
+        ("User: " if m["role"] == "user" else "Assistant: ") + m["content"] + "\n\n"
+        for m in record["messages"]
+    )
+
+
+def _unique(records: list[dict]) -> list[dict]:
+    """The records without repeats (chatterbot repeats conversations across topics, the standard library
+    repeats some blocks): a repeat split across parts would leak held-out or fusion text into training."""
+    seen: set[str] = set()
+    out = []
+    for r in records:
+        key = "\0".join(m["content"].strip() for m in r["messages"])
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
 
 
 def build_corpus(folder: str | Path, plan: CorpusPlan = CorpusPlan()) -> Corpus:
@@ -106,6 +129,7 @@ def build_corpus(folder: str | Path, plan: CorpusPlan = CorpusPlan()) -> Corpus:
         ("code", code_records(plan), plan.code),
         ("chat", chat_records(), plan.chat),
     ):
+        records = _unique(records)
         random.Random(plan.seed).shuffle(records)
         need = split.heldout + split.fusion + split.pivot + split.specialist
         if len(records) < need:

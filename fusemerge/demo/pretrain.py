@@ -23,7 +23,6 @@ from fusemerge.assets import load_shipped_tokenizer
 from fusemerge.checkpoint.writer import atomic_write_text
 
 STAMP = "fusemerge-demo.json"
-CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
 
 
 @dataclass(frozen=True)
@@ -42,17 +41,14 @@ class ModelPlan:
     learning_rate: float = 3e-3
     batch_size: int = 16
     seed: int = 0
-    chat_tokens: bool = False  # add <|im_start|>/<|im_end|> and the ChatML template (the pivot)
 
 
 def demo_tokenizer(plan: ModelPlan) -> Any:
-    """The plan's real tokenizer; the pivot's gains ChatML's two special tokens and template."""
-    from fusemerge.fuse.data import BUILTIN_TEMPLATES
+    """The plan's real tokenizer, with the demo's chat template (fusemerge.demo.corpus.CHAT_TEMPLATE)."""
+    from fusemerge.demo.corpus import CHAT_TEMPLATE
 
     tok = load_shipped_tokenizer(plan.tokenizer)  # type: ignore[arg-type]
-    if plan.chat_tokens:
-        tok.add_special_tokens({"additional_special_tokens": CHATML_TOKENS})
-        tok.chat_template = BUILTIN_TEMPLATES["chatml"]
+    tok.chat_template = CHAT_TEMPLATE
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

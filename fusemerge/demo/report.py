@@ -46,13 +46,20 @@ def check_lines(result: DemoResult, specialist_domains: list[str]) -> list[str]:
     varm, linear = bpb["VaRM merge"]["average"], bpb["linear merge"]["average"]
     verdict = "yes" if varm <= linear else "NO"
     lines.append(
-        f"VaRM merge no worse than linear on average: {verdict} ({varm:.4f} vs {linear:.4f}, {_percent(varm, linear)})"
+        f"VaRM merge no worse than linear on average: {verdict} "
+        f"({varm:.5f} vs {linear:.5f}, {_percent(varm, linear, 3)})"
     )
+    if result.varm_weights:
+        w = sorted(result.varm_weights)
+        lines.append(
+            f"VaRM's weight of the first target per matrix: min {w[0]:.3f}, median {w[len(w) // 2]:.3f}, "
+            f"max {w[-1]:.3f} (linear: 0.500 everywhere)"
+        )
     return lines
 
 
-def _percent(new: float, old: float) -> str:
-    return f"{100 * (new - old) / old:+.2f}%"
+def _percent(new: float, old: float, digits: int = 2) -> str:
+    return f"{100 * (new - old) / old:+.{digits}f}%"
 
 
 def save_plot(result: DemoResult, path: str | Path) -> Path:

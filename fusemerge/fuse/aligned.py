@@ -51,6 +51,7 @@ from fusemerge.fuse.align import (
     VocabMapping,
     align_batch,
     build_vocab_mapping,
+    same_start_alignment,
     transfer_topk,
 )
 from fusemerge.fuse.data import ChatData, ChatTokenizer
@@ -58,7 +59,7 @@ from fusemerge.fuse.store import TopKStore
 from fusemerge.fuse.teacher import tokenizer_hash
 
 LOG = logging.getLogger(__name__)
-ALIGNED_FORMAT = 1  # bump when the transfer rules change: older aligned stores are then refused
+ALIGNED_FORMAT = 2  # 2: same-end rule for offsets. Bump when the transfer rules change: older aligned stores are then refused
 ALIGNMENT_CACHE = 2**23  # aligned index pairs kept between the stats pass and the transfer (~70 MB)
 COUNT_BLOCK = 512  # sequences aligned per batched call in the co-alignment count
 
@@ -203,6 +204,7 @@ def run_align(
                     p.ids,
                     pivot_pieces=pivot.pieces(p.ids),
                     source_pieces=source.pieces(s.ids),
+                    **_span_ends(tokens, s, p),
                 )
                 ids.append(moved.ids.astype(np.int32))
                 lps.append(moved.logprobs.astype(np.float16))
@@ -218,6 +220,21 @@ def run_align(
         f"{100 * report.teacher_fraction:.1f}% with a teacher distribution ({report.seconds:.1f} s)"
     )
     return report
+
+
+def _span_ends(tokens: str, source: TokenizedText, pivot: TokenizedText) -> dict[str, np.ndarray]:
+    """Where each token ends, for the same-end rule of `offsets` alignment (none for `dtw`).
+
+    Zero-width tokens (BOS, EOS) end where the text before them ends, so BOS still matches BOS.
+    """
+    if tokens != "offsets" or source.offsets is None or pivot.offsets is None:
+        return {}
+    return {"source_ends": _ends(source.offsets), "pivot_ends": _ends(pivot.offsets)}
+
+
+def _ends(offsets: np.ndarray) -> np.ndarray:
+    ends = np.asarray(offsets, dtype=np.int64)[:, 1]
+    return np.maximum.accumulate(ends) if len(ends) else ends
 
 
 def aligned_identity(
@@ -257,7 +274,8 @@ def _vocab_mapping(
     echo: Callable[[str], None],
 ) -> VocabMapping:
     """Load the mapping file and check it was built for this pair (and corpus), or build and save it."""
-    provenance = {"tokens": tokens, "dataset_hash": data_hash} if method == "stats" else {}
+    counted = method in ("stats", "prefix")  # built from the corpus: bound to it
+    provenance = {"tokens": tokens, "dataset_hash": data_hash} if counted else {}
     if path.is_file():
         mapping = VocabMapping.load(path, source=source.profile, pivot=pivot.profile)
         if mapping.method != method:
@@ -271,11 +289,15 @@ def _vocab_mapping(
             if meta.get(key) != want:
                 what = "other chat data" if key == "dataset_hash" else f"tokens '{meta.get(key)}'"
                 raise FusemergeError(
-                    f"this stats mapping was counted on {what}; delete it to rebuild", file=path, key=key
+                    f"this {method} mapping was counted on {what}; delete it to rebuild", file=path, key=key
                 )
         return mapping
     params: dict[str, Any] = {}
-    if method == "stats":
+    if method == "prefix" and tokens != "offsets":
+        raise FusemergeError(
+            "vocab 'prefix' needs character spans: use tokens: offsets", key="alignment.vocab"
+        )
+    if counted:
         counts = CoAlignmentCounts(len(source.profile), len(pivot.profile))
         kept = 0
         with _bar(len(data.sequences), "count co-alignments", progress) as bar:
@@ -286,7 +308,10 @@ def _vocab_mapping(
                     for i in block
                 ]
                 for i, (s, p), alignment in zip(block, pairs, align_batch(tokens, pairs), strict=True):
-                    counts.add(s.ids, p.ids, alignment)
+                    if method == "prefix":
+                        counts.add(s.ids, p.ids, same_start_alignment(s.offsets, p.offsets))
+                    else:
+                        counts.add(s.ids, p.ids, alignment)
                     if kept + len(alignment.indices) <= ALIGNMENT_CACHE:  # spare the transfer a second dtw
                         cache[i] = alignment
                         kept += len(alignment.indices)

@@ -82,7 +82,13 @@ class TeacherSpec(_Frozen):
 
 class AlignmentSpec(_Frozen):
     tokens: Literal["dtw", "offsets"] = "dtw"
-    vocab: Literal["exact", "mined", "stats"] = "stats"
+    vocab: Literal["exact", "mined", "stats", "prefix"] = "stats"
+
+    @model_validator(mode="after")
+    def _prefix_needs_spans(self) -> AlignmentSpec:
+        if self.vocab == "prefix" and self.tokens != "offsets":
+            raise ValueError("vocab 'prefix' needs character spans: set tokens: offsets")
+        return self
 
 
 class FusionSpec(_Frozen):
@@ -117,6 +123,7 @@ class TrainingSpec(_Frozen):
     save_steps: PositiveInt = 500  # checkpoint every N optimizer steps: the unit of resumption
     logging_steps: PositiveInt = 10
     dataloader_workers: int = Field(0, ge=0)
+    group_by_length: bool = True  # batches of similar lengths (less padding); else uniformly random batches
     seed: int = 42
 
 

@@ -103,12 +103,18 @@ def precision(dtype: str, cuda: bool) -> dict[str, bool]:
 
 
 def load_student(recipe: FuseRecipe, *, cuda: bool) -> Any:
-    """The pivot as the model to train: float32 master weights (+ LoRA adapters, or a 4-bit base)."""
+    """The pivot as the model to train: float32 master weights, or a frozen base (bf16 or 4-bit) + adapters."""
     import torch
     from transformers import AutoModelForCausalLM
 
     spec, training = recipe.pivot, recipe.training
-    kwargs: dict[str, Any] = {"dtype": torch.float32, "trust_remote_code": spec.trust_remote_code}
+    # LoRA under bf16 mixed precision: the frozen base in bf16 (half the memory; autocast runs its matmuls
+    # in bf16 anyway) while peft keeps the adapters in float32. Full fine-tuning keeps float32 masters.
+    frozen_bf16 = training.mode == "lora" and precision(training.dtype, cuda)["bf16"]
+    kwargs: dict[str, Any] = {
+        "dtype": torch.bfloat16 if frozen_bf16 else torch.float32,
+        "trust_remote_code": spec.trust_remote_code,
+    }
     if training.mode == "qlora":
         if not cuda:
             raise FusemergeError(
@@ -178,6 +184,7 @@ def training_arguments(recipe: FuseRecipe, checkpoints: Path, *, cuda: bool, pro
         save_total_limit=2,
         eval_strategy="no",
         **checkpointing_arguments(t.gradient_checkpointing),
+        **sampling_arguments(t.group_by_length),
         seed=t.seed,
         report_to="none",
         remove_unused_columns=False,  # the collator's features are not the model's arguments
@@ -205,6 +212,24 @@ def checkpointing_arguments(enabled: bool) -> dict[str, Any]:
         else "gradient_checkpointing"
     )
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
+def sampling_arguments(group_by_length: bool) -> dict[str, Any]:
+    """Length-grouped batches as TrainingArguments spell it in the installed transformers.
+
+    Chat data mixes two-line exchanges with long code answers; random batches pad each short one to
+    the longest in its batch, which can be most of the compute. transformers' LengthGroupedSampler
+    keeps batches random but of similar lengths. Recent 5.x releases select it with
+    `train_sampling_strategy`, earlier ones with `group_by_length`.
+    """
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in fields(TrainingArguments)}
+    if "train_sampling_strategy" in names:
+        return {"train_sampling_strategy": "group_by_length" if group_by_length else "random"}
+    return {"group_by_length": group_by_length}
 
 
 # ---------------------------------------------------------------- one target

@@ -16,6 +16,7 @@ from fusemerge.fuse.align import (
     VocabMapping,
     align,
     build_vocab_mapping,
+    same_start_alignment,
     tokenize,
     transfer_topk,
 )
@@ -282,3 +283,42 @@ def test_co_alignment_counts_by_hand():
         (3, 2, 2),
         (3, 4, 2),
     ]
+
+
+def test_same_start_alignment_by_hand():
+    # text "f(self)": source 'f' '(self' ')' ; pivot 'f' '(' 'self' ')' ; a zero-width BOS on the pivot side
+    source = np.array([[0, 1], [1, 6], [6, 7]])
+    pivot = np.array([[0, 0], [0, 1], [1, 2], [2, 6], [6, 7]])
+    alignment = same_start_alignment(source, pivot)
+    assert alignment.to_lists() == [[], [0], [1], [], [2]]
+
+
+def test_prefix_mapping_maps_to_the_first_pivot_piece_in_context(tokenizers, profiles):
+    # Qwen3 keeps "(self", ".\n" and "_name" whole; Mistral starts them with "(", "." and "_": a teacher
+    # predicting "(self" next means the pivot's next token is "(", which is what `prefix` maps it to.
+    code = stdlib_code_snippets(40)
+    source, pivot = profiles["qwen"], profiles["mistral"]
+    counts = CoAlignmentCounts(len(source), len(pivot))
+    for text in code:
+        s = _tok(tokenizers, profiles, "qwen", text)
+        p = _tok(tokenizers, profiles, "mistral", text)
+        counts.add(s.ids, p.ids, same_start_alignment(s.offsets, p.offsets))
+    mapping = build_vocab_mapping("prefix", source, pivot, counts=counts)
+    qt, mt = tokenizers["qwen"], tokenizers["mistral"]
+    expected = {"(self": "(", ".Ċ": ".", "Ġreturn": "▁return", "Ġself": "▁self", "):Ċ": "):"}
+    for src_piece, pivot_piece in expected.items():
+        got = mapping.source_to_pivot[qt.convert_tokens_to_ids(src_piece)]
+        assert mt.convert_ids_to_tokens(int(got)) == pivot_piece, src_piece
+    assert mapping.method == "prefix"
+    assert mapping.source_to_pivot[qt.eos_token_id] == mt.eos_token_id
+
+
+def test_prefix_mapping_needs_offsets_alignment(tmp_path):
+    from fusemerge.fuse.recipe import load_fuse_recipe
+
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(
+        "pivot: a\nsources: [b]\ndataset: {path: d.jsonl}\noutput: out\nalignment: {tokens: dtw, vocab: prefix}\n"
+    )
+    with pytest.raises(FusemergeError, match="prefix.*tokens: offsets"):
+        load_fuse_recipe(recipe)

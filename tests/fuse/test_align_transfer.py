@@ -72,3 +72,22 @@ def test_mapping_shorter_than_logit_ids():
     ids, lps = _topk([[(1, 0.5), (99, 0.4)]])
     out = transfer_topk(alignment, ids, lps, np.array([3, 4]), np.array([0]))
     assert out.ids.tolist() == [[4, -1]]
+
+
+def test_same_end_rule_drops_sources_that_predict_from_another_prefix():
+    # text "f(self" ; pivot tokens 'f' '(' 'self' ; source tokens 'f' '(self'
+    # pivot '(' is aligned one-to-one to source '(self', which ends 4 characters later: its next-token
+    # distribution is about what follows "(self", not "(" -> no teacher distribution there.
+    alignment = Alignment.from_lists([[0], [1], [1]], source_len=2)
+    pivot_ends, source_ends = np.array([1, 2, 6]), np.array([1, 6])
+    ids, lps = _topk([[(5, 0.9)], [(6, 0.8)]])
+    mapping = np.arange(10)
+    pivot_ids = np.array([1, 2, 3])
+    loose = transfer_topk(alignment, ids, lps, mapping, pivot_ids)
+    strict = transfer_topk(
+        alignment, ids, lps, mapping, pivot_ids, source_ends=source_ends, pivot_ends=pivot_ends
+    )
+    assert loose.from_teacher.tolist() == [True, True, True]
+    assert strict.from_teacher.tolist() == [True, False, True]
+    assert strict.ids[1, 0] == 3 and strict.logprobs[1, 0] == 0.0  # falls back to the next gold token
+    assert strict.ids[2, 0] == 6  # 'self' ends with '(self': the prediction points coincide

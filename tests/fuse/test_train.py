@@ -237,3 +237,33 @@ def test_one_target_from_every_source_with_avgce_and_kl(setup, fuse_helpers):
         "log_history"
     ]
     assert all(np.isfinite(h["loss"]) for h in log if "loss" in h)
+
+
+@pytest.mark.parametrize(("mode", "dtype"), [("lora", "bfloat16"), ("lora", "float32"), ("full", "bfloat16")])
+def test_student_weights_dtype(mode, dtype, tmp_path):
+    """LoRA in bf16 mixed precision keeps its frozen base in bf16 (half the memory of float32) and its
+    adapters in float32; full fine-tuning always keeps float32 master weights."""
+    import torch
+
+    from fusemerge.assets import build_random_model
+    from fusemerge.fuse.recipe import FuseRecipe
+    from fusemerge.fuse.train import load_student
+
+    pivot = build_random_model(tmp_path / "pivot")
+    recipe = FuseRecipe.model_validate(
+        {
+            "pivot": str(pivot),
+            "sources": ["source"],
+            "dataset": {"path": "chat.jsonl"},
+            "output": str(tmp_path / "out"),
+            "training": {"mode": mode, "dtype": dtype},
+        }
+    )
+    model = load_student(recipe, cuda=False)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert trained == {torch.float32}
+    if mode == "lora":
+        assert frozen == {torch.bfloat16 if dtype == "bfloat16" else torch.float32}
+    else:
+        assert not frozen

@@ -74,7 +74,13 @@ def load_folder(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_same_model(device_out: Path, cpu_out: Path, *, dtype: str, what: str) -> None:
-    """float32: within rtol 1e-5 (+ atol 1e-7); bfloat16: every element within one bf16 step of the CPU's.
+    """float32: within rtol 1e-5 (+ atol 1e-7); bfloat16: every element within one bf16 step of the CPU's,
+    plus a float32 accumulation floor of 2**-20 of the tensor's largest magnitude.
+
+    Both devices compute in float32 and round to bf16 once, but CUDA contracts `acc + c * x` into one
+    fused multiply-add where the CPU kernel rounds the product first. Where the weighted terms cancel
+    (an output near zero) that float32 difference, tiny next to the inputs, is many bf16 steps of the
+    near-zero output (first H200 run: 30 of 9.5M elements of a linear merge beyond one step).
     The measurements are recorded before any assertion, so a failure still reports them."""
     got, want = load_folder(device_out), load_folder(cpu_out)
     assert got.keys() == want.keys(), what
@@ -89,12 +95,16 @@ def assert_same_model(device_out: Path, cpu_out: Path, *, dtype: str, what: str)
         differing += int((a != b).sum())
         total += a.numel()
         if dtype == "bfloat16":  # one bf16 step of x is 2**(exponent(x) - 7) <= 2**-7 * |x|
-            bound = torch.maximum(a.abs(), b.abs()) * 2.0**-7
+            bound = torch.maximum(a.abs(), b.abs()) * 2.0**-7 + float(b.abs().max()) * 2.0**-20
         else:
             bound = 1e-7 + 1e-5 * b.abs()
         bad = int((diff > bound).sum())
         if bad:
-            outside[name] = bad
+            worst = torch.argsort(diff.flatten() - bound.flatten(), descending=True)[:3]
+            outside[name] = {
+                "count": bad,
+                "worst (device, cpu)": [(float(a.flatten()[i]), float(b.flatten()[i])) for i in worst],
+            }
     record(
         what,
         max_abs_diff=max_abs,

@@ -3,7 +3,7 @@
 - `dtw_align` / `dtw`: MinED dynamic-programming alignment on token strings, exactly the reference's;
   `dtw_align_batch` / `dtw_alignment_batch` (or `align_batch("dtw", ...)`) for many sequences at once.
 - `offsets`: exact alignment by fast tokenizers' character spans.
-- Vocabulary mappings `exact`, `mined`, `stats`, saved and loaded with `VocabMapping.save` / `load`.
+- Vocabulary mappings `exact`, `mined`, `stats`, `prefix`, saved and loaded with `VocabMapping.save` / `load`.
 - `transfer_topk`: a source's top-K moved onto pivot positions and ids, with the next-gold fallback.
 
 Example::
@@ -23,7 +23,12 @@ from fusemerge.fuse.align.offsets import offsets_alignment
 from fusemerge.fuse.align.profile import TokenizerProfile
 from fusemerge.fuse.align.registry import ALIGNMENT_METHODS, VOCAB_MAPPINGS, Registry
 from fusemerge.fuse.align.transfer import TransferredTopK, choose_source_positions, transfer_topk
-from fusemerge.fuse.align.vocab import CoAlignmentCounts, VocabMapping, build_vocab_mapping
+from fusemerge.fuse.align.vocab import (
+    CoAlignmentCounts,
+    VocabMapping,
+    build_vocab_mapping,
+    same_start_alignment,
+)
 
 
 def align(method: str, source: TokenizedText, pivot: TokenizedText, **params: object) -> Alignment:
@@ -50,6 +55,7 @@ __all__ = [
     "VOCAB_MAPPINGS",
     "Alignment",
     "CoAlignmentCounts",
+    "same_start_alignment",
     "Registry",
     "TokenizedText",
     "TokenizerProfile",

@@ -9,6 +9,11 @@ DESIGN.md section 3, after the FuseChat reference (`transform_step_logits`):
 - A position with no teacher distribution (none aligned, no piece chosen, no id mapped) falls back to
   the one-hot of the *next* gold pivot token, the token it is trained to predict. The released v1 code
   used the current token there, an off-by-one its users reported.
+- With character spans (`alignment.tokens: offsets`) one more rule applies: the chosen source token
+  must end where the pivot token ends (`same_end`). A next-token distribution predicts the text after
+  its token; where the two tokens end apart, the source's predicts what follows a different prefix
+  (source "(self" vs pivot "(": "," instead of "self"), a confidently wrong target. MinED cannot tell,
+  which is why the paper's rule takes any one-to-one pair; spans can, so they do.
 Log-probs are kept as the source gave them (not renormalised): dropped ids leave the sum below 1.
 """
 
@@ -65,6 +70,18 @@ def choose_source_positions(
     return chosen
 
 
+def same_end(chosen: np.ndarray, source_ends: np.ndarray, pivot_ends: np.ndarray) -> np.ndarray:
+    """`chosen` with -1 wherever the chosen source token does not end where the pivot token ends.
+
+    Args:
+        chosen: int [m] source position per pivot position, or -1 (`choose_source_positions`).
+        source_ends, pivot_ends: end of each token's span (character or byte offsets, same unit).
+    """
+    rows = np.where(chosen >= 0, chosen, 0)
+    ok = (chosen >= 0) & (np.asarray(source_ends)[rows] == np.asarray(pivot_ends))
+    return np.where(ok, chosen, -1)
+
+
 def transfer_topk(
     alignment: Alignment,
     source_ids: np.ndarray,
@@ -74,6 +91,8 @@ def transfer_topk(
     *,
     pivot_pieces: Sequence[str | None] | None = None,
     source_pieces: Sequence[str | None] | None = None,
+    source_ends: np.ndarray | None = None,
+    pivot_ends: np.ndarray | None = None,
 ) -> TransferredTopK:
     """Move a source sequence's top-K onto the pivot sequence.
 
@@ -84,6 +103,7 @@ def transfer_topk(
         mapping: a `VocabMapping` (callable) or an int array source id -> pivot id (-1: none).
         pivot_ids: int [m] the pivot's own token ids (the gold sequence) for the one-hot fallback.
         pivot_pieces, source_pieces: token pieces for the one-to-many rule (`choose_source_positions`).
+        source_ends, pivot_ends: where each token's span ends; given both, the same-end rule applies.
     """
     source_ids = np.asarray(source_ids, dtype=np.int64)
     source_logprobs = np.asarray(source_logprobs, dtype=np.float32)
@@ -97,6 +117,8 @@ def transfer_topk(
     if pivot_ids.shape != (m,):
         raise ValueError(f"{len(pivot_ids)} pivot ids for {m} pivot positions")
     chosen = choose_source_positions(alignment, pivot_pieces=pivot_pieces, source_pieces=source_pieces)
+    if source_ends is not None and pivot_ends is not None:
+        chosen = same_end(chosen, source_ends, pivot_ends)
     rows = np.where(chosen >= 0, chosen, 0)
     ids = _map(mapping, source_ids[rows])
     lp = np.where((chosen[:, None] >= 0) & (ids >= 0), source_logprobs[rows], -np.inf).astype(np.float32)

@@ -7,6 +7,12 @@ A source model's top-K lists source ids; the fused target is trained on pivot id
 - `stats`: FuseChat 2.0's mapping statistics: among the pivot ids co-aligned with a source id over a
   corpus, the one with the smallest `ED'(s, p) * sigmoid(count)` (ED' is MinED's 0.1-weighted cost on
   marker-free strings); BOS/EOS map to BOS/EOS.
+- `prefix` (needs `tokens: offsets`): the pivot id that most often *starts where the source token
+  starts* over the corpus, i.e. the first pivot piece of the source token's text in context. A top-K
+  entry is a prediction of what comes next; when the source predicts "(self" or ".\n", the pivot's next
+  token is "(" or "." (what the pivot would emit first), not the most similar string ("self", "\n")
+  that `stats` and `mined` choose. On code, where tokenizers cut whitespace and punctuation
+  differently, that decides whether a teacher's knowledge reaches the student at all.
 Special tokens map by role (bos, eos, unk, pad) or identical string, never by edit distance.
 """
 
@@ -296,6 +302,62 @@ def stats(
     table[src[chosen]] = piv[chosen]
     _specials(source, pivot, table)
     return _new(source, pivot, table, "stats")
+
+
+def same_start_alignment(source_offsets: np.ndarray, pivot_offsets: np.ndarray) -> Alignment:
+    """Pivot position j -> the source positions whose token starts where token j starts (both with text).
+
+    Pieces of one multibyte character share a span, so all of them pair with a pivot token starting there.
+    """
+    s_off = np.asarray(source_offsets, dtype=np.int64).reshape(-1, 2)
+    p_off = np.asarray(pivot_offsets, dtype=np.int64).reshape(-1, 2)
+    s_real = s_off[:, 1] > s_off[:, 0]
+    s_index = np.flatnonzero(s_real)
+    s_start = s_off[s_index, 0]
+    order = np.argsort(s_start, kind="stable")
+    s_index, s_start = s_index[order], s_start[order]
+    p_real = p_off[:, 1] > p_off[:, 0]
+    lo = np.searchsorted(s_start, p_off[:, 0], side="left")
+    hi = np.searchsorted(s_start, p_off[:, 0], side="right")
+    counts = np.where(p_real, hi - lo, 0)
+    indptr = np.zeros(len(p_off) + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    indices = np.concatenate([s_index[a:b] for a, b, c in zip(lo, hi, counts, strict=True) if c] or [[]])
+    return Alignment(indptr, indices.astype(np.int64), len(s_off))
+
+
+@VOCAB_MAPPINGS.register("prefix", pretty_name="in-context first piece", reference_url=None)
+def prefix(
+    source: TokenizerProfile,
+    pivot: TokenizerProfile,
+    *,
+    counts: CoAlignmentCounts,
+    fallback: str | None = "exact",
+) -> VocabMapping:
+    """Per source id, the pivot id most often starting at the same character (ties: the lower id).
+
+    `counts` come from `same_start_alignment` over the corpus; ids never seen there use `fallback`.
+    """
+    if (counts.source_size, counts.pivot_size) != (len(source), len(pivot)):
+        raise FusemergeError(
+            f"same-start counts are for vocabularies of {counts.source_size} and {counts.pivot_size} ids, "
+            f"not {len(source)} and {len(pivot)}",
+            key="alignment.vocab",
+        )
+    piv, src, cnt = counts.pairs()
+    table = (
+        np.full(len(source), -1, dtype=np.int64)
+        if fallback is None
+        else VOCAB_MAPPINGS.get(fallback, key="fallback").fn(source, pivot).source_to_pivot.copy()
+    )
+    order = np.lexsort((piv, -cnt, src))  # per source id: highest count, then lowest pivot id
+    src_sorted = src[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = src_sorted[1:] != src_sorted[:-1]
+    chosen = order[first]
+    table[src[chosen]] = piv[chosen]
+    _specials(source, pivot, table)
+    return _new(source, pivot, table, "prefix")
 
 
 def build_vocab_mapping(

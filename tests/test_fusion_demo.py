@@ -1,0 +1,136 @@
+"""The fusion demo's parts (data split, chat format, the cut Qwen3 tokenizer) and a scaled-down run of it.
+
+The full demo (`make demo`, several minutes) is what users run; here the same code runs end to end on a
+few dozen records and two-layer models of a few training steps, to check the wiring: every stage, the
+table, results.json and the PNG. The numbers of a run that small mean nothing, so none is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from fusemerge.assets import QWEN3_32K_IDS, load_shipped_tokenizer
+from fusemerge.demo.corpus import DOMAINS, CorpusPlan, Split, build_corpus, chat_records, record_text
+from fusemerge.demo.fusion import DemoPlan, run_fusion_demo
+from fusemerge.demo.pretrain import ModelPlan, demo_tokenizer
+
+TEXTS = [
+    "def f(x):\n    return {'a': [1, 2.5e-3]}  # naïve café",
+    "Emoji 🙂🚀, Chinese 你好世界, Hindi नमस्ते, tabs\tand\r\nnewlines.",
+]
+
+
+def test_qwen3_32k_is_qwen3_bpe_cut_to_its_first_ids():
+    cut, full = load_shipped_tokenizer("qwen3-32k"), load_shipped_tokenizer("qwen3")
+    vocab = cut.get_vocab()
+    assert sorted(i for i in vocab.values() if i < QWEN3_32K_IDS) == list(range(QWEN3_32K_IDS))
+    assert sorted(vocab.values()) == list(range(len(cut)))  # the special tokens follow, no gaps
+    full_vocab = full.get_vocab()
+    assert all(full_vocab[piece] == i for piece, i in vocab.items() if i < QWEN3_32K_IDS)
+    for text in TEXTS:  # any text still encodes (all 256 bytes are kept) and decodes back exactly
+        ids = cut(text, add_special_tokens=False)["input_ids"]
+        assert max(ids) < QWEN3_32K_IDS
+        assert cut.decode(ids) == text
+    common = "Hello, how are you today? I am fine, thank you."
+    assert cut.tokenize(common) == full.tokenize(common)  # frequent merges are all kept
+    assert cut.convert_tokens_to_ids("<|im_end|>") >= QWEN3_32K_IDS
+
+
+@pytest.mark.parametrize("name", ["mistral", "gpt2", "qwen3-32k"])
+def test_pretraining_text_is_what_the_chat_template_renders(name):
+    tok = demo_tokenizer(ModelPlan("m", name, "llama"))
+    for record in chat_records()[:20:3]:
+        assert tok.apply_chat_template(record["messages"], tokenize=False) == record_text(record)
+
+
+def test_corpus_parts_are_disjoint_and_stable(tmp_path):
+    plan = CorpusPlan(code=Split(5, 6, 3, 4), chat=Split(7, 8, 3, 4))
+    a = build_corpus(tmp_path / "a", plan)
+    b = build_corpus(tmp_path / "b", plan)
+    assert a.fusion_file.read_text() == b.fusion_file.read_text()
+    assert a.heldout_file.read_text() == b.heldout_file.read_text()
+    fusion = [json.loads(line) for line in a.fusion_file.read_text().splitlines()]
+    heldout = [json.loads(line) for line in a.heldout_file.read_text().splitlines()]
+    assert sorted(r["domain"] for r in fusion) == ["chat"] * 8 + ["code"] * 6
+    assert sorted(r["domain"] for r in heldout) == ["chat"] * 7 + ["code"] * 5
+    texts = {
+        "fusion": {record_text(r) for r in fusion},
+        "heldout": {record_text(r) for r in heldout},
+        "pivot": set(a.pretraining_texts("pivot")),
+        "specialist": {t for d in DOMAINS for t in a.texts["specialist"][d]},
+    }
+    names = list(texts)
+    for i, x in enumerate(names):
+        for y in names[i + 1 :]:
+            assert not texts[x] & texts[y], f"{x} and {y} share text"
+
+
+def test_a_corpus_too_small_for_the_split_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="code domain"):
+        build_corpus(tmp_path, CorpusPlan(code=Split(10_000, 1, 1, 1)))
+
+
+@pytest.mark.slow
+def test_scaled_down_demo_runs_every_stage(tmp_path):
+    def tiny(name: str, tokenizer: str, arch: str, seed: int) -> ModelPlan:
+        return ModelPlan(name, tokenizer, arch, hidden_size=32, intermediate_size=64, block=64, seed=seed)
+
+    plan = DemoPlan(
+        corpus=CorpusPlan(code=Split(4, 8, 4, 8), chat=Split(6, 12, 6, 12), code_max_chars=400),
+        pivot=tiny("pivot", "mistral", "llama", 1),
+        specialists=(
+            ("code", tiny("code-specialist", "qwen3-32k", "qwen2", 2)),
+            ("chat", tiny("chat-specialist", "gpt2", "mistral", 3)),
+        ),
+    )
+    plan.fuse["training"]["epochs"] = 1
+    lines: list[str] = []
+    result = run_fusion_demo(tmp_path / "demo", plan, progress=False, echo=lines.append)
+
+    assert result.labels == [
+        "pivot",
+        "code specialist (teacher)",
+        "chat specialist (teacher)",
+        "pivot + CLM only (baseline)",
+        "fused with code specialist",
+        "fused with chat specialist",
+        "VaRM merge",
+        "linear merge",
+    ]
+    for row in result.bits_per_byte.values():
+        assert set(row) == {*DOMAINS, "average"} and all(0 < v < 20 for v in row.values())
+    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
+    for label, row in result.bits_per_byte.items():
+        assert saved["bits_per_byte"][label] == pytest.approx(row)
+    assert (tmp_path / "demo" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = "\n".join(lines)
+    assert "held-out bits per byte" in text and "VaRM merge no worse than linear" in text
+    assert text.count("beats CLM-only") == 2
+    # The CLM-only twin differs from the FuseChat recipe in the fusion weight alone.
+    import yaml
+
+    fuse = yaml.safe_load((tmp_path / "demo" / "fuse.yml").read_text())
+    clm = yaml.safe_load((tmp_path / "demo" / "clm-only.yml").read_text())
+    assert clm["fusion"]["lambda"] == 1.0 and fuse["fusion"]["lambda"] == 0.9
+    assert clm["training"] == fuse["training"] and clm["dataset"] == fuse["dataset"]
+
+    # A rerun reuses every finished stage and gives the same numbers.
+    again = run_fusion_demo(tmp_path / "demo", plan, progress=False, echo=lambda _: None)
+    assert again.bits_per_byte == result.bits_per_byte
+
+
+@pytest.mark.skipif(
+    not os.environ.get("FUSEMERGE_FULL_DEMO"),
+    reason="the full demo takes minutes; FUSEMERGE_FULL_DEMO=1 runs it (what `make demo` does)",
+)
+def test_full_demo_shows_what_fusechat_predicts(tmp_path):
+    """Issue 7's acceptance on the embedded default: each fused target beats the CLM-only baseline on
+    its specialist's domain, and VaRM is no worse than linear on average."""
+    result = run_fusion_demo(tmp_path / "demo", progress=False, echo=lambda _: None)
+    bpb = result.bits_per_byte
+    for domain in DOMAINS:
+        assert bpb[f"fused with {domain} specialist"][domain] < bpb["pivot + CLM only (baseline)"][domain]
+    assert bpb["VaRM merge"]["average"] <= bpb["linear merge"]["average"]
