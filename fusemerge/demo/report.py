@@ -45,9 +45,11 @@ def check_lines(result: DemoResult, specialist_domains: list[str]) -> list[str]:
         )
     varm, linear = bpb["VaRM merge"]["average"], bpb["linear merge"]["average"]
     verdict = "yes" if varm <= linear else "NO"
+    tie = abs(varm - linear) < 1e-4 * linear
     lines.append(
         f"VaRM merge no worse than linear on average: {verdict} "
-        f"({varm:.5f} vs {linear:.5f}, {_percent(varm, linear, 3)})"
+        f"({varm:.5f} vs {linear:.5f}, {_percent(varm, linear, 3)}"
+        + ("; a tie: within 0.01%)" if tie else ")")
     )
     if result.varm_weights:
         w = sorted(result.varm_weights)
