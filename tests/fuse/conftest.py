@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import yaml
 
-from fusemerge.assets import build_random_model
 from fusemerge.corpora import chatterbot_conversations
 from fusemerge.fuse.data import ChatTokenizer
 from fusemerge.fuse.store import TopKStore
@@ -81,37 +80,6 @@ def write_recipe(path: Path, **sections) -> Path:
 def chat_jsonl(tmp_path_factory) -> Path:
     """40 real conversations, one per line."""
     return write_jsonl(tmp_path_factory.mktemp("chat") / "chat.jsonl", chat_records(40))
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory, qwen_tokenizer, gpt2_tokenizer, mistral_tokenizer) -> dict[str, Path]:
-    """Random 2-layer models (hidden 64, tied embeddings) carrying the three real tokenizers."""
-    root = tmp_path_factory.mktemp("models")
-    return {
-        "qwen": build_random_model(
-            root / "qwen-pivot",
-            architecture="qwen2",
-            vocab_size=len(qwen_tokenizer),
-            tokenizer=qwen_tokenizer,
-            tie_word_embeddings=True,
-            seed=1,
-        ),
-        "gpt2": build_random_model(
-            root / "gpt2-source",
-            vocab_size=len(gpt2_tokenizer),
-            tokenizer=gpt2_tokenizer,
-            tie_word_embeddings=True,
-            seed=2,
-        ),
-        "mistral": build_random_model(
-            root / "mistral-source",
-            architecture="mistral",
-            vocab_size=len(mistral_tokenizer),
-            tokenizer=mistral_tokenizer,
-            tie_word_embeddings=True,
-            seed=3,
-        ),
-    }
 
 
 @pytest.fixture(scope="session")

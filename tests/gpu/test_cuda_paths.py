@@ -222,37 +222,6 @@ TRAINING = {
 
 
 @pytest.fixture(scope="session")
-def fuse_models(tmp_path_factory, qwen_tokenizer, gpt2_tokenizer, mistral_tokenizer) -> dict[str, Path]:
-    """Random 2-layer models (hidden 64, tied embeddings) with three real tokenizers, as tests/fuse."""
-    root = tmp_path_factory.mktemp("fuse-models")
-    return {
-        "qwen": build_random_model(
-            root / "qwen-pivot",
-            architecture="qwen2",
-            vocab_size=len(qwen_tokenizer),
-            tokenizer=qwen_tokenizer,
-            tie_word_embeddings=True,
-            seed=1,
-        ),
-        "gpt2": build_random_model(
-            root / "gpt2-source",
-            vocab_size=len(gpt2_tokenizer),
-            tokenizer=gpt2_tokenizer,
-            tie_word_embeddings=True,
-            seed=2,
-        ),
-        "mistral": build_random_model(
-            root / "mistral-source",
-            architecture="mistral",
-            vocab_size=len(mistral_tokenizer),
-            tokenizer=mistral_tokenizer,
-            tie_word_embeddings=True,
-            seed=3,
-        ),
-    }
-
-
-@pytest.fixture(scope="session")
 def chat_jsonl(tmp_path_factory) -> Path:
     """24 real chatterbot conversations spread over its topics, with their topic as `domain`."""
     convs = chatterbot_conversations()
@@ -289,22 +258,22 @@ def run_recipe(recipe: Path, steps=("teach", "align", "train")) -> dict:
 
 
 @pytest.fixture(scope="session")
-def cpu_teacher(tmp_path_factory, fuse_models, chat_jsonl):
+def cpu_teacher(tmp_path_factory, tiny_models, chat_jsonl):
     """The reference: the teach step on the CPU in float32."""
     root = tmp_path_factory.mktemp("fuse-cpu")
     recipe = fuse_recipe(
-        root, fuse_models, chat_jsonl, teacher={"device": "cpu", "dtype": "float32"}, training=TRAINING
+        root, tiny_models, chat_jsonl, teacher={"device": "cpu", "dtype": "float32"}, training=TRAINING
     )
     return run_recipe(recipe, steps=("teach",))
 
 
 @pytest.fixture(scope="session")
-def device_fp32_run(tmp_path_factory, fuse_models, chat_jsonl):
+def device_fp32_run(tmp_path_factory, tiny_models, chat_jsonl):
     """teach (float32 on the device) -> align -> full training in bf16 mixed precision, pairwise."""
     root = tmp_path_factory.mktemp("fuse-fp32")
     recipe = fuse_recipe(
         root,
-        fuse_models,
+        tiny_models,
         chat_jsonl,
         teacher={"device": DEVICE, "dtype": "float32"},
         training={**TRAINING, "mode": "full"},
@@ -313,12 +282,12 @@ def device_fp32_run(tmp_path_factory, fuse_models, chat_jsonl):
 
 
 @pytest.fixture(scope="session")
-def device_bf16_run(tmp_path_factory, fuse_models, chat_jsonl):
+def device_bf16_run(tmp_path_factory, tiny_models, chat_jsonl):
     """teach (bfloat16 on the device) -> align -> LoRA training in bf16, one target from both sources."""
     root = tmp_path_factory.mktemp("fuse-bf16")
     recipe = fuse_recipe(
         root,
-        fuse_models,
+        tiny_models,
         chat_jsonl,
         teacher={"device": DEVICE, "dtype": "bfloat16"},
         training={**TRAINING, "mode": "lora", "learning_rate": 5e-3},
@@ -423,15 +392,15 @@ def check_target(run: dict, name: str, pivot: Path, *, mode: str) -> list[float]
     return losses
 
 
-def test_full_training_in_bf16_on_device(device_fp32_run, fuse_models):
+def test_full_training_in_bf16_on_device(device_fp32_run, tiny_models):
     names = ["qwen-pivot-mistral-source", "qwen-pivot-gpt2-source"]
     for name in names:
-        losses = check_target(device_fp32_run, name, fuse_models["qwen"], mode="full")
+        losses = check_target(device_fp32_run, name, tiny_models["qwen"], mode="full")
         assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, f"{name}: loss did not go down: {losses}"
 
 
-def test_lora_training_in_bf16_on_device(device_bf16_run, fuse_models):
-    losses = check_target(device_bf16_run, "qwen-pivot-fused", fuse_models["qwen"], mode="lora")
+def test_lora_training_in_bf16_on_device(device_bf16_run, tiny_models):
+    losses = check_target(device_bf16_run, "qwen-pivot-fused", tiny_models["qwen"], mode="lora")
     assert min(losses[-3:]) < losses[0], f"loss did not go down: {losses}"
 
 
@@ -447,10 +416,10 @@ def test_varm_merge_of_the_fused_targets_on_device(device_fp32_run, tmp_path):
 # ---------------------------------------------------------------- eval
 
 
-def test_evaluate_on_device_equals_cpu(fuse_models, chat_jsonl):
+def test_evaluate_on_device_equals_cpu(tiny_models, chat_jsonl):
     from fusemerge.evaluate import evaluate_models
 
-    models = [fuse_models["qwen"], fuse_models["mistral"], fuse_models["gpt2"]]
+    models = [tiny_models["qwen"], tiny_models["mistral"], tiny_models["gpt2"]]
 
     def run(device: str, dtype: str):
         return evaluate_models(models, [chat_jsonl], device=device, dtype=dtype, progress=False)
@@ -473,7 +442,7 @@ def test_evaluate_on_device_equals_cpu(fuse_models, chat_jsonl):
 # ---------------------------------------------------------------- accelerate launch
 
 
-def test_accelerate_launch_fsdp_runs_fuse(tmp_path, fuse_models, chat_jsonl):
+def test_accelerate_launch_fsdp_runs_fuse(tmp_path, tiny_models, chat_jsonl):
     """`accelerate launch` with the shipped FSDP config, one process: teach, align and full training of
     one target; the target is saved whole and loads."""
     if importlib.util.find_spec("accelerate.commands.launch") is None:
@@ -482,7 +451,7 @@ def test_accelerate_launch_fsdp_runs_fuse(tmp_path, fuse_models, chat_jsonl):
 
     recipe = fuse_recipe(
         tmp_path,
-        fuse_models,
+        tiny_models,
         chat_jsonl,
         teacher={"dtype": "float32"},  # device auto: the launched process's device
         training={**TRAINING, "mode": "full", "max_steps": 2, "save_steps": 2},

@@ -259,6 +259,24 @@ class CoAlignmentCounts:
         return self._keys // self.source_size, self._keys % self.source_size, self._counts.copy()
 
 
+def _check_counts(
+    counts: CoAlignmentCounts, source: TokenizerProfile, pivot: TokenizerProfile, what: str
+) -> None:
+    if (counts.source_size, counts.pivot_size) != (len(source), len(pivot)):
+        raise FusemergeError(
+            f"{what} counts are for vocabularies of {counts.source_size} and {counts.pivot_size} ids, "
+            f"not {len(source)} and {len(pivot)}",
+            key="alignment.vocab",
+        )
+
+
+def _fallback_table(source: TokenizerProfile, pivot: TokenizerProfile, fallback: str | None) -> np.ndarray:
+    """The table a counted mapping starts from: ids the corpus never showed keep the fallback's pivot id."""
+    if fallback is None:
+        return np.full(len(source), -1, dtype=np.int64)
+    return VOCAB_MAPPINGS.get(fallback, key="fallback").fn(source, pivot).source_to_pivot.copy()
+
+
 def _strip_spaces(piece: str | None) -> str | None:
     return None if piece is None else piece.replace(" ", "")
 
@@ -274,12 +292,7 @@ def stats(
     fallback: str | None = "exact",
 ) -> VocabMapping:
     """FuseChat 2.0 mapping statistics: argmin ED' * sigmoid(count) over co-aligned pivot ids."""
-    if (counts.source_size, counts.pivot_size) != (len(source), len(pivot)):
-        raise FusemergeError(
-            f"co-alignment counts are for vocabularies of {counts.source_size} and {counts.pivot_size} ids, "
-            f"not {len(source)} and {len(pivot)}",
-            key="alignment.vocab",
-        )
+    _check_counts(counts, source, pivot, "co-alignment")
     piv, src, cnt = counts.pairs()
     src_text = [_strip_spaces(p) for p in source.pieces]  # marker-free, as the reference compares
     piv_text = [_strip_spaces(p) for p in pivot.pieces]
@@ -289,11 +302,7 @@ def stats(
         if a is not None and b is not None:
             score[k] = mined_cost(a, b)
     score = score / (1.0 + np.exp(-cnt.astype(np.float64)))  # * sigmoid(count)
-    table = (
-        np.full(len(source), -1, dtype=np.int64)
-        if fallback is None
-        else VOCAB_MAPPINGS.get(fallback, key="fallback").fn(source, pivot).source_to_pivot.copy()
-    )
+    table = _fallback_table(source, pivot, fallback)
     order = np.lexsort((piv, score, src))  # per source id: lowest score, then lowest pivot id
     src_sorted, score_sorted = src[order], score[order]
     first = np.ones(len(order), dtype=bool)
@@ -338,18 +347,9 @@ def prefix(
 
     `counts` come from `same_start_alignment` over the corpus; ids never seen there use `fallback`.
     """
-    if (counts.source_size, counts.pivot_size) != (len(source), len(pivot)):
-        raise FusemergeError(
-            f"same-start counts are for vocabularies of {counts.source_size} and {counts.pivot_size} ids, "
-            f"not {len(source)} and {len(pivot)}",
-            key="alignment.vocab",
-        )
+    _check_counts(counts, source, pivot, "same-start")
     piv, src, cnt = counts.pairs()
-    table = (
-        np.full(len(source), -1, dtype=np.int64)
-        if fallback is None
-        else VOCAB_MAPPINGS.get(fallback, key="fallback").fn(source, pivot).source_to_pivot.copy()
-    )
+    table = _fallback_table(source, pivot, fallback)
     order = np.lexsort((piv, -cnt, src))  # per source id: highest count, then lowest pivot id
     src_sorted = src[order]
     first = np.ones(len(order), dtype=bool)
