@@ -249,7 +249,7 @@ def demo(out: Path, merge_only: bool, quiet: bool) -> None:
     if merge_only:
         from fusemerge.demo.merge_only import run_demo
 
-        run_demo(out, progress=not quiet, echo=click.echo)
+        run_demo(out / "merge-only", progress=not quiet, echo=click.echo)  # apart from the fusion demo's
         return
     from fusemerge.demo.fusion import run_fusion_demo
 

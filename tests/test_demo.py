@@ -28,3 +28,15 @@ def test_python_api_example_runs(tmp_path):
     finally:
         sys.argv = argv
     assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()
+
+
+def test_cli_merge_only_demo_keeps_apart_from_the_fusion_demo(tmp_path):
+    from click.testing import CliRunner
+
+    from fusemerge.cli import main
+
+    result = CliRunner().invoke(main, ["demo", "--merge-only", "-q", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "VaRM" in result.output
+    assert (tmp_path / "merge-only" / "merged-linear" / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / "models").exists()  # the fusion demo's folders stay untouched
