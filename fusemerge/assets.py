@@ -92,10 +92,12 @@ def _truncated_qwen3(ids: int):
     )
 
 
-def build_random_model(
-    folder: str | Path,
+Architecture = Literal["llama", "mistral", "qwen2"]
+
+
+def random_causal_lm(
     *,
-    architecture: Literal["llama", "mistral", "qwen2"] = "llama",
+    architecture: Architecture = "llama",
     vocab_size: int = 512,
     hidden_size: int = 64,
     num_layers: int = 2,
@@ -103,12 +105,12 @@ def build_random_model(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     tie_word_embeddings: bool = False,
+    max_position_embeddings: int = 512,
     dtype: str = "float32",
     seed: int = 0,
     tokenizer=None,
-    max_shard_size: str | None = None,
-) -> Path:
-    """Save a randomly initialised causal LM (safetensors) and, if given, its tokenizer into `folder`."""
+):
+    """A randomly initialised causal LM of a small config (seeded), with the tokenizer's special ids."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
@@ -120,7 +122,7 @@ def build_random_model(
         intermediate_size=intermediate_size,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=tie_word_embeddings,
     )
     if tokenizer is not None:
@@ -128,7 +130,21 @@ def build_random_model(
         config.eos_token_id = tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+
+
+def build_random_model(
+    folder: str | Path,
+    *,
+    tokenizer=None,
+    max_shard_size: str | None = None,
+    **config: object,
+) -> Path:
+    """Save a randomly initialised causal LM (safetensors) and, if given, its tokenizer into `folder`.
+
+    `config`: the keyword arguments of `random_causal_lm` (architecture, sizes, dtype, seed).
+    """
+    model = random_causal_lm(tokenizer=tokenizer, **config)  # type: ignore[arg-type]
     folder = Path(folder)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(folder, safe_serialization=True, **kwargs)

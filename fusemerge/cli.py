@@ -20,6 +20,7 @@ import click
 from fusemerge import __version__
 from fusemerge.errors import exit_2_on_user_error
 from fusemerge.fuse.cli import fuse
+from fusemerge.progress import silence_library_progress
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -183,6 +184,8 @@ def eval_(
     from fusemerge.evaluate import evaluate_models
     from fusemerge.hub import refresh_card_eval
 
+    if quiet:
+        silence_library_progress()
     report = evaluate_models(
         list(models),
         list(data_files),
@@ -246,6 +249,8 @@ def demo(out: Path, merge_only: bool, quiet: bool) -> None:
     prints held-out bits per byte per domain for all of them (also OUT/results.json, OUT/results.png).
     A rerun reuses the finished stages.
     """
+    if quiet:
+        silence_library_progress()
     if merge_only:
         from fusemerge.demo.merge_only import run_demo
 

@@ -72,11 +72,15 @@ class DemoPlan:
 class DemoResult:
     """Bits per byte by model label and domain (plus "average", the mean over domains)."""
 
-    labels: list[str]
-    bits_per_byte: dict[str, dict[str, float]]
+    bits_per_byte: dict[str, dict[str, float]]  # in table order
     folders: dict[str, Path]
     seconds: float = 0.0
     varm_weights: list[float] = field(default_factory=list)  # the first target's W per matrix
+
+    @property
+    def labels(self) -> list[str]:
+        """The table's rows, in order."""
+        return list(self.bits_per_byte)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -203,27 +207,26 @@ def _evaluate(folders: dict[str, Path], heldout: Path, *, progress: bool) -> Dem
         row = {d: report.score(str(folder), d).bits_per_byte for d in DOMAINS}
         row["average"] = sum(row[d] for d in DOMAINS) / len(DOMAINS)
         table[label] = row
-    return DemoResult(list(folders), table, folders)
+    return DemoResult(table, folders)
 
 
 def varm_weights(pivot: Path, targets: list[Path]) -> list[float]:
-    """VaRM's weight of the first target in every matrix, W = mean(d_1^2) / sum_k mean(d_k^2).
+    """VaRM's weight of the first target in every matrix, as `variation_ratio` computes it.
 
     Shown because it explains the VaRM-vs-linear row: where the targets moved each matrix by similar
     amounts, every W is near 1/n and VaRM is the average.
     """
     from fusemerge.checkpoint.reader import ModelFolder
+    from fusemerge.merge.methods.variation_ratio import variation_stats, variation_weights
 
     folders = [ModelFolder(p) for p in (pivot, *targets)]
     try:
         weights = []
         for name, info in folders[0].tensors.items():
-            if len(info.shape) != 2:
-                continue
-            base = folders[0].read(name).double()
-            moved = [float(((f.read(name).double() - base) ** 2).mean()) for f in folders[1:]]
-            if sum(moved) > 0:
-                weights.append(moved[0] / sum(moved))
+            if len(info.shape) == 2:
+                stats = variation_stats([f.read(name) for f in folders[1:]], folders[0].read(name))
+                if float(stats[:, 0].sum()) > 0:
+                    weights.append(variation_weights(stats)[0])
         return weights
     finally:
         for f in folders:

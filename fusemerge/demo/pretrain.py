@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fusemerge.assets import load_shipped_tokenizer
+from fusemerge.assets import load_shipped_tokenizer, random_causal_lm
 from fusemerge.checkpoint.writer import atomic_write_text
 
 STAMP = "fusemerge-demo.json"
@@ -63,8 +63,7 @@ def pretrain(
     echo: Callable[[str], Any] = print,
 ) -> Path:
     """Train `plan` from random weights on `texts` and save it (safetensors + tokenizer) into `folder`."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     folder = Path(folder)
     identity = {"plan": asdict(plan), "texts": _digest(texts)}
@@ -77,22 +76,19 @@ def pretrain(
         f"{plan.name}: training from scratch on {len(blocks) * plan.block:,} tokens of its own text "
         f"({plan.tokenizer} tokenizer, {len(tok):,} ids; {plan.architecture}, hidden {plan.hidden_size})"
     )
-    config = AutoConfig.for_model(
-        plan.architecture,
+    model = random_causal_lm(
+        architecture=plan.architecture,  # type: ignore[arg-type]
         vocab_size=len(tok),
         hidden_size=plan.hidden_size,
-        num_hidden_layers=plan.layers,
-        num_attention_heads=plan.heads,
-        num_key_value_heads=plan.heads,
+        num_layers=plan.layers,
+        num_heads=plan.heads,
+        num_kv_heads=plan.heads,
         intermediate_size=plan.intermediate_size,
         max_position_embeddings=max(1024, plan.block),
         tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+        seed=plan.seed,
+        tokenizer=tok,
     )
-    torch.manual_seed(plan.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     staging = folder.with_name(folder.name + ".training")
     shutil.rmtree(staging, ignore_errors=True)
     args = TrainingArguments(

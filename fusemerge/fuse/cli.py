@@ -17,7 +17,8 @@ from pathlib import Path
 import click
 
 from fusemerge.errors import exit_2_on_user_error
-from fusemerge.fuse.pipeline import STEPS
+from fusemerge.fuse import STEPS
+from fusemerge.progress import silence_library_progress
 
 
 @click.command()
@@ -62,6 +63,8 @@ def fuse(recipe: Path, steps: str, quiet: bool, push_to_hub: str | None, private
     """
     from fusemerge.fuse.pipeline import run_fuse
 
+    if quiet:
+        silence_library_progress()
     run_fuse(
         recipe,
         steps=steps.split(","),

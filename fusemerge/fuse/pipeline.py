@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from fusemerge.errors import FusemergeError
+from fusemerge.fuse import STEPS
 from fusemerge.fuse.recipe import FuseRecipe, ModelSpec, load_fuse_recipe
 
-STEPS = ("teach", "align", "train")
 MERGE_RECIPE = "merge.yml"
 
 

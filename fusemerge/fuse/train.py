@@ -202,13 +202,9 @@ def checkpointing_arguments(enabled: bool) -> dict[str, Any]:
     Recent 5.x releases call it `activation_checkpointing` (`gradient_checkpointing` is kept, deprecated);
     earlier 5.x releases (5.17, for one) know only `gradient_checkpointing` and reject the new name.
     """
-    from dataclasses import fields
-
-    from transformers import TrainingArguments
-
     name = (
         "activation_checkpointing"
-        if any(f.name == "activation_checkpointing" for f in fields(TrainingArguments))
+        if "activation_checkpointing" in _argument_names()
         else "gradient_checkpointing"
     )
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
@@ -222,14 +218,18 @@ def sampling_arguments(group_by_length: bool) -> dict[str, Any]:
     keeps batches random but of similar lengths. Recent 5.x releases select it with
     `train_sampling_strategy`, earlier ones with `group_by_length`.
     """
+    if "train_sampling_strategy" in _argument_names():
+        return {"train_sampling_strategy": "group_by_length" if group_by_length else "random"}
+    return {"group_by_length": group_by_length}
+
+
+def _argument_names() -> set[str]:
+    """The TrainingArguments fields of the installed transformers (5.x renames some between releases)."""
     from dataclasses import fields
 
     from transformers import TrainingArguments
 
-    names = {f.name for f in fields(TrainingArguments)}
-    if "train_sampling_strategy" in names:
-        return {"train_sampling_strategy": "group_by_length" if group_by_length else "random"}
-    return {"group_by_length": group_by_length}
+    return {f.name for f in fields(TrainingArguments)}
 
 
 # ---------------------------------------------------------------- one target

@@ -331,7 +331,9 @@ def same_start_alignment(source_offsets: np.ndarray, pivot_offsets: np.ndarray) 
     counts = np.where(p_real, hi - lo, 0)
     indptr = np.zeros(len(p_off) + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
-    indices = np.concatenate([s_index[a:b] for a, b, c in zip(lo, hi, counts, strict=True) if c] or [[]])
+    # entry e of pivot j's run is s_index[lo[j] + (e - indptr[j])]: one gather, no loop over tokens
+    rank = np.arange(indptr[-1], dtype=np.int64) - np.repeat(indptr[:-1], counts)
+    indices = s_index[np.repeat(lo, counts) + rank]
     return Alignment(indptr, indices.astype(np.int64), len(s_off))
 
 

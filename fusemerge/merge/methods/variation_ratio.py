@@ -67,7 +67,13 @@ def variation_ratio(
 ) -> torch.Tensor:
     """Weight each model by its share of the squared change from the pivot (FuseChat VaRM, Wan et al. 2024)."""
     stats = group_stats if group_stats is not None else variation_stats(tensors, base)
-    variation = stats[:, 0] / stats[:, 1].clamp(min=1) * torch.tensor(weight, dtype=torch.float64)
+    return weighted_sum(tensors, variation_weights(stats, weight))
+
+
+def variation_weights(stats: torch.Tensor, weight: Sequence[float] | None = None) -> list[float]:
+    """W_j = weight_j * mean squared delta_j / sum_k (the same); uniform when no model moved at all."""
+    n = stats.shape[0]
+    scale = torch.tensor(list(weight) if weight is not None else [1.0] * n, dtype=torch.float64)
+    variation = stats[:, 0] / stats[:, 1].clamp(min=1) * scale
     total = float(variation.sum())
-    coefficients = (variation / total).tolist() if total != 0 else [1.0 / len(tensors)] * len(tensors)
-    return weighted_sum(tensors, coefficients)
+    return (variation / total).tolist() if total != 0 else [1.0 / n] * n
