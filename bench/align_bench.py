@@ -20,8 +20,6 @@ import time
 import numpy as np
 from rapidfuzz.distance import Levenshtein
 
-from fusemerge.assets import load_shipped_tokenizer
-from fusemerge.corpora import chatterbot_conversations
 from fusemerge.fuse.align import (
     TokenizerProfile,
     dtw_alignment,
@@ -29,6 +27,8 @@ from fusemerge.fuse.align import (
     offsets_alignment,
     tokenize,
 )
+from fusemerge.offline.assets import load_shipped_tokenizer
+from fusemerge.offline.corpora import chatterbot_conversations
 
 PAIRS = [("mistral", "qwen3"), ("gpt2", "mistral")]  # (source, pivot)
 

@@ -33,10 +33,10 @@ from pathlib import Path
 
 def build_model(kind: str, cache: Path) -> Path:
     if kind == "smollm2":
-        from fusemerge.realmodels import smollm2_instruct_folder
+        from fusemerge.offline.realmodels import smollm2_instruct_folder
 
         return smollm2_instruct_folder(cache / "smollm2")
-    from fusemerge.assets import build_random_model, load_shipped_tokenizer
+    from fusemerge.offline.assets import build_random_model, load_shipped_tokenizer
 
     folder = cache / "tiny-qwen-4l"
     if not (folder / "config.json").is_file():

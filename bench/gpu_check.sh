@@ -64,7 +64,7 @@ for name in ("transformers", "accelerate", "peft", "tokenizers", "safetensors", 
         print(name, "MISSING:", exc)
 # what tests/gpu imports: fail here, in one line, rather than at collection
 import fusemerge.evaluate, fusemerge.fuse.align.dtw, fusemerge.fuse.pipeline, fusemerge.merge.api  # noqa
-from fusemerge.assets import load_shipped_tokenizer
+from fusemerge.offline.assets import load_shipped_tokenizer
 for name in ("gpt2", "mistral", "qwen3"):
     print("tokenizer", name, len(load_shipped_tokenizer(name)))
 EOF

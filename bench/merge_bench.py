@@ -91,7 +91,7 @@ def build_models(workdir: Path, args: argparse.Namespace) -> dict[str, Path]:
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from fusemerge.assets import load_shipped_tokenizer
+    from fusemerge.offline.assets import load_shipped_tokenizer
 
     config = LlamaConfig(
         vocab_size=args.vocab,

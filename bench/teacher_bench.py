@@ -27,18 +27,18 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fusemerge-bench")
     args = parser.parse_args()
 
-    from fusemerge.corpora import chatterbot_conversations
     from fusemerge.fuse.data import build_chat_data
     from fusemerge.fuse.recipe import DatasetSpec
     from fusemerge.fuse.teacher import TeacherSettings, load_teacher_tokenizer, run_teacher
+    from fusemerge.offline.corpora import chatterbot_conversations
 
     args.cache.mkdir(parents=True, exist_ok=True)
     if args.model == "smollm2":
-        from fusemerge.realmodels import smollm2_instruct_folder
+        from fusemerge.offline.realmodels import smollm2_instruct_folder
 
         model = smollm2_instruct_folder(args.cache / "smollm2")
     else:
-        from fusemerge.assets import build_random_model, load_shipped_tokenizer
+        from fusemerge.offline.assets import build_random_model, load_shipped_tokenizer
 
         model = args.cache / "tiny-qwen"
         if not (model / "config.json").is_file():

@@ -10,10 +10,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fusemerge.assets import build_random_model, load_shipped_tokenizer, perturb_model
 from fusemerge.merge.api import run_merge
 from fusemerge.merge.plan import build_plan, describe
-from fusemerge.recipes import load_recipe
+from fusemerge.merge.recipe import load_recipe
+from fusemerge.offline.assets import build_random_model, load_shipped_tokenizer, perturb_model
 
 
 def main(out: Path) -> None:

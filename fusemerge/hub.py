@@ -24,19 +24,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fusemerge.checkpoint.layout import HUB_IGNORE_PATTERNS, INDEX_NAME, SINGLE_NAME, state_manifest_path
 from fusemerge.errors import FusemergeError
 
 LOG = logging.getLogger(__name__)
-INDEX_NAME = "model.safetensors.index.json"
-# fusemerge's bookkeeping stays local: a merge's state, unfinished shards, a fused target's stamp
-IGNORE_PATTERNS = [".fusemerge/*", "*.partial", "*.done", "fusemerge_target.json", ".git*", "*/.git*"]
 
 
 def check_complete(folder: Path) -> None:
     """Refuse a folder that is not a complete model: weights present, every indexed shard there, not running."""
     if not folder.is_dir():
         raise FusemergeError("not a folder", file=folder)
-    state = folder / ".fusemerge" / "manifest.json"
+    state = state_manifest_path(folder)
     if state.is_file():
         try:
             status = json.loads(state.read_text()).get("status")
@@ -55,9 +53,9 @@ def check_complete(folder: Path) -> None:
         missing = sorted(s for s in shards if not (folder / s).is_file())
         if missing:
             raise FusemergeError(f"the index names missing shard(s): {', '.join(missing[:3])}", file=index)
-    elif not (folder / "model.safetensors").is_file():
+    elif not (folder / SINGLE_NAME).is_file():
         raise FusemergeError(
-            f"no {INDEX_NAME} or model.safetensors: not a complete model folder (unfinished merge?)",
+            f"no {INDEX_NAME} or {SINGLE_NAME}: not a complete model folder (unfinished merge?)",
             file=folder,
         )
 
@@ -123,7 +121,7 @@ def push_folder(
             repo_type="model",
             revision=revision,
             commit_message=message,
-            ignore_patterns=IGNORE_PATTERNS,
+            ignore_patterns=HUB_IGNORE_PATTERNS,
         )
     except Exception as exc:
         raise _user_error(exc, repo_id, secret) from None

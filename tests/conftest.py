@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fusemerge.assets import build_random_model, load_shipped_tokenizer
+from fusemerge.offline.assets import build_random_model, load_shipped_tokenizer
 
 
 @pytest.fixture(scope="session")

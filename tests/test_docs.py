@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from fusemerge.fuse.recipe import FuseRecipe
 from fusemerge.merge.methods.registry import all_methods
 from fusemerge.merge.parameters import MISSING
-from fusemerge.recipes import parse_recipe
+from fusemerge.merge.recipe import parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES_MD = (ROOT / "docs" / "recipes.md").read_text(encoding="utf-8")
@@ -74,8 +74,8 @@ def test_every_recipe_model_has_a_reference_table():
         "fusemerge.fuse.recipe.AlignmentSpec",
         "fusemerge.fuse.recipe.FusionSpec",
         "fusemerge.fuse.recipe.TrainingSpec",
-        "fusemerge.recipes.MergeRecipe",
-        "fusemerge.recipes.InputModel",
+        "fusemerge.merge.recipe.MergeRecipe",
+        "fusemerge.merge.recipe.InputModel",
     }
 
 

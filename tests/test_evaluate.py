@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fusemerge.assets import build_random_model
 from fusemerge.cli import main
 from fusemerge.errors import FusemergeError
 from fusemerge.evaluate import evaluate_models, load_eval_data
 from fusemerge.fuse.data import ChatTokenizer
+from fusemerge.offline.assets import build_random_model
 
 RECORDS = [
     {

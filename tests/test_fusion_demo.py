@@ -12,10 +12,10 @@ import os
 
 import pytest
 
-from fusemerge.assets import QWEN3_32K_IDS, load_shipped_tokenizer
 from fusemerge.demo.corpus import DOMAINS, CorpusPlan, Split, build_corpus, chat_records, record_text
 from fusemerge.demo.fusion import DemoPlan, run_fusion_demo
 from fusemerge.demo.pretrain import ModelPlan, demo_tokenizer
+from fusemerge.offline.assets import QWEN3_32K_IDS, load_shipped_tokenizer
 
 TEXTS = [
     "def f(x):\n    return {'a': [1, 2.5e-3]}  # naïve café",

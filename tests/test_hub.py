@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusemerge.assets import build_random_model
 from fusemerge.card import EVAL_BEGIN, fused_card, merge_card, with_eval_section
 from fusemerge.evaluate import EVAL_FILE, EvalReport, Score
 from fusemerge.hub import check_complete
+from fusemerge.offline.assets import build_random_model
 from tests.fake_hub import running_fake_hub
 
 TOKEN = "hf_FAKEtokenFusemergeTest0123456789abcdef"

@@ -21,14 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fusemerge.checkpoint.dtypes import ITEM_SIZE, name_for_code, torch_dtype
+from fusemerge.checkpoint.layout import INDEX_NAME, PICKLE_SUFFIXES
 from fusemerge.errors import FusemergeError
 
 if TYPE_CHECKING:
     import torch
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 

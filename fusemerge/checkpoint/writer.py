@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fusemerge.checkpoint.dtypes import ITEM_SIZE
-from fusemerge.checkpoint.reader import INDEX_NAME
+from fusemerge.checkpoint.layout import INDEX_NAME, atomic_write_text, done_path, fsync_dir, partial_path
 from fusemerge.errors import FusemergeError
 
 if TYPE_CHECKING:
@@ -160,13 +160,13 @@ class ShardedWriter:
             os.replace(partial, self._done_path(shard))
         except OSError as exc:
             raise FusemergeError(f"cannot finish output shard: {exc.strerror}", file=partial) from exc
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
 
     def _partial_path(self, shard: Shard) -> Path:
-        return self.out_dir / f".{shard.filename}.partial"
+        return partial_path(self.out_dir, shard.filename)
 
     def _done_path(self, shard: Shard) -> Path:
-        return self.out_dir / f".{shard.filename}.done"
+        return done_path(self.out_dir, shard.filename)
 
     def publish(self) -> None:
         """Give every finished shard its final name; call once all shards are done, before the index."""
@@ -180,7 +180,7 @@ class ShardedWriter:
                 os.replace(self._done_path(shard), final)
             except OSError as exc:
                 raise FusemergeError(f"cannot rename output shard: {exc.strerror}", file=final) from exc
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
 
     def write_index(self) -> Path:
         """The index goes last: its presence says every shard is complete."""
@@ -221,29 +221,3 @@ def _pwrite(fd: int, data: memoryview, offset: int, path: Path) -> int:
     if written <= 0:
         raise FusemergeError("cannot write output (no progress); rerun to resume", file=path)
     return written
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small file so that readers see either the old content or the whole new content."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise FusemergeError(f"cannot write: {exc.strerror}", file=path) from exc

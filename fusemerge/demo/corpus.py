@@ -23,8 +23,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fusemerge.checkpoint.writer import atomic_write_text
-from fusemerge.corpora import chatterbot_conversations, stdlib_code_blocks
+from fusemerge.checkpoint.layout import atomic_write_text
+from fusemerge.offline.corpora import chatterbot_conversations, stdlib_code_blocks
 
 DOMAINS = ("code", "chat")
 # The chat format of every demo model: plain "User:" / "Assistant:" lines that every tokenizer reads as

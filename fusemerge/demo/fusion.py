@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from fusemerge.checkpoint.writer import atomic_write_text
+from fusemerge.checkpoint.layout import atomic_write_text
 from fusemerge.demo.corpus import DOMAINS, CorpusPlan, build_corpus
 from fusemerge.demo.pretrain import ModelPlan, pretrain
 

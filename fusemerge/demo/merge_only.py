@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fusemerge.assets import build_random_model, load_shipped_tokenizer, perturb_model
 from fusemerge.checkpoint.reader import ModelFolder
 from fusemerge.merge.api import run_merge
+from fusemerge.offline.assets import build_random_model, load_shipped_tokenizer, perturb_model
 
 KINDS = {"attention": "self_attn", "MLP": "mlp"}
 

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fusemerge.assets import load_shipped_tokenizer, random_causal_lm
-from fusemerge.checkpoint.writer import atomic_write_text
+from fusemerge.checkpoint.layout import atomic_write_text
+from fusemerge.offline.assets import load_shipped_tokenizer, random_causal_lm
 
 STAMP = "fusemerge-demo.json"
 
@@ -30,7 +30,7 @@ class ModelPlan:
     """One small model: its tokenizer, architecture, size and pre-training schedule."""
 
     name: str
-    tokenizer: str  # "mistral", "gpt2" or "qwen3" (fusemerge.assets.load_shipped_tokenizer)
+    tokenizer: str  # "mistral", "gpt2" or "qwen3" (fusemerge.offline.assets.load_shipped_tokenizer)
     architecture: str  # "llama", "mistral" or "qwen2"
     hidden_size: int = 64
     layers: int = 2

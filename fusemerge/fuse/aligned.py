@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from fusemerge.checkpoint.layout import publish, tmp_sibling
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.align import (
     Alignment,
@@ -318,9 +318,9 @@ def _vocab_mapping(
                 bar.update(len(block))
         params["counts"] = counts
     mapping = build_vocab_mapping(method, source.profile, pivot.profile, **params)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = tmp_sibling(path)
     mapping.save(tmp, provenance=provenance)
-    os.replace(tmp, path)
+    publish(tmp, path)
     echo(f"vocab {path.name}: {method}, {100 * mapping.coverage:.1f}% of source ids mapped")
     return mapping
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fusemerge.fuse.align.registry import Registry
+from fusemerge.registry import Registry
 
 PAPER_URL = "https://arxiv.org/abs/2402.16107"
 FUSELLM_URL = "https://arxiv.org/abs/2401.10491"

@@ -279,7 +279,7 @@ def write_merge_recipe(recipe: FuseRecipe, targets: list[Path]) -> Path:
     """<output>/merge.yml: FuseChat's merge (VaRM) of the targets with the pivot as base (a mergekit recipe)."""
     import yaml
 
-    from fusemerge.checkpoint.writer import atomic_write_text
+    from fusemerge.checkpoint.layout import atomic_write_text
 
     body = {
         "merge_method": "variation_ratio",

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from fusemerge.checkpoint.layout import publish, stale_tmp_siblings, tmp_sibling
 from fusemerge.errors import FusemergeError
 
 STORE_FORMAT = "fusemerge-topk/1"
@@ -95,7 +96,7 @@ class TopKStore:
             path.mkdir(parents=True, exist_ok=True)
             store = cls(path, {**wanted, "complete": False})
             store._write_manifest()
-        for stale in path.glob("*.tmp-*"):  # shards of an interrupted run, never complete
+        for stale in stale_tmp_siblings(path):  # shards of an interrupted run, never complete
             stale.unlink(missing_ok=True)
         return store
 
@@ -182,12 +183,12 @@ class TopKStore:
             "metric_ce": np.asarray(metric_ce, dtype=np.float32),
         }
         final = self.shard_file(shard)
-        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+        tmp = tmp_sibling(final)
         # one metadata key only: safetensors writes a map's keys in an order that varies between processes,
         # and a resumed store must be byte-identical to an uninterrupted one
         save_file(tensors, str(tmp), metadata={"format": STORE_FORMAT})
         _fsync(tmp)
-        os.replace(tmp, final)
+        publish(tmp, final)
         return final
 
     def finalize(self) -> bool:
@@ -203,9 +204,10 @@ class TopKStore:
         return True
 
     def _write_manifest(self) -> None:
-        tmp = self.path / f"{MANIFEST}.tmp-{os.getpid()}"
+        final = self.path / MANIFEST
+        tmp = tmp_sibling(final)
         tmp.write_text(json.dumps(self.manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, self.path / MANIFEST)
+        publish(tmp, final)
 
     # ------------------------------------------------------------ reading
 

@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from fusemerge.checkpoint.layout import PICKLE_SUFFIXES
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.data import ChatData, ChatTokenizer
 from fusemerge.fuse.store import TopKStore
 
 LOG = logging.getLogger(__name__)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,14 +33,13 @@ from typing import Any
 from transformers import Trainer
 
 from fusemerge.card import fused_card
+from fusemerge.checkpoint.layout import RECIPE_NAME, TARGET_STAMP, staged_folder
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.data import ChatData
 from fusemerge.fuse.recipe import FuseRecipe
 from fusemerge.fuse.store import TopKStore
 
 LOG = logging.getLogger(__name__)
-TARGET_STAMP = "fusemerge_target.json"
-RECIPE_NAME = "fusemerge_recipe.yml"
 
 # settings that change how a run is observed, not what it computes: free to change on a resume
 _NOT_IDENTITY = {"save_steps", "logging_steps", "dataloader_workers"}
@@ -364,24 +362,24 @@ def save_target(recipe: FuseRecipe, staging: Path, out: Path, *, sources: list[s
         model = PeftModel.from_pretrained(base, staging).merge_and_unload()
     model = model.to(dtype)
     model.config.use_cache = True
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(pivot.model, **remote).save_pretrained(tmp)
-    (tmp / "README.md").write_text(
-        fused_card(
-            pivot=pivot.model,
-            sources=sources,
-            recipe_text=recipe.raw_yaml,
-            extra_tags=[recipe.fusion.function, f"{recipe.training.mode}-training"],
-        ),
-        encoding="utf-8",
-    )
-    if recipe.raw_yaml:
-        (tmp / RECIPE_NAME).write_text(recipe.raw_yaml, encoding="utf-8")
-    (tmp / TARGET_STAMP).write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    with staged_folder(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(pivot.model, **remote).save_pretrained(tmp)
+        (tmp / "README.md").write_text(
+            fused_card(
+                pivot=pivot.model,
+                sources=sources,
+                recipe_text=recipe.raw_yaml,
+                extra_tags=[recipe.fusion.function, f"{recipe.training.mode}-training"],
+            ),
+            encoding="utf-8",
+        )
+        if recipe.raw_yaml:
+            (tmp / RECIPE_NAME).write_text(recipe.raw_yaml, encoding="utf-8")
+        (tmp / TARGET_STAMP).write_text(
+            json.dumps(identity, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
     return out
 
 

@@ -11,46 +11,42 @@ unless `overwrite=True`.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from fusemerge import __version__
 from fusemerge.card import merge_card
 from fusemerge.checkpoint.dtypes import name_for_code
-from fusemerge.checkpoint.reader import INDEX_NAME
-from fusemerge.checkpoint.writer import ShardedWriter, atomic_write_text
+from fusemerge.checkpoint.layout import (
+    DONE_SUFFIX,
+    INDEX_NAME,
+    PARTIAL_SUFFIX,
+    RECIPE_NAME,
+    STATE_DIR,
+    TOKENIZER_FILES,
+    atomic_write_text,
+    exclusive_lock,
+    read_state,
+    write_state,
+)
+from fusemerge.checkpoint.writer import ShardedWriter
 from fusemerge.errors import FusemergeError
 from fusemerge.merge.chat_templates import resolve_chat_template
 from fusemerge.merge.fallback import choose_engine, is_moe_recipe, mergekit_reason, run_with_mergekit
 from fusemerge.merge.plan import MergePlan, build_plan, describe
-from fusemerge.recipes import load_recipe
+from fusemerge.merge.recipe import load_recipe
 
 LOG = logging.getLogger(__name__)
-STATE_DIR = ".fusemerge"
-RECIPE_NAME = "fusemerge_recipe.yml"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+# Everything a merge writes into its output folder (cleared before a merge of another recipe).
 OUTPUT_PATTERNS = (
     "*.safetensors",
     INDEX_NAME,
-    ".*.partial",
-    ".*.done",
+    f".*{PARTIAL_SUFFIX}",
+    f".*{DONE_SUFFIX}",
     "config.json",
     "generation_config.json",
     RECIPE_NAME,
@@ -130,8 +126,8 @@ def run_merge(
     fingerprint = plan.fingerprint()
     _refuse_foreign_folder(out, fingerprint, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(out):
-        state = _read_manifest(out)
+    with exclusive_lock(out, what="merge"):
+        state = read_state(out)
         complete = state.get("fingerprint") == fingerprint and state.get("status") == "complete"
         if complete and not overwrite and (out / INDEX_NAME).is_file():
             echo(f"{out}: this merge is already complete; nothing to do")
@@ -192,17 +188,8 @@ def _check_device(device: str) -> str:
 
 
 # -- output folder state ------------------------------------------------------------------------------
-def _read_manifest(out: Path) -> dict[str, Any]:
-    path = out / STATE_DIR / "manifest.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _write_manifest(out: Path, fingerprint: str, status: str) -> None:
-    state = {"fingerprint": fingerprint, "status": status, "fusemerge_version": __version__}
-    atomic_write_text(out / STATE_DIR / "manifest.json", json.dumps(state, indent=2) + "\n")
+    write_state(out, {"fingerprint": fingerprint, "status": status, "fusemerge_version": __version__})
 
 
 def _refuse_foreign_folder(out: Path, fingerprint: str, overwrite: bool) -> None:
@@ -211,7 +198,7 @@ def _refuse_foreign_folder(out: Path, fingerprint: str, overwrite: bool) -> None
     if not out.is_dir():
         raise FusemergeError("the output path exists and is not a folder", file=out)
     entries = [p for p in out.iterdir() if p.name != STATE_DIR]
-    state = _read_manifest(out)
+    state = read_state(out)
     if state.get("fingerprint") == fingerprint:
         return
     if state:
@@ -230,25 +217,6 @@ def _clear_outputs(out: Path) -> None:
         for path in out.glob(pattern):
             if path.is_file():
                 path.unlink()
-
-
-@contextmanager
-def _exclusive_lock(out: Path):
-    """One writer per output folder. flock dies with its process, so a stale lock never blocks a rerun."""
-    state = out / STATE_DIR
-    state.mkdir(exist_ok=True)
-    fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            raise FusemergeError(f"another merge is writing this folder (pid {holder})", file=out) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)
 
 
 # -- side files ---------------------------------------------------------------------------------------

@@ -23,9 +23,10 @@ from typing import Any
 
 import yaml
 
+from fusemerge.checkpoint.layout import RECIPE_NAME
 from fusemerge.errors import FusemergeError
 from fusemerge.merge.models import resolve_model_path
-from fusemerge.recipes import MergeRecipe
+from fusemerge.merge.recipe import MergeRecipe
 
 LOG = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'fusemerge[mergekit]'"
@@ -71,7 +72,7 @@ def require_mergekit() -> None:
         raise FusemergeError(
             f"this recipe needs mergekit as the fallback engine, and it is not installed: {INSTALL_HINT}"
         ) from None
-    import fusemerge.mergekit_plugin  # noqa: F401  (registers variation_ratio in mergekit)
+    import fusemerge.merge.mergekit_plugin  # noqa: F401  (registers variation_ratio in mergekit)
 
 
 def run_with_mergekit(
@@ -118,7 +119,7 @@ def run_with_mergekit(
             from mergekit.merge import run_merge
 
             run_merge(config, str(out), options=options, config_source=text)
-    (out / "fusemerge_recipe.yml").write_text(text, encoding="utf-8")
+    (out / RECIPE_NAME).write_text(text, encoding="utf-8")
     echo(f"merged with mergekit into {out}")
     return out
 

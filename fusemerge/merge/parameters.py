@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from fusemerge.errors import FusemergeError
-from fusemerge.recipes import ConditionalParameter
+from fusemerge.merge.recipe import ConditionalParameter
 
 MISSING: Any = object()
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")

@@ -20,7 +20,7 @@ from fusemerge.merge.methods import MergeMethod, get_method
 from fusemerge.merge.methods.chunks import CHUNK_ELEMENTS
 from fusemerge.merge.models import num_layers, open_models
 from fusemerge.merge.parameters import layer_t, resolve
-from fusemerge.recipes import LoadedRecipe
+from fusemerge.merge.recipe import LoadedRecipe
 
 # Read-ahead bound: a few tensors hide read latency; more would only raise the memory peak.
 DEFAULT_PREFETCH_BYTES = 256 * 1024 * 1024

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fusemerge.assets import build_random_model, perturb_model
 from fusemerge.cli import main
+from fusemerge.offline.assets import build_random_model, perturb_model
 
 
 @pytest.fixture(scope="session")

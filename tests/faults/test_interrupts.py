@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fusemerge.assets import build_random_model, perturb_model
+from fusemerge.offline.assets import build_random_model, perturb_model
 from tests.faults.conftest import assert_one_line_exit_2, linear_recipe, run_merge_cli
 
 ROOT = Path(__file__).parents[2]

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import fusemerge.checkpoint.writer as writer_module
-from fusemerge.assets import build_random_model, perturb_model
 from fusemerge.errors import FusemergeError
 from fusemerge.merge.api import run_merge
+from fusemerge.offline.assets import build_random_model, perturb_model
 from tests.faults.conftest import linear_recipe
 from tests.merge.oracle import load_folder
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import yaml
 
-from fusemerge.corpora import chatterbot_conversations
 from fusemerge.fuse.data import ChatTokenizer
 from fusemerge.fuse.store import TopKStore
+from fusemerge.offline.corpora import chatterbot_conversations
 
 
 def write_jsonl(path: Path, records: list) -> Path:

@@ -7,7 +7,6 @@ import itertools
 import numpy as np
 import pytest
 
-from fusemerge.corpora import chatterbot_conversations, mtbench_questions, stdlib_code_snippets
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.align import (
     Alignment,
@@ -21,6 +20,7 @@ from fusemerge.fuse.align import (
     transfer_topk,
 )
 from fusemerge.fuse.align.vocab import nearest_by_edit_distance
+from fusemerge.offline.corpora import chatterbot_conversations, mtbench_questions, stdlib_code_snippets
 
 NAMES = ("gpt2", "mistral", "qwen")
 PAIRS = list(itertools.product(NAMES, NAMES))

@@ -10,7 +10,6 @@ import pytest
 from rapidfuzz.distance import Levenshtein
 
 import fusemerge.fuse.align.dtw as dtw_module
-from fusemerge.corpora import chatterbot_conversations
 from fusemerge.fuse.align import (
     ALIGNMENT_METHODS,
     TokenizerProfile,
@@ -23,6 +22,7 @@ from fusemerge.fuse.align import (
     tokenize,
 )
 from fusemerge.fuse.align.dtw import _levenshtein, _myers, mined_cost
+from fusemerge.offline.corpora import chatterbot_conversations
 
 
 def reference_dtw(

@@ -81,7 +81,7 @@ def test_smollm2_pivot_with_a_source_of_another_tokenizer_learns(tmp_path_factor
     """SmolLM2-135M-Instruct (real, GPT-2-style 49k vocabulary) fused with a Qwen3-tokenizer source: a few
     LoRA steps on the CPU give a finite loss that goes down."""
     from fusemerge.fuse.pipeline import run_fuse
-    from fusemerge.fuse.tiny_setup import build_tiny_fusion
+    from fusemerge.offline.tiny_fusion import build_tiny_fusion
 
     root = tmp_path_factory.mktemp("smol-fuse")
     paths = build_tiny_fusion(root, conversations=8)
@@ -180,7 +180,7 @@ def test_train_step_data_parallel_over_two_processes(tmp_path, tiny_models, chat
 def test_target_plan_and_merge_recipe(tmp_path, fuse_helpers):
     from fusemerge.fuse.pipeline import target_plan, write_merge_recipe
     from fusemerge.fuse.recipe import load_fuse_recipe
-    from fusemerge.recipes import load_recipe
+    from fusemerge.merge.recipe import load_recipe
 
     sections = {"pivot": "org/piv", "sources": ["org/s-a", "other/s_b"], "dataset": {"path": "d.jsonl"}}
     path = fuse_helpers.write_recipe(tmp_path / "r.yml", **sections, output=str(tmp_path / "out"))

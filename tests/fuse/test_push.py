@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from fusemerge.checkpoint.layout import RECIPE_NAME, TARGET_STAMP
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.cli import fuse
 from fusemerge.fuse.pipeline import hub_repo_ids
 from fusemerge.fuse.recipe import FuseRecipe
-from fusemerge.fuse.train import RECIPE_NAME, TARGET_STAMP
 from tests.fake_hub import running_fake_hub
 from tests.test_hub import TOKEN, _cli, _files_containing, _front_matter
 

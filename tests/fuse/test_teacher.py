@@ -234,8 +234,8 @@ def test_smollm2_teacher_beats_a_random_model(tmp_path_factory):
     """The real SmolLM2-135M-Instruct on MT-Bench-style conversations, on the CPU."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from fusemerge.corpora import mtbench_questions
-    from fusemerge.realmodels import smollm2_instruct_folder
+    from fusemerge.offline.corpora import mtbench_questions
+    from fusemerge.offline.realmodels import smollm2_instruct_folder
 
     root = tmp_path_factory.mktemp("smol")
     smol = smollm2_instruct_folder(root / "smollm2")

@@ -10,12 +10,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+from fusemerge.checkpoint.layout import TARGET_STAMP
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.collate import FusionCollator, FusionDataset, next_token_labels
 from fusemerge.fuse.data import build_chat_data
 from fusemerge.fuse.loss import IGNORE_INDEX
 from fusemerge.fuse.recipe import DatasetSpec, FuseRecipe
-from fusemerge.fuse.train import TARGET_STAMP, build_trainer, save_target, target_identity, train_target
+from fusemerge.fuse.train import build_trainer, save_target, target_identity, train_target
 
 
 @pytest.fixture(scope="module")
@@ -245,9 +246,9 @@ def test_student_weights_dtype(mode, dtype, tmp_path):
     adapters in float32; full fine-tuning always keeps float32 master weights."""
     import torch
 
-    from fusemerge.assets import build_random_model
     from fusemerge.fuse.recipe import FuseRecipe
     from fusemerge.fuse.train import load_student
+    from fusemerge.offline.assets import build_random_model
 
     pivot = build_random_model(tmp_path / "pivot")
     recipe = FuseRecipe.model_validate(

@@ -37,8 +37,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from fusemerge.assets import build_random_model, perturb_model
-from fusemerge.corpora import chatterbot_conversations
+from fusemerge.offline.assets import build_random_model, perturb_model
+from fusemerge.offline.corpora import chatterbot_conversations
 
 DEVICE = os.environ.get("FUSEMERGE_GPU_TEST_DEVICE", "cuda")
 REPO = Path(__file__).resolve().parents[2]

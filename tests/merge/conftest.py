@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fusemerge.assets import build_random_model, perturb_model
+from fusemerge.offline.assets import build_random_model, perturb_model
 
 # Perturbation (std, fraction of elements) of each 'fine-tune'; weights themselves have std 0.02.
 FP32_DELTAS = [(0.02, 1.0), (0.05, 0.5), (0.01, 0.3)]

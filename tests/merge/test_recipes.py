@@ -15,8 +15,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from fusemerge.assets import build_random_model, perturb_model
 from fusemerge.cli import main
+from fusemerge.offline.assets import build_random_model, perturb_model
 from tests.merge.hub_cache import add_to_cache
 
 ROOT = Path(__file__).resolve().parents[2]

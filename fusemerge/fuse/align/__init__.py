@@ -21,7 +21,7 @@ from fusemerge.fuse.align.alignment import Alignment, TokenizedText, tokenize
 from fusemerge.fuse.align.dtw import dtw_align, dtw_align_batch, dtw_alignment, dtw_alignment_batch
 from fusemerge.fuse.align.offsets import offsets_alignment
 from fusemerge.fuse.align.profile import TokenizerProfile
-from fusemerge.fuse.align.registry import ALIGNMENT_METHODS, VOCAB_MAPPINGS, Registry
+from fusemerge.fuse.align.registry import ALIGNMENT_METHODS, VOCAB_MAPPINGS
 from fusemerge.fuse.align.transfer import TransferredTopK, choose_source_positions, transfer_topk
 from fusemerge.fuse.align.vocab import (
     CoAlignmentCounts,
@@ -29,6 +29,7 @@ from fusemerge.fuse.align.vocab import (
     build_vocab_mapping,
     same_start_alignment,
 )
+from fusemerge.registry import Registry
 
 
 def align(method: str, source: TokenizedText, pivot: TokenizedText, **params: object) -> Alignment:

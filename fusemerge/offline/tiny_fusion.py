@@ -1,6 +1,6 @@
 """Models and data for `recipes/fuse-tiny-cpu.yml`: a fusion that runs on a laptop CPU, fully offline.
 
-    python -m fusemerge.fuse.tiny_setup fuse-tiny-cpu      # about a minute; then, from the same folder:
+    python -m fusemerge.offline.tiny_fusion fuse-tiny-cpu      # about a minute; then, from the same folder:
     fusemerge fuse recipes/fuse-tiny-cpu.yml
 
 Writes, under the given folder:
@@ -26,9 +26,9 @@ from pathlib import Path
 
 def build_tiny_fusion(root: str | Path, *, conversations: int = 64) -> dict[str, Path]:
     """Create (or reuse) the pivot, two sources and the chat data under `root`; returns their paths."""
-    from fusemerge.assets import build_random_model, load_shipped_tokenizer
-    from fusemerge.corpora import chatterbot_conversations
-    from fusemerge.realmodels import smollm2_instruct_folder
+    from fusemerge.offline.assets import build_random_model, load_shipped_tokenizer
+    from fusemerge.offline.corpora import chatterbot_conversations
+    from fusemerge.offline.realmodels import smollm2_instruct_folder
 
     root = Path(root)
     paths = {

