@@ -34,6 +34,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fusemerge tests bench examples
 	$(VENV)/bin/ruff format --check fusemerge tests bench examples
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,4 +1,4 @@
-"""`-q` means no progress bars at all, the libraries' own included.
+"""Progress bars, one way for every long step (merge, teacher pass, align, eval); `-q` turns them all off.
 
 Our bars follow each command's `progress` flag, but transformers ("Loading weights", "Writing model
 shards") and huggingface_hub draw their own; a quiet command turns those off once, for the process,
@@ -6,6 +6,45 @@ instead of every call site toggling them around its own loads.
 """
 
 from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def bar(total: int, desc: str, *, enabled: bool = True, unit: str = "seq", unit_scale: bool = False) -> Any:
+    """A tqdm bar (a context manager too); a disabled one when `enabled` is false, so callers never branch.
+
+    Args:
+        total: the number of units the step will process.
+        desc: the bar's label: the step and the model or file it works on.
+        enabled: false under `-q`, or on the non-main processes of a launcher.
+        unit: what one step of `update` counts ("seq", "B").
+        unit_scale: show 1.2M instead of 1200000 (for bytes).
+    """
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, desc=desc, unit=unit, unit_scale=unit_scale, dynamic_ncols=True, disable=not enabled
+    )
+
+
+class TokenRate:
+    """A bar over sequences with a tokens/s postfix: tqdm's own rate and ETA count sequences, but a
+    throughput worth comparing between models and machines is tokens per second."""
+
+    def __init__(self, total: int, desc: str, *, enabled: bool = True) -> None:
+        self.bar = bar(total, desc, enabled=enabled)
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def update(self, sequences: int, tokens: int) -> None:
+        self.tokens += tokens
+        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+        self.bar.update(sequences)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def silence_library_progress() -> None:
