@@ -161,6 +161,8 @@ def _fuse(
 ) -> tuple[dict[str, Path], Path, Path]:
     """The FuseChat recipe and its CLM-only twin (same data, schedule and seed; `lambda: 1`)."""
     from fusemerge.fuse.pipeline import run_fuse
+    from fusemerge.fuse.recipe import load_fuse_recipe
+    from fusemerge.fuse.workdir import FuseWorkDir
 
     work = out / "fuse-work"
     common = {
@@ -175,8 +177,9 @@ def _fuse(
     clm_recipe = _write_recipe(out / "clm-only.yml", {**clm, "output": str(out / "clm-only")})
     made = run_fuse(fuse_recipe, progress=progress, echo=echo)
     baseline = run_fuse(clm_recipe, steps=("train",), progress=progress, echo=echo)
-    targets = {domain: made[f"target/{pivot.name}-{folder.name}"] for domain, folder in specialists.items()}
-    clm_only = next(v for k, v in baseline.items() if k.startswith("target/"))
+    plan = FuseWorkDir(load_fuse_recipe(fuse_recipe)).targets  # pairwise: one per source, in order
+    targets = {domain: made[t.key] for domain, t in zip(specialists, plan, strict=True)}
+    clm_only = baseline[FuseWorkDir(load_fuse_recipe(clm_recipe)).targets[0].key]
     return targets, clm_only, made["merge_recipe"]
 
 

@@ -4,7 +4,7 @@
     from fusemerge.fuse.aligned import run_align
     run_align(source_tok, pivot_tok, data, source_store=..., pivot_store=..., aligned_dir=..., mapping_file=...)
 
-Folders under the recipe's work_dir (names from `fusemerge.fuse.pipeline.store_folders`):
+Folders under the recipe's work_dir (paths and names from `fusemerge.fuse.workdir.FuseWorkDir`):
 
     teacher/<pivot>/  teacher/<source>/        top-K stores of the teach step (inputs here)
     vocab/<source>-to-<pivot>.safetensors      source id -> pivot id (`VocabMapping`), built once, reused
