@@ -13,8 +13,8 @@ Folders under the recipe's work_dir (paths and names from `fusemerge.fuse.workdi
 Per sequence, both tokenizers read the pivot-rendered text exactly as the teacher pass did
 (`ChatTokenizer`, checked against the stores' tokenizer hash, dataset hash and row counts), the tokens are
 aligned with `alignment.tokens` (dtw | offsets) and the source's top-K rows are moved onto pivot positions
-and ids with `transfer_topk` (DESIGN.md 3: one-to-one takes the row, one-to-many takes the matching piece,
-otherwise the one-hot of the next gold pivot token).
+and ids with `transfer_topk` (its rules, in `fusemerge.fuse.align.transfer`: one-to-one takes the row,
+one-to-many takes the matching piece, otherwise the one-hot of the next gold pivot token).
 
 The aligned store is a `TopKStore` with the pivot store's shard plan, so sequence i has exactly as many
 rows as the pivot's sequence i. Its identity is the source store's identity with `kind: aligned`,

@@ -36,6 +36,7 @@ from fusemerge.fuse.hf_compat import precision, training_arguments
 from fusemerge.fuse.recipe import FuseRecipe
 from fusemerge.fuse.store import TopKStore
 from fusemerge.fuse.trainer import FusionTrainer
+from fusemerge.fuse.workdir import FINAL_CHECKPOINT, TRAIN_STAMP
 
 # settings that change how a run is observed, not what it computes: free to change on a resume
 _NOT_IDENTITY = {"save_steps", "logging_steps", "dataloader_workers"}
@@ -172,7 +173,7 @@ def train_target(
         + (f"; resuming from {Path(last).name}" if last else "")
     )
     trainer.train(resume_from_checkpoint=last)
-    staging = checkpoints / "final"
+    staging = checkpoints / FINAL_CHECKPOINT
     trainer.save_model(str(staging))  # gathers ZeRO-3 / FSDP shards; adapters only for lora / qlora
     if state.is_main_process:
         save_target(recipe, staging, out, sources=list(aligned), identity=identity)
@@ -278,15 +279,16 @@ def _stamp_matches(folder: Path, identity: dict[str, Any], name: str = TARGET_ST
 
 def _claim_checkpoints(checkpoints: Path, identity: dict[str, Any]) -> None:
     """Checkpoints resume only the run they were made for; others are an error, not a silent restart."""
-    name = "fusemerge_train.json"
     if (
         checkpoints.is_dir()
         and any(checkpoints.iterdir())
-        and not _stamp_matches(checkpoints, identity, name)
+        and not _stamp_matches(checkpoints, identity, TRAIN_STAMP)
     ):
         raise FusemergeError(
             "training checkpoints here were made for other settings or stores; delete the folder to restart",
             file=checkpoints,
         )
     checkpoints.mkdir(parents=True, exist_ok=True)
-    (checkpoints / name).write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (checkpoints / TRAIN_STAMP).write_text(
+        json.dumps(identity, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )

@@ -11,7 +11,9 @@ Folders under the recipe's work_dir (default <output>/work):
     teacher/<model-name>/                    top-K store of the pivot and of every source (fusemerge.fuse.store)
     vocab/<source>-to-<pivot>.safetensors    each source's vocabulary mapping (fusemerge.fuse.aligned)
     aligned/<source>/                        each source's top-K in pivot positions and ids (fusemerge.fuse.aligned)
-    train/<target>/                          Trainer checkpoints of each target (fusemerge.fuse.train)
+    train/<target>/                          Trainer checkpoints of each target (fusemerge.fuse.train), with
+                                             fusemerge_train.json (what they were made for) and final/ (the
+                                             trained weights before they are folded into the target folder)
 
 and under the recipe's output:
 
@@ -39,6 +41,8 @@ TEACHER_DIR = "teacher"
 ALIGNED_DIR = "aligned"
 VOCAB_DIR = "vocab"
 TRAIN_DIR = "train"
+TRAIN_STAMP = "fusemerge_train.json"  # in train/<target>/: checkpoints resume only the run they were made for
+FINAL_CHECKPOINT = "final"  # in train/<target>/: the trained weights, saved by the Trainer
 MERGE_RECIPE = "merge.yml"
 
 
