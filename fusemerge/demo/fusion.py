@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import yaml
 from fusemerge.checkpoint.layout import atomic_write_text
 from fusemerge.demo.corpus import DOMAINS, CorpusPlan, build_corpus
 from fusemerge.demo.pretrain import ModelPlan, pretrain
+from fusemerge.demo.results import DemoResult
 
 
 @dataclass(frozen=True)
@@ -66,32 +66,6 @@ class DemoPlan:
             },
         }
     )
-
-
-@dataclass
-class DemoResult:
-    """Bits per byte by model label and domain (plus "average", the mean over domains)."""
-
-    bits_per_byte: dict[str, dict[str, float]]  # in table order
-    folders: dict[str, Path]
-    seconds: float = 0.0
-    varm_weights: list[float] = field(default_factory=list)  # the first target's W per matrix
-
-    @property
-    def labels(self) -> list[str]:
-        """The table's rows, in order."""
-        return list(self.bits_per_byte)
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "bits_per_byte": self.bits_per_byte,
-                "models": {k: str(v) for k, v in self.folders.items()},
-                "varm_weights_of_first_target": [round(w, 4) for w in self.varm_weights],
-                "seconds": round(self.seconds, 1),
-            },
-            indent=1,
-        )
 
 
 def run_fusion_demo(
