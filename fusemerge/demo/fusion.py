@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import yaml
 from fusemerge.checkpoint.layout import atomic_write_text
 from fusemerge.demo.corpus import DOMAINS, CorpusPlan, build_corpus
 from fusemerge.demo.pretrain import ModelPlan, pretrain
+from fusemerge.demo.results import DemoResult
 
 
 @dataclass(frozen=True)
@@ -66,32 +66,6 @@ class DemoPlan:
             },
         }
     )
-
-
-@dataclass
-class DemoResult:
-    """Bits per byte by model label and domain (plus "average", the mean over domains)."""
-
-    bits_per_byte: dict[str, dict[str, float]]  # in table order
-    folders: dict[str, Path]
-    seconds: float = 0.0
-    varm_weights: list[float] = field(default_factory=list)  # the first target's W per matrix
-
-    @property
-    def labels(self) -> list[str]:
-        """The table's rows, in order."""
-        return list(self.bits_per_byte)
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "bits_per_byte": self.bits_per_byte,
-                "models": {k: str(v) for k, v in self.folders.items()},
-                "varm_weights_of_first_target": [round(w, 4) for w in self.varm_weights],
-                "seconds": round(self.seconds, 1),
-            },
-            indent=1,
-        )
 
 
 def run_fusion_demo(
@@ -161,6 +135,8 @@ def _fuse(
 ) -> tuple[dict[str, Path], Path, Path]:
     """The FuseChat recipe and its CLM-only twin (same data, schedule and seed; `lambda: 1`)."""
     from fusemerge.fuse.pipeline import run_fuse
+    from fusemerge.fuse.recipe import load_fuse_recipe
+    from fusemerge.fuse.workdir import FuseWorkDir
 
     work = out / "fuse-work"
     common = {
@@ -175,8 +151,9 @@ def _fuse(
     clm_recipe = _write_recipe(out / "clm-only.yml", {**clm, "output": str(out / "clm-only")})
     made = run_fuse(fuse_recipe, progress=progress, echo=echo)
     baseline = run_fuse(clm_recipe, steps=("train",), progress=progress, echo=echo)
-    targets = {domain: made[f"target/{pivot.name}-{folder.name}"] for domain, folder in specialists.items()}
-    clm_only = next(v for k, v in baseline.items() if k.startswith("target/"))
+    plan = FuseWorkDir(load_fuse_recipe(fuse_recipe)).targets  # pairwise: one per source, in order
+    targets = {domain: made[t.key] for domain, t in zip(specialists, plan, strict=True)}
+    clm_only = baseline[FuseWorkDir(load_fuse_recipe(clm_recipe)).targets[0].key]
     return targets, clm_only, made["merge_recipe"]
 
 

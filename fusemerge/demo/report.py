@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from fusemerge.demo.corpus import DOMAINS
 
 if TYPE_CHECKING:
-    from fusemerge.demo.fusion import DemoResult
+    from fusemerge.demo.results import DemoResult
 
 BASELINE = "pivot + CLM only (baseline)"
 COLUMNS = (*DOMAINS, "average")

@@ -4,7 +4,7 @@
     from fusemerge.fuse.aligned import run_align
     run_align(source_tok, pivot_tok, data, source_store=..., pivot_store=..., aligned_dir=..., mapping_file=...)
 
-Folders under the recipe's work_dir (names from `fusemerge.fuse.pipeline.store_folders`):
+Folders under the recipe's work_dir (paths and names from `fusemerge.fuse.workdir.FuseWorkDir`):
 
     teacher/<pivot>/  teacher/<source>/        top-K stores of the teach step (inputs here)
     vocab/<source>-to-<pivot>.safetensors      source id -> pivot id (`VocabMapping`), built once, reused
@@ -13,8 +13,8 @@ Folders under the recipe's work_dir (names from `fusemerge.fuse.pipeline.store_f
 Per sequence, both tokenizers read the pivot-rendered text exactly as the teacher pass did
 (`ChatTokenizer`, checked against the stores' tokenizer hash, dataset hash and row counts), the tokens are
 aligned with `alignment.tokens` (dtw | offsets) and the source's top-K rows are moved onto pivot positions
-and ids with `transfer_topk` (DESIGN.md 3: one-to-one takes the row, one-to-many takes the matching piece,
-otherwise the one-hot of the next gold pivot token).
+and ids with `transfer_topk` (its rules, in `fusemerge.fuse.align.transfer`: one-to-one takes the row,
+one-to-many takes the matching piece, otherwise the one-hot of the next gold pivot token).
 
 The aligned store is a `TopKStore` with the pivot store's shard plan, so sequence i has exactly as many
 rows as the pivot's sequence i. Its identity is the source store's identity with `kind: aligned`,

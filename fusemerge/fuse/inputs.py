@@ -18,7 +18,9 @@ gold pivot token; the last row of a sequence can be all empty. MinCE picks per s
 the lowest metric_ce (ties to the pivot). Token ids and the assistant mask of sequence i come from
 `ChatTokenizer(pivot_tokenizer)(data.sequences[i])`, exactly as the teacher pass made them.
 
-Source names are the folder names under `<work_dir>/aligned/`, in recipe order when a recipe is given.
+Source names are the folder names under `<work_dir>/aligned/`, in recipe order when a recipe is given
+(`fusemerge.fuse.workdir.FuseWorkDir` names them). Whether each store is there is the work-dir's check;
+whether the aligned stores fit the pivot store is this module's, made once when they are opened.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import NamedTuple
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.recipe import FuseRecipe, load_fuse_recipe
 from fusemerge.fuse.store import MANIFEST, TopKSequence, TopKStore
+from fusemerge.fuse.workdir import ALIGNED_DIR, TEACHER_DIR, FuseWorkDir
 
 
 class FusionInputs(NamedTuple):
@@ -62,28 +65,18 @@ def open_fusion_inputs(where: FuseRecipe | str | Path) -> FusionInputs:
 
 
 def _from_recipe(recipe: FuseRecipe) -> FusionInputs:
-    from fusemerge.fuse.pipeline import aligned_folders, store_folders
-
-    pivot_dir = store_folders(recipe)[0]
-    if not (pivot_dir / MANIFEST).is_file():
-        raise FusemergeError("no pivot teacher store; run fusemerge fuse with --steps teach", file=pivot_dir)
-    sources = {}
-    for folder in aligned_folders(recipe):
-        if not (folder / MANIFEST).is_file():
-            raise FusemergeError("no aligned store; run fusemerge fuse with --steps align", file=folder)
-        sources[folder.name] = TopKStore.open(folder)
-    return _checked(TopKStore.open(pivot_dir), sources)
+    return _checked(*FuseWorkDir(recipe).fusion_stores())
 
 
 def _from_work_dir(work_dir: Path) -> FusionInputs:
-    aligned = sorted(p.parent for p in (work_dir / "aligned").glob(f"*/{MANIFEST}"))
+    aligned = sorted(p.parent for p in (work_dir / ALIGNED_DIR).glob(f"*/{MANIFEST}"))
     if not aligned:
         raise FusemergeError(
             "no aligned stores under aligned/; run fusemerge fuse --steps align", file=work_dir
         )
     sources = {folder.name: TopKStore.open(folder) for folder in aligned}
     first = next(iter(sources.values())).identity
-    for folder in sorted(p.parent for p in (work_dir / "teacher").glob(f"*/{MANIFEST}")):
+    for folder in sorted(p.parent for p in (work_dir / TEACHER_DIR).glob(f"*/{MANIFEST}")):
         identity = json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("identity", {})
         if (identity.get("model"), identity.get("tokenizer_hash")) == (
             first["pivot_model"],

@@ -17,7 +17,8 @@ scatter-adds -w into that same buffer. So the whole loss holds one [rows, vocab]
 cross-entropy does, and costs about what transformers' own causal-LM loss costs (bench/fuse_bench.py).
 
 A row whose target probabilities sum to 0 has no teacher distribution: it falls back to the one-hot of
-the gold next token, i.e. contributes exactly like the CLM term (DESIGN.md 3).
+the gold next token, i.e. contributes exactly like the CLM term (the align step's fallback too,
+`fusemerge.fuse.align.transfer`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ LossKind = Literal["ce", "kl"]
 
 @dataclass(frozen=True)
 class LossParts:
-    """The training loss and its two terms (detached), for logging."""
+    """The training loss and its two terms (detached), for the training log (`FusionTrainer.log`)."""
 
     loss: torch.Tensor
     clm: torch.Tensor

@@ -3,18 +3,7 @@
     from fusemerge.fuse.pipeline import run_fuse
     run_fuse("recipes/fusechat-7b.yml", steps=("teach", "align", "train"))
 
-Folders under the recipe's work_dir (default <output>/work):
-
-    teacher/<model-name>/                    top-K store of the pivot and of every source (fusemerge.fuse.store)
-    vocab/<source>-to-<pivot>.safetensors    each source's vocabulary mapping (fusemerge.fuse.aligned)
-    aligned/<source>/                        each source's top-K in pivot positions and ids (fusemerge.fuse.aligned)
-    train/<target>/                          Trainer checkpoints of each target (fusemerge.fuse.train)
-
-and under the recipe's output:
-
-    <pivot>-<source>/      one fused target per source (pairwise fusion, the paper), a model folder
-    <pivot>-fused/         or one target from all sources at once (`fusion.sources: all`, FuseLLM)
-    merge.yml              the next stage: `variation_ratio` over the targets with the pivot as base
+The folders and names each step uses come from `fusemerge.fuse.workdir.FuseWorkDir`.
 
 Every step reads only the previous step's files and skips what is already complete, so an interrupted
 run continues with the same command. The training stage opens the results with
@@ -27,16 +16,14 @@ puts each under its folder name. The ids are checked before any work starts.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse import STEPS
-from fusemerge.fuse.recipe import FuseRecipe, ModelSpec, load_fuse_recipe
-
-MERGE_RECIPE = "merge.yml"
+from fusemerge.fuse.recipe import FuseRecipe, load_fuse_recipe
+from fusemerge.fuse.workdir import FuseWorkDir
 
 
 def run_fuse(
@@ -77,8 +64,8 @@ def run_fuse(
         )
     recipe = load_fuse_recipe(recipe_path)
     repo_ids = hub_repo_ids(recipe, push_to_hub) if push_to_hub else {}
-    if "teach" not in steps:
-        _require_teacher_stores(recipe)
+    if "teach" not in steps:  # align and train read them: checked once, before any work
+        FuseWorkDir(recipe).require_teacher_stores()
     pivot_tokenizer, data = chat_data(recipe, echo=echo)
     folders: dict[str, Path] = {}
     if "teach" in steps:
@@ -102,15 +89,14 @@ def hub_repo_ids(recipe: FuseRecipe, repo_id: str) -> dict[Path, str]:
     """
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    plan = target_plan(recipe)
-    source_names = _names(recipe)[1:]
-    output = Path(recipe.output)
+    layout = FuseWorkDir(recipe)
+    plan = layout.targets
     if repo_id.endswith("/"):
-        ids = {output / name: f"{repo_id}{name}" for name, _ in plan}
+        ids = {layout.target_folder(t): f"{repo_id}{t.name}" for t in plan}
     elif len(plan) == 1:
-        ids = {output / plan[0][0]: repo_id}
+        ids = {layout.target_folder(plan[0]): repo_id}
     else:
-        ids = {output / name: f"{repo_id}-{source_names[members[0]]}" for name, members in plan}
+        ids = {layout.target_folder(t): f"{repo_id}-{layout.source_names[t.members[0]]}" for t in plan}
     for target, rid in ids.items():
         try:
             validate_repo_id(rid)
@@ -176,7 +162,7 @@ def teach(
     from fusemerge.fuse.teacher import TeacherSettings, run_teacher
 
     stores = {}
-    for (role, spec), folder in zip(recipe.models, store_folders(recipe), strict=True):
+    for (role, spec), folder in zip(recipe.models, FuseWorkDir(recipe).teacher_stores, strict=True):
         settings = TeacherSettings(**recipe.teacher_settings(spec))
         run_teacher(spec.model, data, folder, settings=settings, progress=progress, echo=echo)
         stores[role] = folder
@@ -194,20 +180,20 @@ def align(
     """Every source's teacher store moved into the pivot's positions and vocabulary (skipped when done).
 
     CPU work: under `accelerate launch` the main process does it while the others wait, so that no two
-    processes write one store.
+    processes write one store. The teacher stores must be complete (`run_fuse` checks that first).
     """
     from accelerate import PartialState
 
     from fusemerge.fuse.aligned import run_align
     from fusemerge.fuse.teacher import load_teacher_tokenizer
 
-    _require_teacher_stores(recipe)
-    teacher = store_folders(recipe)
+    layout = FuseWorkDir(recipe)
+    teacher = layout.teacher_stores
     out = {}
     sources = recipe.models[1:]
     state = PartialState()
     for (role, spec), store, folder, mapping in zip(
-        sources, teacher[1:], aligned_folders(recipe), mapping_files(recipe), strict=True
+        sources, teacher[1:], layout.aligned_stores, layout.mapping_files, strict=True
     ):
         out[f"aligned/{role}"] = folder
         if not state.is_main_process:
@@ -239,17 +225,18 @@ def train(
     from fusemerge.fuse.inputs import open_fusion_inputs
     from fusemerge.fuse.train import train_target
 
+    layout = FuseWorkDir(recipe)
     inputs = open_fusion_inputs(recipe)
     out: dict[str, Path] = {}
-    for name, members in target_plan(recipe):
-        aligned = {recipe.sources[i].model: inputs.sources[aligned_folders(recipe)[i].name] for i in members}
-        out[f"target/{name}"] = train_target(
+    for target in layout.targets:
+        aligned = {recipe.sources[i].model: inputs.sources[layout.source_names[i]] for i in target.members}
+        out[target.key] = train_target(
             recipe,
             data,
             pivot_store=inputs.pivot,
             aligned=aligned,
-            out=Path(recipe.output) / name,
-            checkpoints=recipe.work_path / "train" / name,
+            out=layout.target_folder(target),
+            checkpoints=layout.checkpoints(target),
             progress=progress,
             echo=echo,
         )
@@ -263,16 +250,8 @@ def train(
     merge_recipe = write_merge_recipe(recipe, targets)
     out["merge_recipe"] = merge_recipe
     echo(f"merge recipe: {merge_recipe}")
-    echo(f"next: fusemerge merge {merge_recipe} {Path(recipe.output) / (_names(recipe)[0] + '-varm')}")
+    echo(f"next: fusemerge merge {merge_recipe} {layout.merged_folder}")
     return out
-
-
-def target_plan(recipe: FuseRecipe) -> list[tuple[str, list[int]]]:
-    """(target folder name, indices of its sources): pairwise = one per source, `all` = one for all."""
-    pivot, *sources = _names(recipe)
-    if recipe.fusion.sources == "all":
-        return [(f"{pivot}-fused", list(range(len(sources))))]
-    return [(f"{pivot}-{s}", [i]) for i, s in enumerate(sources)]
 
 
 def write_merge_recipe(recipe: FuseRecipe, targets: list[Path]) -> Path:
@@ -286,43 +265,8 @@ def write_merge_recipe(recipe: FuseRecipe, targets: list[Path]) -> Path:
         "base_model": recipe.pivot.model,
         "models": [{"model": str(t)} for t in targets],
     }
-    path = Path(recipe.output) / MERGE_RECIPE
+    path = FuseWorkDir(recipe).merge_recipe
     path.parent.mkdir(parents=True, exist_ok=True)
     header = "# Written by `fusemerge fuse`: merge the fused targets (FuseChat's VaRM, the pivot as base).\n"
     atomic_write_text(path, header + yaml.safe_dump(body, sort_keys=False))
     return path
-
-
-def store_folders(recipe: FuseRecipe) -> list[Path]:
-    """work_dir/teacher/<name> per model (pivot first); names made unique when two models share one."""
-    root = recipe.work_path / "teacher"
-    return [root / n for n in _names(recipe)]
-
-
-def aligned_folders(recipe: FuseRecipe) -> list[Path]:
-    """work_dir/aligned/<source name> per source, in recipe order."""
-    return [recipe.work_path / "aligned" / n for n in _names(recipe)[1:]]
-
-
-def mapping_files(recipe: FuseRecipe) -> list[Path]:
-    """work_dir/vocab/<source name>-to-<pivot name>.safetensors per source, in recipe order."""
-    pivot, *sources = _names(recipe)
-    return [recipe.work_path / "vocab" / f"{s}-to-{pivot}.safetensors" for s in sources]
-
-
-def _require_teacher_stores(recipe: FuseRecipe) -> None:
-    for (_, spec), folder in zip(recipe.models, store_folders(recipe), strict=True):
-        if not (folder / "manifest.json").is_file():
-            raise FusemergeError(
-                f"no teacher store for {spec.name}; run the teach step first (--steps teach,align)",
-                file=folder,
-            )
-
-
-def _names(recipe: FuseRecipe) -> list[str]:
-    names = [_slug(spec) for _, spec in recipe.models]
-    return [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
-
-
-def _slug(spec: ModelSpec) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", spec.name).strip("-") or "model"

@@ -7,10 +7,9 @@
     accelerate launch --config_file examples/accelerate/deepspeed_zero2.yaml -m fusemerge.cli \\
         fuse recipes/fusechat-7b.yml --steps train        # the same code on many GPUs
 
-Why the Trainer: checkpoints, resume, schedules, gradient accumulation, mixed precision and accelerate
-(DDP, DeepSpeed ZeRO, FSDP) come for free; the only thing it does not know is our loss, so `FusionTrainer`
-overrides `compute_loss` alone. The model is always called through its (possibly wrapped) forward, so
-sharding wrappers see an ordinary step.
+This module is the target's lifecycle: stamp, claim the checkpoints, build the trainer (the student from
+`load_student`, TrainingArguments from `fusemerge.fuse.hf_compat`, `FusionTrainer` from
+`fusemerge.fuse.trainer`), train or resume, fold and save.
 
 `training.mode`: `full` fine-tunes every weight; `lora` trains peft adapters; `qlora` trains adapters on a
 4-bit base (CUDA + bitsandbytes only). Adapters are folded into full-precision pivot weights when the
@@ -24,62 +23,23 @@ it was trained from; a rerun skips it. An interrupted training resumes from its 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer
-
 from fusemerge.card import fused_card
 from fusemerge.checkpoint.layout import RECIPE_NAME, TARGET_STAMP, staged_folder
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.data import ChatData
+from fusemerge.fuse.hf_compat import precision, training_arguments
 from fusemerge.fuse.recipe import FuseRecipe
 from fusemerge.fuse.store import TopKStore
-
-LOG = logging.getLogger(__name__)
+from fusemerge.fuse.trainer import FusionTrainer
+from fusemerge.fuse.workdir import FINAL_CHECKPOINT, TRAIN_STAMP
 
 # settings that change how a run is observed, not what it computes: free to change on a resume
 _NOT_IDENTITY = {"save_steps", "logging_steps", "dataloader_workers"}
-
-
-class FusionTrainer(Trainer):
-    """transformers' Trainer with the sparse fusion loss (fusemerge.fuse.loss) as its loss."""
-
-    # compute_loss returns a per-micro-batch mean: the Trainer divides it by the accumulation steps
-    loss_is_scaled_for_ga = False
-
-    def __init__(self, *args: Any, lambda_: float = 0.9, loss_kind: str = "ce", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # Releases without `loss_is_scaled_for_ga` (5.17, for one) skip the division by the accumulation
-        # steps when the model's forward takes **kwargs; our loss never sees num_items_in_batch, so say no.
-        self.model_accepts_loss_kwargs = False
-        self.lambda_ = lambda_
-        self.loss_kind = loss_kind
-
-    def compute_loss(
-        self,
-        model: Any,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: Any = None,
-    ) -> Any:
-        from fusemerge.fuse.loss import fusion_loss
-
-        outputs = model(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
-        )
-        parts = fusion_loss(
-            outputs.logits,
-            inputs["labels"],
-            inputs.get("target_ids"),
-            inputs.get("target_probs"),
-            lambda_=self.lambda_,
-            kind=self.loss_kind,  # type: ignore[arg-type]
-        )
-        return (parts.loss, outputs) if return_outputs else parts.loss
 
 
 # ---------------------------------------------------------------- devices and models
@@ -89,15 +49,6 @@ def has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def precision(dtype: str, cuda: bool) -> dict[str, bool]:
-    """TrainingArguments' mixed-precision flags: bf16 where the device has it unless the recipe says."""
-    import torch
-
-    if dtype == "auto":
-        dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
-    return {"bf16": dtype == "bfloat16", "fp16": dtype == "float16"}
 
 
 def load_student(recipe: FuseRecipe, *, cuda: bool) -> Any:
@@ -157,77 +108,6 @@ def load_student(recipe: FuseRecipe, *, cuda: bool) -> Any:
     if training.gradient_checkpointing:
         model.enable_input_require_grads()  # adapters after a frozen embedding still get gradients
     return model
-
-
-def training_arguments(recipe: FuseRecipe, checkpoints: Path, *, cuda: bool, progress: bool) -> Any:
-    """The recipe's `training` section as transformers 5.x TrainingArguments."""
-    from transformers import TrainingArguments
-
-    t = recipe.training
-    return TrainingArguments(
-        output_dir=str(checkpoints),
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,  # 5.x: a float in [0, 1) is a ratio of the total steps
-        weight_decay=t.weight_decay,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
-        max_grad_norm=t.max_grad_norm,
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=2,
-        eval_strategy="no",
-        **checkpointing_arguments(t.gradient_checkpointing),
-        **sampling_arguments(t.group_by_length),
-        seed=t.seed,
-        report_to="none",
-        remove_unused_columns=False,  # the collator's features are not the model's arguments
-        ddp_find_unused_parameters=False,  # every trained weight is used each step (adapters or all)
-        dataloader_num_workers=t.dataloader_workers,
-        disable_tqdm=not progress,
-        use_cpu=not cuda,
-        **precision(t.dtype, cuda),
-    )
-
-
-def checkpointing_arguments(enabled: bool) -> dict[str, Any]:
-    """Activation (gradient) checkpointing as TrainingArguments spell it in the installed transformers.
-
-    Recent 5.x releases call it `activation_checkpointing` (`gradient_checkpointing` is kept, deprecated);
-    earlier 5.x releases (5.17, for one) know only `gradient_checkpointing` and reject the new name.
-    """
-    name = (
-        "activation_checkpointing"
-        if "activation_checkpointing" in _argument_names()
-        else "gradient_checkpointing"
-    )
-    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
-
-
-def sampling_arguments(group_by_length: bool) -> dict[str, Any]:
-    """Length-grouped batches as TrainingArguments spell it in the installed transformers.
-
-    Chat data mixes two-line exchanges with long code answers; random batches pad each short one to
-    the longest in its batch, which can be most of the compute. transformers' LengthGroupedSampler
-    keeps batches random but of similar lengths. Recent 5.x releases select it with
-    `train_sampling_strategy`, earlier ones with `group_by_length`.
-    """
-    if "train_sampling_strategy" in _argument_names():
-        return {"train_sampling_strategy": "group_by_length" if group_by_length else "random"}
-    return {"group_by_length": group_by_length}
-
-
-def _argument_names() -> set[str]:
-    """The TrainingArguments fields of the installed transformers (5.x renames some between releases)."""
-    from dataclasses import fields
-
-    from transformers import TrainingArguments
-
-    return {f.name for f in fields(TrainingArguments)}
 
 
 # ---------------------------------------------------------------- one target
@@ -293,7 +173,7 @@ def train_target(
         + (f"; resuming from {Path(last).name}" if last else "")
     )
     trainer.train(resume_from_checkpoint=last)
-    staging = checkpoints / "final"
+    staging = checkpoints / FINAL_CHECKPOINT
     trainer.save_model(str(staging))  # gathers ZeRO-3 / FSDP shards; adapters only for lora / qlora
     if state.is_main_process:
         save_target(recipe, staging, out, sources=list(aligned), identity=identity)
@@ -399,15 +279,16 @@ def _stamp_matches(folder: Path, identity: dict[str, Any], name: str = TARGET_ST
 
 def _claim_checkpoints(checkpoints: Path, identity: dict[str, Any]) -> None:
     """Checkpoints resume only the run they were made for; others are an error, not a silent restart."""
-    name = "fusemerge_train.json"
     if (
         checkpoints.is_dir()
         and any(checkpoints.iterdir())
-        and not _stamp_matches(checkpoints, identity, name)
+        and not _stamp_matches(checkpoints, identity, TRAIN_STAMP)
     ):
         raise FusemergeError(
             "training checkpoints here were made for other settings or stores; delete the folder to restart",
             file=checkpoints,
         )
     checkpoints.mkdir(parents=True, exist_ok=True)
-    (checkpoints / name).write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (checkpoints / TRAIN_STAMP).write_text(
+        json.dumps(identity, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )

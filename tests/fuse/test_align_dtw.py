@@ -21,7 +21,8 @@ from fusemerge.fuse.align import (
     dtw_alignment_batch,
     tokenize,
 )
-from fusemerge.fuse.align.dtw import _levenshtein, _myers, mined_cost
+from fusemerge.fuse.align.dtw import mined_cost
+from fusemerge.fuse.align.dtw_kernel import _levenshtein, _myers
 from fusemerge.offline.corpora import chatterbot_conversations
 
 

@@ -178,8 +178,9 @@ def test_train_step_data_parallel_over_two_processes(tmp_path, tiny_models, chat
 
 
 def test_target_plan_and_merge_recipe(tmp_path, fuse_helpers):
-    from fusemerge.fuse.pipeline import target_plan, write_merge_recipe
+    from fusemerge.fuse.pipeline import write_merge_recipe
     from fusemerge.fuse.recipe import load_fuse_recipe
+    from fusemerge.fuse.workdir import target_plan
     from fusemerge.merge.recipe import load_recipe
 
     sections = {"pivot": "org/piv", "sources": ["org/s-a", "other/s_b"], "dataset": {"path": "d.jsonl"}}

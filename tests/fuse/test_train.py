@@ -181,6 +181,37 @@ def test_full_training_resumes_from_the_last_checkpoint_and_skips_when_done(setu
         train_target(changed, setup["data"], echo=lines.append, **kwargs)
 
 
+class _LogLines(TrainerCallback):
+    def __init__(self) -> None:
+        self.lines: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.lines.append(dict(logs or {}))
+
+
+def test_the_training_log_shows_the_clm_and_fusion_terms(setup):
+    """Both terms of the loss are logged per step, in the Trainer's log lines and in trainer_state.json,
+    and they recombine to the logged loss: lambda * clm + (1 - lambda) * fusion (accumulation 1)."""
+    recipe = recipe_for(setup, mode="lora", max_steps=3, save_steps=3)
+    lambda_ = recipe.fusion.lambda_
+    ck = setup["root"] / "ck-terms"
+    trainer = build_trainer(recipe, setup["data"], setup["stores"], checkpoints=ck, progress=False)
+    lines = _LogLines()
+    trainer.add_callback(lines)
+    trainer.train()
+    history = json.loads((ck / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+    steps = [h for h in history if "loss" in h]
+    assert [h["step"] for h in steps] == [1, 2, 3]
+    for h in steps:
+        assert h["clm_loss"] > 0 and h["fusion_loss"] > 0 and h["clm_loss"] != h["fusion_loss"]
+        mixed = lambda_ * h["clm_loss"] + (1 - lambda_) * h["fusion_loss"]
+        assert mixed == pytest.approx(h["loss"], rel=1e-5, abs=1e-6)
+    shown = [line for line in lines.lines if "loss" in line]
+    assert [(line["clm_loss"], line["fusion_loss"]) for line in shown] == [
+        (h["clm_loss"], h["fusion_loss"]) for h in steps
+    ]
+
+
 def test_qlora_is_a_clear_error_without_a_gpu(setup):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: qlora is allowed here")

@@ -1,4 +1,5 @@
-"""Token alignment between models with different tokenizers (FuseChat, DESIGN.md section 3).
+"""Token alignment between models with different tokenizers (FuseChat); adding an aligner or a vocabulary
+mapping: see ARCHITECTURE.md, "Extension points".
 
 - `dtw_align` / `dtw`: MinED dynamic-programming alignment on token strings, exactly the reference's;
   `dtw_align_batch` / `dtw_alignment_batch` (or `align_batch("dtw", ...)`) for many sequences at once.
@@ -29,7 +30,6 @@ from fusemerge.fuse.align.vocab import (
     build_vocab_mapping,
     same_start_alignment,
 )
-from fusemerge.registry import Registry
 
 
 def align(method: str, source: TokenizedText, pivot: TokenizedText, **params: object) -> Alignment:
@@ -57,7 +57,6 @@ __all__ = [
     "Alignment",
     "CoAlignmentCounts",
     "same_start_alignment",
-    "Registry",
     "TokenizedText",
     "TokenizerProfile",
     "TransferredTopK",

@@ -1,6 +1,6 @@
 """Distribution transfer: a source model's top-K at each position, moved onto pivot positions and ids.
 
-DESIGN.md section 3, after the FuseChat reference (`transform_step_logits`):
+The rules, after the FuseChat reference (`transform_step_logits`):
 - A pivot position aligned to exactly one source position takes that position's top-K; the source ids
   go through the vocabulary mapping, and where several land on one pivot id the highest log-prob wins.
 - A pivot position aligned to several source positions takes the one whose piece equals the pivot

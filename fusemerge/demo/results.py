@@ -1,0 +1,37 @@
+"""The fusion demo's results: bits per byte by model and domain, the folders they were measured on.
+
+Its own module so that the demo (`fusemerge.demo.fusion`, which fills it) and the report
+(`fusemerge.demo.report`, which prints and draws it) both import it and not each other.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class DemoResult:
+    """Bits per byte by model label and domain (plus "average", the mean over domains)."""
+
+    bits_per_byte: dict[str, dict[str, float]]  # in table order
+    folders: dict[str, Path]
+    seconds: float = 0.0
+    varm_weights: list[float] = field(default_factory=list)  # the first target's W per matrix
+
+    @property
+    def labels(self) -> list[str]:
+        """The table's rows, in order."""
+        return list(self.bits_per_byte)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "bits_per_byte": self.bits_per_byte,
+                "models": {k: str(v) for k, v in self.folders.items()},
+                "varm_weights_of_first_target": [round(w, 4) for w in self.varm_weights],
+                "seconds": round(self.seconds, 1),
+            },
+            indent=1,
+        )

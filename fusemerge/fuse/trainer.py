@@ -1,0 +1,79 @@
+"""`FusionTrainer`: transformers' Trainer with the FuseChat loss, and its two terms in the training log.
+
+Why the Trainer: checkpoints, resume, schedules, gradient accumulation, mixed precision and accelerate
+(DDP, DeepSpeed ZeRO, FSDP) come for free; the only thing it does not know is our loss, so `FusionTrainer`
+overrides `compute_loss`, and `log` to show the loss's CLM and fusion terms apart, as distillation
+trainers (TRL, DistillKit) do. The model is always called through its (possibly wrapped) forward, so
+sharding wrappers see an ordinary step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer
+from transformers.trainer_pt_utils import nested_gather
+
+from fusemerge.fuse.loss import LossParts, fusion_loss
+
+
+class FusionTrainer(Trainer):
+    """transformers' Trainer with the sparse fusion loss (fusemerge.fuse.loss) as its loss."""
+
+    # compute_loss returns a per-micro-batch mean: the Trainer divides it by the accumulation steps
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, lambda_: float = 0.9, loss_kind: str = "ce", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Releases without `loss_is_scaled_for_ga` (5.17, for one) skip the division by the accumulation
+        # steps when the model's forward takes **kwargs; our loss never sees num_items_in_batch, so say no.
+        self.model_accepts_loss_kwargs = False
+        self.lambda_ = lambda_
+        self.loss_kind = loss_kind
+        # (CLM, fusion) summed over the training micro-batches since the last log line, and their count
+        self._terms: torch.Tensor | None = None
+        self._batches = 0
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        outputs = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+        )
+        parts = fusion_loss(
+            outputs.logits,
+            inputs["labels"],
+            inputs.get("target_ids"),
+            inputs.get("target_probs"),
+            lambda_=self.lambda_,
+            kind=self.loss_kind,  # type: ignore[arg-type]
+        )
+        if model.training:
+            self._record(parts)
+        return (parts.loss, outputs) if return_outputs else parts.loss
+
+    def _record(self, parts: LossParts) -> None:
+        """Add one micro-batch's two terms to the logging window (on the device: no sync per step)."""
+        terms = torch.stack([parts.clm, parts.fusion]).float()
+        self._terms = terms if self._terms is None else self._terms + terms
+        self._batches += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The Trainer's log line, with `clm_loss` and `fusion_loss` next to `loss` on training steps.
+
+        Each is the mean over the micro-batches since the last line, averaged over processes, the way the
+        Trainer averages `loss`; so `lambda * clm_loss + (1 - lambda) * fusion_loss` is the logged `loss`
+        (exactly, when every optimizer step of the window has as many micro-batches).
+        They go wherever the Trainer's logs go: the console, `trainer_state.json`'s log_history, reporters.
+        """
+        if "loss" in logs and self._terms is not None:
+            mean = nested_gather(self._terms / self._batches, self.args.parallel_mode)
+            clm, fusion = mean.reshape(-1, 2).mean(0).tolist()
+            logs = {"loss": logs["loss"], "clm_loss": clm, "fusion_loss": fusion, **logs}
+            self._terms, self._batches = None, 0
+        super().log(logs, start_time)
