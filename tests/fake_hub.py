@@ -46,6 +46,30 @@ class FakeHub:
     def paths(self) -> list[str]:
         return [f"{r.method} {r.path.split('?')[0]}" for r in self.requests]
 
+    def token_leaks(self, token: str) -> list[str]:
+        """Where the token, or any 17 consecutive characters of it, appears in a recorded request other
+        than as the value `Bearer <token>` of its Authorization header: the path and query, every other
+        header (name and value), the body as sent, and the file contents a commit carries base64-encoded.
+        Every request is scanned, /api/ or not (the LFS batch and the LFS PUTs included)."""
+        needles = {token[i : i + 17] for i in range(len(token) - 16)} or {token}
+        leaks = []
+        for r in self.requests:
+            where = f"{r.method} {r.path.split('?')[0]}"
+            places = {"path": r.path, "body": r.body.decode("latin-1")}
+            for name, value in r.headers.items():
+                if name == "authorization" and value == f"Bearer {token}":
+                    continue
+                places[f"header {name}"] = f"{name}: {value}"
+            if "/commit/" in r.path:
+                for i, line in enumerate(r.body.splitlines()):
+                    content = json.loads(line).get("value", {}).get("content")
+                    if isinstance(content, str):
+                        places[f"commit line {i} (decoded)"] = base64.b64decode(content).decode("latin-1")
+            leaks += [
+                f"{where}: {place}" for place, text in places.items() if any(n in text for n in needles)
+            ]
+        return leaks
+
 
 def _handler(hub: FakeHub, lock: threading.Lock) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):

@@ -2,7 +2,9 @@
 
 The CLI runs in a subprocess with HF_ENDPOINT pointing at `tests/fake_hub.py` and a recognisable fake
 HF_TOKEN; afterwards the token must appear in the Authorization headers the server received and nowhere
-else: not in stdout/stderr (with -v and huggingface_hub's debug logging on), the card, or any file.
+else: not in any recorded request's path, other headers or body (create JSON, commit NDJSON and the files
+it carries, LFS batch and uploads), not in stdout/stderr (with -v and huggingface_hub's debug logging on),
+the card, or any file.
 """
 
 from __future__ import annotations
@@ -193,6 +195,9 @@ def test_merge_push_to_hub_then_push_to_a_branch(tmp_path):
             if r.method == "POST" and r.path.startswith("/api/")
         }
         assert auth == {f"Bearer {TOKEN}"}, "the token from HF_TOKEN reached the Hub"
+        assert hub.token_leaks(TOKEN) == []  # every request: path, other headers, bodies, file contents
+        assert any(r.method == "PUT" and r.path.startswith("/lfs-upload/") for r in hub.requests)
+        assert any(r.path.endswith("/info/lfs/objects/batch") for r in hub.requests)
     for result in (run, run2):
         assert TOKEN not in result.stdout and TOKEN not in result.stderr
         assert TOKEN[3:20] not in result.stderr  # not even a fragment

@@ -243,6 +243,18 @@ def test_mined_mapping(profiles):
     has_exact = exact >= 0
     np.testing.assert_array_equal(mined[has_exact], exact[has_exact])
     assert (mined[ordinary & ~has_exact] != exact[ordinary & ~has_exact]).all()
+    # mined picks, for a token with no exact match, the pivot piece at minimum edit distance (lowest id
+    # on ties): checked by brute force over the whole pivot vocabulary for a sample of such tokens.
+    from rapidfuzz.distance import Levenshtein
+    from rapidfuzz.process import cdist
+
+    choices = [(i, p) for i, p in enumerate(pivot.pieces) if p is not None]
+    missing = np.flatnonzero(ordinary & ~has_exact)
+    sample = np.random.default_rng(0).choice(missing, size=min(300, len(missing)), replace=False)
+    dist = cdist([source.pieces[i] for i in sample], [p for _, p in choices], scorer=Levenshtein.distance)
+    for row, i in zip(dist, sample, strict=True):
+        best = int(row.argmin())  # the first minimum: the lowest pivot id among the nearest
+        assert mined[i] == choices[best][0], (source.pieces[i], pivot.pieces[mined[i]], choices[best][1])
 
 
 def test_stats_mapping_and_file_round_trip(tokenizers, profiles, texts, tmp_path):

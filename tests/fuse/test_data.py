@@ -114,6 +114,14 @@ def test_assistant_mask_covers_exactly_the_replies(request, chat_jsonl, qwen_tok
         same_ids, same_mask, offsets = chat.with_offsets(seq)
         assert (same_ids == ids).all() and (same_mask == mask).all() and offsets.shape == (len(ids), 2)
         assert offsets[-1, 1] == len(seq.text.rstrip("\n")) or offsets[-1, 1] == len(seq.text)
+        # Exactly: a token is masked if and only if its characters lie inside a reply's span, and the
+        # masked tokens' characters are the spans' characters, none missing and none extra.
+        inside = [e > s and any(a <= s and e <= b for a, b in seq.spans) for s, e in offsets.tolist()]
+        assert mask.tolist() == inside
+        covered = {
+            c for (s, e), m in zip(offsets.tolist(), mask.tolist(), strict=True) if m for c in range(s, e)
+        }
+        assert covered == {c for a, b in seq.spans for c in range(a, b)}
 
 
 def test_slow_tokenizer_path_gives_the_same_mask_on_clean_boundaries(chat_jsonl, qwen_tokenizer):

@@ -74,6 +74,37 @@ def test_kl_and_ce_differ_by_the_teacher_entropy_only():
     kl_zero = fusion_loss(student, rows_with_teacher, ids, probs, lambda_=0.0, kind="kl").loss
     assert kl_zero.abs() < 1e-6
 
+    # ce - kl is the mean teacher entropy H(q) over the labelled rows (0 on rows without a teacher),
+    # times (1 - lambda); the gradients are identical.
+    q = torch.where(ids >= 0, probs, 0.0)
+    entropy = -torch.where(q > 0, q * torch.log(q.clamp(min=1e-300)), 0.0).sum(-1)
+    mean_entropy = entropy[keep].mean()
+    assert float(mean_entropy) > 0.1
+    torch.testing.assert_close(ce - kl, mean_entropy, rtol=1e-12, atol=1e-12)
+    for lambda_ in (0.5, 0.9):
+        grads = []
+        for kind in ("ce", "kl"):
+            x = logits.clone().requires_grad_(True)
+            loss = fusion_loss(x, labels, ids, probs, lambda_=lambda_, kind=kind).loss
+            loss.backward()
+            grads.append((loss.detach(), x.grad))
+        (ce_l, ce_g), (kl_l, kl_g) = grads
+        torch.testing.assert_close(ce_l - kl_l, (1 - lambda_) * mean_entropy, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ce_g, kl_g, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("upstream", [0.25, 1 / 32, -3.0])
+def test_gradient_scales_with_the_upstream_gradient(upstream):
+    """Training backpropagates loss / gradient_accumulation, so the custom backward's upstream gradient
+    is not 1: the sparse gradient must be the dense reference's times that factor."""
+    logits, labels, ids, probs = batch(3)
+    sparse_in = logits.clone().requires_grad_(True)
+    dense_in = logits.clone().requires_grad_(True)
+    (fusion_loss(sparse_in, labels, ids, probs, lambda_=0.5, kind="ce").loss * upstream).backward()
+    (dense_reference(dense_in, labels, ids, probs, 0.5, "ce") * upstream).backward()
+    torch.testing.assert_close(sparse_in.grad, dense_in.grad, rtol=1e-10, atol=1e-14)
+    assert float(sparse_in.grad.abs().max()) > 0
+
 
 def test_lambda_one_is_exactly_the_clm_loss():
     logits, labels, ids, probs = batch(2)

@@ -126,6 +126,7 @@ def test_fuse_push_to_hub_uploads_the_trained_target_with_its_card(tmp_path, tin
         assert summary == "Upload gpt2-source-mistral-source, fused with fusemerge"
         auth = {r.headers.get("authorization") for r in hub.requests if r.path.startswith("/api/")}
         assert auth == {f"Bearer {TOKEN}"}
+        assert hub.token_leaks(TOKEN) == []  # every request: path, other headers, bodies, file contents
     assert "pushed fused/gpt2-source-mistral-source to " in run.stdout
     assert TOKEN not in run.stdout + run.stderr and TOKEN[3:20] not in run.stderr
     assert _files_containing(tmp_path, TOKEN.encode()) == []

@@ -1,13 +1,16 @@
 """Training a target: the collator's batches, LoRA (only adapters move; the folded save is a plain model),
-full fine-tuning with resume from the last checkpoint, and qlora refused off the GPU."""
+full fine-tuning with resume from the last checkpoint (compared with an uninterrupted run), the logged loss
+of a step at learning rate 0 against the recipe's loss computed directly, and qlora refused off the GPU."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from fusemerge.checkpoint.layout import TARGET_STAMP
@@ -142,7 +145,9 @@ class _StopAfterFirstSave(TrainerCallback):
         raise KeyboardInterrupt("simulated kill after checkpoint-1")
 
 
-def test_full_training_resumes_from_the_last_checkpoint_and_skips_when_done(setup, monkeypatch):
+def test_full_training_resumes_from_the_last_checkpoint_like_an_uninterrupted_run_and_skips_when_done(
+    setup, monkeypatch
+):
     recipe = recipe_for(setup, mode="full")
     ck, out = setup["root"] / "ck-full", setup["root"] / "full-target"
     kwargs = {
@@ -173,6 +178,25 @@ def test_full_training_resumes_from_the_last_checkpoint_and_skips_when_done(setu
     assert state["global_step"] == 2
     assert (out / TARGET_STAMP).is_file() and (out / "model.safetensors").is_file()
     assert not list(out.glob("*.bin"))  # no pickles in a target folder
+    # The resumed target is the target an uninterrupted run makes: same weights, same step-2 loss.
+    straight = train_target(
+        recipe,
+        setup["data"],
+        **{**kwargs, "out": setup["root"] / "full-straight", "checkpoints": setup["root"] / "ck-straight"},
+        echo=lambda _: None,
+    )
+    resumed, uninterrupted = load_file(out / "model.safetensors"), load_file(straight / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+    pivot = load_file(Path(setup["pivot"]) / "model.safetensors")
+    assert any(not torch.equal(pivot[n], t) for n, t in uninterrupted.items())  # training moved weights
+
+    def step_losses(folder):
+        log = json.loads((folder / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+        return {h["step"]: h["loss"] for h in log if "loss" in h}
+
+    assert step_losses(ck)[2] == pytest.approx(step_losses(setup["root"] / "ck-straight")[2], rel=1e-6)
     lines.clear()
     train_target(recipe, setup["data"], echo=lines.append, **kwargs)
     assert lines == [f"train {out.name}: target complete, skipped ({out})"]
@@ -299,3 +323,65 @@ def test_student_weights_dtype(mode, dtype, tmp_path):
         assert frozen == {torch.bfloat16 if dtype == "bfloat16" else torch.float32}
     else:
         assert not frozen
+
+
+def _dense_recipe_loss(logits, labels, target_ids, target_probs, lambda_: float, kind: str) -> float:
+    """`lambda * CLM + (1 - lambda) * fusion` in float64 over the full vocabulary, independent of the
+    sparse implementation: fusion is -sum_k q_k log p(id_k) (ce), plus sum_k q_k log q_k (kl), and the
+    gold token's -log p where the row has no teacher distribution."""
+    logp = logits.double().log_softmax(-1)
+    keep = labels != IGNORE_INDEX
+    clm = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    ids = target_ids.long()
+    q = torch.where(ids >= 0, target_probs.double(), 0.0)
+    fusion = -(q * logp.gather(-1, ids.clamp(min=0))).sum(-1)
+    if kind == "kl":
+        fusion = fusion + torch.where(q > 0, q * q.clamp(min=1e-300).log(), 0.0).sum(-1)
+    fusion = torch.where(q.sum(-1) > 0, fusion, clm)
+    return float((lambda_ * clm + (1 - lambda_) * fusion)[keep].mean())
+
+
+@pytest.mark.parametrize(("lambda_", "kind"), [(0.5, "ce"), (0.3, "kl")])
+def test_logged_loss_of_a_step_at_lr_0_is_the_recipes_loss_of_the_collated_batch(setup, lambda_, kind):
+    """One optimizer step over all 8 sequences at learning rate 0: the Trainer's logged loss must be the
+    recipe's loss (its lambda, its ce or kl) of the pivot on the collated batch, computed here densely."""
+    recipe = recipe_for(setup, mode="full", max_steps=1, batch_size=8, save_steps=100, warmup_ratio=0.0)
+    # A recipe refuses learning rate 0 (a user mistake); the test sets it past validation so that the
+    # step leaves the weights as the pivot's, the weights the direct computation below uses.
+    training = recipe.training.model_copy(update={"learning_rate": 0.0})
+    fusion = recipe.fusion.model_copy(update={"lambda_": lambda_, "loss": kind})
+    recipe = recipe.model_copy(update={"fusion": fusion, "training": training})
+    trainer = build_trainer(
+        recipe, setup["data"], setup["stores"], checkpoints=setup["root"] / f"ck-lr0-{kind}", progress=False
+    )
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    ds = FusionDataset(setup["data"], setup["tokenizer"])
+    assert len(ds) == 8  # one batch holds every sequence, so the batch is the same whatever the order
+    collate = FusionCollator(
+        setup["stores"]["pivot"],
+        {"src": setup["stores"]["src"]},
+        function=recipe.fusion.function,
+        temperature=recipe.fusion.temperature,
+        pad_id=trainer.data_collator.pad_id,
+    )
+    batch = collate([ds[i] for i in range(len(ds))])
+    pivot = AutoModelForCausalLM.from_pretrained(setup["pivot"], dtype=torch.float32)
+    trained = dict(trainer.model.named_parameters())
+    assert all(torch.equal(p, trained[n].detach().cpu()) for n, p in pivot.named_parameters())
+    with torch.no_grad():
+        logits = pivot(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = _dense_recipe_loss(
+        logits, batch["labels"], batch["target_ids"], batch["target_probs"], lambda_, kind
+    )
+    assert logged == [pytest.approx(expected, rel=1e-5)]
+    # The check can tell recipes apart: another lambda, or the other loss, gives another number.
+    other_kind = "ce" if kind == "kl" else "kl"
+    for other in (
+        _dense_recipe_loss(logits, batch["labels"], batch["target_ids"], batch["target_probs"], 0.9, kind),
+        _dense_recipe_loss(
+            logits, batch["labels"], batch["target_ids"], batch["target_probs"], lambda_, other_kind
+        ),
+    ):
+        assert abs(other - expected) > 1e-3 * expected

@@ -81,7 +81,11 @@ models:
     parameters: {{weight: [0.2, 1.0]}}
 dtype: float32
 """
-    ours = load_folder(run_merge(write_recipe(text), tmp_path / "ours", progress=False, echo=lambda _: None))
+    ours = load_folder(
+        run_merge(
+            write_recipe(text), tmp_path / "ours", progress=False, echo=lambda _: None, engine="streaming"
+        )
+    )
     theirs = load_folder(run_mergekit(text, tmp_path / "mergekit"))
     for name, expected in theirs.items():
         torch.testing.assert_close(ours[name], expected, rtol=2e-6, atol=2e-7, msg=name)

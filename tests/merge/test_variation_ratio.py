@@ -9,6 +9,7 @@ import torch
 
 from fusemerge.errors import FusemergeError
 from fusemerge.merge.api import run_merge
+from fusemerge.merge.methods.variation_ratio import variation_stats, variation_weights
 from fusemerge.merge.parameters import layer_index
 from tests.merge.oracle import load_folder
 
@@ -78,6 +79,15 @@ def test_uniform_weights_when_every_delta_is_zero(llama_fp32, tmp_path, write_re
     for name, tensor in original.items():
         assert torch.equal(merged[name], tensor), name
         assert torch.isfinite(merged[name]).all()
+    # The merged model is the base whatever weights sum to 1, so the weights themselves are checked:
+    # every W_j is 1/2 (with or without per-model weights), not 0/0 and not one model taking it all.
+    for name, tensor in list(original.items())[:4]:
+        stats = variation_stats([tensor.clone(), tensor.clone()], tensor)
+        assert stats[:, 0].tolist() == [0.0, 0.0], name
+        assert variation_weights(stats) == [0.5, 0.5], name
+        assert variation_weights(stats, [3.0, 1.0]) == [0.5, 0.5], name
+    three = variation_stats([tensor] * 3, tensor)
+    assert variation_weights(three) == [1 / 3] * 3
 
 
 def test_varm_weights_follow_variation(llama_fp32, tmp_path, write_recipe):
