@@ -16,8 +16,8 @@ from fusemerge.checkpoint.dtypes import FLOAT_CODES, ITEM_SIZE, code_for_name
 from fusemerge.checkpoint.reader import ModelFolder, TensorInfo
 from fusemerge.checkpoint.writer import PlannedTensor, Shard, plan_shards
 from fusemerge.errors import FusemergeError
+from fusemerge.merge.kernels.chunks import CHUNK_ELEMENTS
 from fusemerge.merge.methods import MergeMethod, get_method
-from fusemerge.merge.methods.chunks import CHUNK_ELEMENTS
 from fusemerge.merge.models import num_layers, open_models
 from fusemerge.merge.parameters import layer_t, resolve
 from fusemerge.merge.recipe import LoadedRecipe
