@@ -13,6 +13,7 @@ bf16 step for this reason (float32 recipes match).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -128,8 +129,9 @@ def combine(
     total = sum(weight)
     scale = lambda_ / (total if abs(total) >= 1e-8 else 1.0) if normalize else lambda_
     if fused:
-        keep_above = np.array([-1.0 if k is None else k.threshold for k in thresholds], dtype=np.float32)  # type: ignore[union-attr]
-        last_tied = np.array([-1 if k is None else k.last_tied for k in thresholds], dtype=np.int64)  # type: ignore[union-attr]
+        keeps = cast(Sequence[Keep | None], thresholds)  # `fused` holds only when every mask is a Keep
+        keep_above = np.array([-1.0 if k is None else k.threshold for k in keeps], dtype=np.float32)
+        last_tied = np.array([-1 if k is None else k.last_tied for k in keeps], dtype=np.int64)
         fused_combine(
             inputs,
             b_flat,
