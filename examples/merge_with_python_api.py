@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from fusemerge.merge.api import run_merge
+from fusemerge.merge.options import MergeOptions
 from fusemerge.merge.plan import build_plan, describe
 from fusemerge.merge.recipe import load_recipe
 from fusemerge.offline.assets import build_random_model, load_shipped_tokenizer, perturb_model
@@ -30,7 +31,7 @@ def main(out: Path) -> None:
     )
     # The plan is checked whole before any tensor is read; describe() is what --dry-run prints.
     print(describe(build_plan(load_recipe(recipe), out_shard_size=5 * 10**9)))
-    merged = run_merge(recipe, out / "merged", overwrite=True, out_shard_size=4 * 10**6)
+    merged = run_merge(recipe, out / "merged", MergeOptions(overwrite=True, out_shard_size=4 * 10**6))
     print(sorted(p.name for p in merged.iterdir()))
 
 

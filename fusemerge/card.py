@@ -1,4 +1,4 @@
-"""Model cards (README.md with Hub front matter) for merged and fused models (DESIGN.md 5).
+"""Model cards (README.md with Hub front matter) for merged and fused models (see ARCHITECTURE.md, "Data flows").
 
 A merge names all its inputs in `base_model` with `base_model_relation: merge`; a fused target is a
 fine-tune of its pivot (`base_model: pivot`), and its sources, which are teachers and not weights it

@@ -101,11 +101,10 @@ def merge(
     An interrupted merge, rerun with the same command, resumes at its first unfinished shard.
     """
     from fusemerge.merge.api import run_merge
+    from fusemerge.merge.options import MergeOptions
     from fusemerge.merge.sizes import parse_size
 
-    run_merge(
-        recipe,
-        out,
+    options = MergeOptions(
         dry_run=dry_run,
         device=device,
         out_shard_size=parse_size(out_shard_size, what="--out-shard-size"),
@@ -113,11 +112,11 @@ def merge(
         allow_pickle=allow_pickle,
         allow_nonfinite=allow_nonfinite,
         progress=not quiet,
-        echo=click.echo,
         engine=engine,
         random_seed=random_seed,
     )
-    if push_to_hub and not dry_run:
+    run_merge(recipe, out, options, echo=click.echo)
+    if push_to_hub and not options.dry_run:
         from fusemerge.hub import push_folder
 
         push_folder(out, push_to_hub, private=private, echo=click.echo)

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel
 
 from fusemerge.fuse.recipe import FuseRecipe
-from fusemerge.merge.methods.registry import all_methods
+from fusemerge.merge.methods import all_methods
 from fusemerge.merge.parameters import MISSING
 from fusemerge.merge.recipe import parse_recipe
 

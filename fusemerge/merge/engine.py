@@ -20,8 +20,9 @@ from fusemerge.checkpoint.dtypes import torch_dtype
 from fusemerge.checkpoint.reader import TensorInfo
 from fusemerge.checkpoint.writer import ShardedWriter
 from fusemerge.errors import FusemergeError
-from fusemerge.merge.methods.masks import derive_seed
+from fusemerge.merge.kernels.views import all_finite
 from fusemerge.merge.plan import DEFAULT_PREFETCH_BYTES, PREFETCH_TENSORS, MergePlan, TensorTask
+from fusemerge.merge.seeds import derive_seed
 
 if TYPE_CHECKING:
     import torch
@@ -98,24 +99,13 @@ def _read_checked(plan: MergePlan, info: TensorInfo, allow_nonfinite: bool) -> t
     """Read a float tensor, refusing NaN/Inf: merging them silently would spread them into the output."""
 
     tensor = plan.folder_of(info).read(info.name)
-    if not allow_nonfinite and not _all_finite(tensor):
+    if not allow_nonfinite and not all_finite(tensor):
         raise FusemergeError(
             "holds NaN or Inf values; pass --allow-nonfinite to merge it anyway",
             file=info.file,
             tensor=info.name,
         )
     return tensor
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    import torch
-
-    if tensor.dtype in (torch.bfloat16, torch.float32):
-        from fusemerge.merge.methods import kernels
-        from fusemerge.merge.methods.masks import kernel_view
-
-        return bool(kernels.all_finite(kernel_view(tensor.reshape(-1))))
-    return bool(torch.isfinite(tensor).all())
 
 
 def iter_loaded(

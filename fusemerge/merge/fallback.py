@@ -8,61 +8,37 @@ the method and its parameter names, and every model reference resolved to a loca
 through the local cache), each with a config.json of the same architecture. mergekit then gets the
 resolved local paths, so it never downloads anything.
 
+The output folder is handled as the streaming engine handles it (`fusemerge.merge.output`): one lock,
+a state manifest ("running", then "complete"), a foreign folder refused unless `--overwrite`, and the
+recipe and a fusemerge model card written beside mergekit's weights. mergekit cannot resume, so an
+interrupted run is redone whole.
+
 mergekit is optional (`pip install 'fusemerge[mergekit]'`); without it these recipes get a clear error.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from fusemerge.checkpoint.layout import RECIPE_NAME
+from fusemerge.card import merge_card
 from fusemerge.errors import FusemergeError
-from fusemerge.merge.models import resolve_model_path
-from fusemerge.merge.recipe import MergeRecipe
+from fusemerge.merge.models import check_same_architecture, resolve_model_path
+from fusemerge.merge.options import MergeOptions
+from fusemerge.merge.output import claimed_output, mark_complete, write_record
+from fusemerge.merge.parameters import check_parameter_names
+from fusemerge.merge.recipe import RecipeFile
 
 LOG = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'fusemerge[mergekit]'"
-ENGINES = ("auto", "streaming", "mergekit")
 _MODEL_KEYS = ("model", "base_model", "source_model", "tokenizer_source", "source")
-
-
-def mergekit_reason(recipe: MergeRecipe) -> tuple[str, str] | None:
-    """(recipe key, what) for the first feature only mergekit does, or None if streaming can run it."""
-    if recipe.slices is not None:
-        return "slices", "slices (a frankenmerge)"
-    if recipe.modules is not None:
-        return "modules", "modules"
-    if recipe.tokenizer is not None:
-        return "tokenizer", "the 'tokenizer' section (vocabulary union/permutation)"
-    if recipe.tokenizer_source == "union":
-        return "tokenizer_source", "tokenizer_source: union"
-    return None
-
-
-def is_moe_recipe(data: Any) -> bool:
-    """mergekit-moe's format: a base model and a list of `experts`, no merge_method."""
-    return isinstance(data, dict) and "experts" in data and "merge_method" not in data
-
-
-def choose_engine(engine: str, reason: tuple[str, str] | None) -> tuple[str, str]:
-    """(engine that runs, why), for the CLI to say."""
-    if engine not in ENGINES:
-        raise FusemergeError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})", key="--engine")
-    if engine == "mergekit":
-        return "mergekit", "asked for with --engine mergekit"
-    if reason is None:
-        return "streaming", "the recipe uses only what the streaming engine does"
-    if engine == "streaming":
-        return "streaming", ""  # build_plan refuses the feature by name
-    return "mergekit", f"the recipe uses {reason[1]}"
+MERGEKIT_URL = "https://github.com/arcee-ai/mergekit"
+MOE_URL = "https://github.com/arcee-ai/mergekit/blob/main/docs/moe.md"
 
 
 def require_mergekit() -> None:
@@ -76,52 +52,93 @@ def require_mergekit() -> None:
 
 
 def run_with_mergekit(
-    path: Path,
-    text: str,
-    out: Path,
-    *,
-    dry_run: bool,
-    device: str,
-    out_shard_size: int,
-    overwrite: bool,
-    random_seed: int | None,
-    progress: bool,
-    echo: Callable[[str], Any],
+    source: RecipeFile, out: Path, options: MergeOptions, *, echo: Callable[[str], Any]
 ) -> Path:
     """Validate the recipe whole, then run it through mergekit; returns `out`."""
     require_mergekit()
-    data = yaml.safe_load(text)
-    resolved = _resolve_references(data, path)
-    moe = is_moe_recipe(data)
-    config = _validate(resolved, path, moe=moe)
+    path, text, moe = source.path, source.text, source.moe
+    resolved = _resolve_references(source.data, path)
+    config, method = _validate(resolved, path, moe=moe)
     _check_models(resolved, path)
-    if dry_run:
+    if options.dry_run:
         echo(_describe(path, resolved, out, moe=moe))
         return out
-    _prepare_out(out, overwrite)
 
-    from mergekit.options import MergeOptions
+    from mergekit.options import MergeOptions as MergekitOptions
 
-    with tempfile.TemporaryDirectory(prefix="fusemerge-lora-") as lora_cache:
-        options = MergeOptions(
-            random_seed=random_seed,
-            out_shard_size=out_shard_size,
-            device=device,
-            cuda=device.startswith("cuda"),
-            quiet=not progress,
-            lora_merge_cache=lora_cache,
-        )
-        if moe:
-            from mergekit.scripts.moe import build
+    fingerprint = _fingerprint(text, resolved, options)
+    with claimed_output(out, fingerprint, overwrite=options.overwrite, resumable=False) as fresh:
+        if not fresh:
+            echo(f"{out}: this merge is already complete; nothing to do")
+            return out
+        with tempfile.TemporaryDirectory(prefix="fusemerge-lora-") as lora_cache:
+            mergekit_options = MergekitOptions(
+                random_seed=options.random_seed,
+                out_shard_size=options.out_shard_size,
+                device=options.device,
+                cuda=options.device.startswith("cuda"),
+                quiet=not options.progress,
+                lora_merge_cache=lora_cache,
+            )
+            if moe:
+                from mergekit.scripts.moe import build
 
-            build(config, str(out), options, device=device)
-        else:
-            from mergekit.merge import run_merge
+                build(config, str(out), mergekit_options, device=options.device)
+            else:
+                from mergekit.merge import run_merge
 
-            run_merge(config, str(out), options=options, config_source=text)
-    (out / RECIPE_NAME).write_text(text, encoding="utf-8")
+                run_merge(config, str(out), options=mergekit_options, config_source=text)
+        write_record(out, text, _card(source, method))
+        mark_complete(out, fingerprint)
     echo(f"merged with mergekit into {out}")
     return out
+
+
+def _card(source: RecipeFile, method: Any) -> str:
+    """fusemerge's model card for a mergekit run (it replaces the card mergekit writes itself)."""
+    data = source.data
+    if source.moe:
+        name, pretty, url = "moe", "mergekit-moe (mixture of experts)", MOE_URL
+    else:  # mergekit's method, or fusemerge's VaRM as the plugin registered it
+        name = str(data["merge_method"])
+        pretty, url = method.spec.pretty_name or name, method.spec.reference_url or MERGEKIT_URL
+    base = data.get("base_model")
+    models = [r for r in _recipe_refs(data) if r != base]
+    return merge_card(
+        method_name=name,
+        method_pretty=pretty,
+        method_url=url,
+        base_model=base if isinstance(base, str) else None,
+        models=models,
+        recipe_text=source.text,
+        extra_tags=["mergekit"],
+    )
+
+
+def _recipe_refs(data: Any) -> list[str]:
+    """The model references as the recipe spells them, in recipe order, without duplicates."""
+    refs: list[str] = []
+    _walk_refs(data, lambda r: refs.append(r) or r)
+    return list(dict.fromkeys(r for r in refs if r not in ("base", "union")))
+
+
+def _fingerprint(text: str, resolved: Any, options: MergeOptions) -> str:
+    """Recipe + resolved inputs (each folder's files, by size and time) + the options that shape the output."""
+    inputs = []
+    for folder in map(Path, _model_paths(resolved)):
+        files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        inputs.append([str(folder), [[f.name, (s := f.stat()).st_size, s.st_mtime_ns] for f in files]])
+    blob = json.dumps(
+        {
+            "engine": "mergekit",
+            "recipe": text,
+            "inputs": inputs,
+            "out_shard_size": options.out_shard_size,
+            "seed": options.random_seed,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _walk_refs(node: Any, fn: Callable[[str], str]) -> Any:
@@ -152,7 +169,8 @@ def _resolve_references(data: Any, path: Path) -> Any:
     return _walk_refs(data, resolve)
 
 
-def _validate(data: Any, path: Path, *, moe: bool) -> Any:
+def _validate(data: Any, path: Path, *, moe: bool) -> tuple[Any, Any]:
+    """(mergekit's validated config, its merge method or None for MoE), or a one-line error."""
     from pydantic import ValidationError
 
     if moe:
@@ -168,9 +186,7 @@ def _validate(data: Any, path: Path, *, moe: bool) -> Any:
     except (ValidationError, RuntimeError) as exc:
         raise FusemergeError(f"mergekit refuses the recipe: {_first_line(exc)}", file=path) from None
     _check_unknown_keys(data, path, moe=moe)
-    if not moe:
-        _check_method(config, data, path)
-    return config
+    return config, None if moe else _check_method(config, data, path)
 
 
 def _check_unknown_keys(data: dict[str, Any], path: Path, *, moe: bool) -> None:
@@ -218,7 +234,7 @@ def _known(node: Any, cls: Any, where: str, path: Path) -> None:
             )
 
 
-def _check_method(config: Any, data: dict[str, Any], path: Path) -> None:
+def _check_method(config: Any, data: dict[str, Any], path: Path) -> Any:
     from mergekit import merge_methods
 
     try:
@@ -232,13 +248,8 @@ def _check_method(config: Any, data: dict[str, Any], path: Path) -> None:
         ) from None
     known = {p.name for p in method.spec.parameters}
     for where, scope in _parameter_scopes(data):
-        for name in scope:
-            if name not in known:
-                raise FusemergeError(
-                    f"unknown parameter for '{config.merge_method}' (it takes: {', '.join(sorted(known)) or 'none'})",
-                    file=path,
-                    key=f"{where}.{name}",
-                )
+        check_parameter_names(config.merge_method, known, where, scope, file=path)
+    return method
 
 
 def _parameter_scopes(node: Any, where: str = "") -> list[tuple[str, dict[str, Any]]]:
@@ -264,34 +275,20 @@ def _model_paths(data: Any) -> list[str]:
 
 def _check_models(data: Any, path: Path) -> None:
     """Each model folder has a config.json; all (but LoRA adapters) share one architecture."""
-    architectures: dict[str, str] = {}
+    configs: dict[str, dict[str, Any]] = {}
     for folder in map(Path, _model_paths(data)):
         if (folder / "adapter_config.json").is_file():
             continue
         config_path = folder / "config.json"
         try:
-            config = json.loads(config_path.read_text())
+            configs[str(folder)] = json.loads(config_path.read_text())
         except FileNotFoundError:
             raise FusemergeError("model folder has no config.json", file=folder) from None
         except (OSError, ValueError) as exc:
             raise FusemergeError(f"unreadable config.json ({exc})", file=config_path) from None
-        arch = ",".join(config.get("architectures") or [config.get("model_type", "?")])
-        architectures[str(folder)] = arch
-    if len(set(architectures.values())) > 1:
-        listing = "; ".join(f"{k}: {v}" for k, v in architectures.items())
-        raise FusemergeError(f"models of different architectures cannot be merged ({listing})", file=path)
-
-
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FusemergeError("the output path exists and is not a folder", file=out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FusemergeError(
-                "the output folder exists and is not empty; pass --overwrite to replace it", file=out
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if configs:
+        reference = next(iter(configs))
+        check_same_architecture(configs, reference, label=reference, file=path)
 
 
 def _describe(path: Path, data: Any, out: Path, *, moe: bool) -> str:

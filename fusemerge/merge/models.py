@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from fusemerge.checkpoint.reader import ModelFolder
 from fusemerge.errors import FusemergeError
@@ -92,3 +94,33 @@ def num_layers(folder: ModelFolder) -> int:
             return value
     indices = [i for name in folder.tensors if (i := layer_index(name)) is not None]
     return max(indices) + 1 if indices else 1
+
+
+def architecture_of(config: Mapping[str, Any] | None) -> str | None:
+    """What a config.json says the model is: its `architectures`, else its `model_type`."""
+    config = config or {}
+    names = config.get("architectures")
+    return ",".join(names) if names else config.get("model_type")
+
+
+def check_same_architecture(
+    configs: Mapping[str, Mapping[str, Any] | None], reference: str, *, label: str, file: Any
+) -> None:
+    """Models whose config.json names another architecture than the reference's are refused before any
+    tensor is read (both engines); a model whose config names none is not compared.
+
+    Args:
+        configs: each model's config.json by its reference.
+        reference: the key of the model the others are compared with.
+        label: how the message names the reference model.
+        file: the recipe, for the message.
+    """
+    expected = architecture_of(configs[reference])
+    for ref, config in configs.items():
+        found = architecture_of(config)
+        if expected and found and found != expected:
+            raise FusemergeError(
+                f"model '{ref}' is a {found} but {label} is a {expected}; they cannot be merged",
+                file=file,
+                key="models",
+            )

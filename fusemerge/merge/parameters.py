@@ -110,3 +110,17 @@ def resolve(
             f"required parameter '{name}' is not set{where}", key=f"parameters.{name}", tensor=tensor_name
         )
     return param.default
+
+
+def check_parameter_names(
+    method: str, known: Iterable[str], where: str, scope: Mapping[str, Any] | None, *, file: Any
+) -> None:
+    """Refuse a parameter the method does not take (both engines: a typo is never silently ignored)."""
+    names = set(known)
+    for name in scope or {}:
+        if name not in names:
+            raise FusemergeError(
+                f"unknown parameter for '{method}' (it takes: {', '.join(sorted(names)) or 'none'})",
+                file=file,
+                key=f"{where}.{name}",
+            )

@@ -16,11 +16,12 @@ from fusemerge.checkpoint.dtypes import FLOAT_CODES, ITEM_SIZE, code_for_name
 from fusemerge.checkpoint.reader import ModelFolder, TensorInfo
 from fusemerge.checkpoint.writer import PlannedTensor, Shard, plan_shards
 from fusemerge.errors import FusemergeError
+from fusemerge.merge.kernels.chunks import CHUNK_ELEMENTS
 from fusemerge.merge.methods import MergeMethod, get_method
-from fusemerge.merge.methods.chunks import CHUNK_ELEMENTS
-from fusemerge.merge.models import num_layers, open_models
-from fusemerge.merge.parameters import layer_t, resolve
+from fusemerge.merge.models import check_same_architecture, num_layers, open_models
+from fusemerge.merge.parameters import check_parameter_names, layer_t, resolve
 from fusemerge.merge.recipe import LoadedRecipe
+from fusemerge.merge.routing import mergekit_reason
 
 # Read-ahead bound: a few tensors hide read latency; more would only raise the memory peak.
 DEFAULT_PREFETCH_BYTES = 256 * 1024 * 1024
@@ -165,7 +166,12 @@ def build_plan(
     for folder in folders.values():
         _ = folder.config  # every config.json must parse, not only the reference's
     reference = folders[base_ref] if base_ref else folders[input_refs[0]]
-    _check_architectures(folders, reference, loaded)
+    check_same_architecture(
+        {ref: f.config for ref, f in folders.items()},
+        base_ref or input_refs[0],
+        label=str(reference.path),
+        file=loaded.path,
+    )
     layers = num_layers(reference)
     model_params = {m.model: m.parameters for m in recipe.models or []}
 
@@ -218,9 +224,10 @@ def build_plan(
 
 
 def check_streaming_features(loaded: LoadedRecipe) -> None:
-    """Refuse, by name, what only the mergekit fallback engine does (see `fusemerge.merge.fallback`)."""
-    from fusemerge.merge.fallback import mergekit_reason
+    """Refuse, by name, what only the mergekit fallback engine does (see `fusemerge.merge.routing`).
 
+    That the recipe lists models at all is checked once, when it is parsed (`fusemerge.merge.recipe`).
+    """
     reason = mergekit_reason(loaded.recipe)
     if reason is not None:
         key, what = reason
@@ -229,8 +236,6 @@ def check_streaming_features(loaded: LoadedRecipe) -> None:
             file=loaded.path,
             key=key,
         )
-    if not loaded.recipe.models:
-        raise FusemergeError("the recipe lists no models", file=loaded.path, key="models")
 
 
 def _arrange_inputs(loaded: LoadedRecipe, method: MergeMethod) -> tuple[str | None, list[str]]:
@@ -273,13 +278,7 @@ def _check_parameter_names(loaded: LoadedRecipe, method: MergeMethod) -> None:
         (f"models[{i}].parameters", m.parameters) for i, m in enumerate(recipe.models or [])
     ]
     for where, scope in scopes:
-        for name in scope or {}:
-            if name not in known:
-                raise FusemergeError(
-                    f"unknown parameter for '{method.name}' (it takes: {', '.join(sorted(known)) or 'none'})",
-                    file=loaded.path,
-                    key=f"{where}.{name}",
-                )
+        check_parameter_names(method.name, known, where, scope, file=loaded.path)
         if where != "parameters":
             for name in scope or {}:
                 if name in method.shared and name not in method.per_model:
@@ -288,27 +287,6 @@ def _check_parameter_names(loaded: LoadedRecipe, method: MergeMethod) -> None:
                         file=loaded.path,
                         key=f"{where}.{name}",
                     )
-
-
-def _check_architectures(
-    folders: dict[str, ModelFolder], reference: ModelFolder, loaded: LoadedRecipe
-) -> None:
-    """Models whose config.json names different architectures are refused before any tensor is read."""
-
-    def arch(folder: ModelFolder) -> str | None:
-        config = folder.config or {}
-        names = config.get("architectures")
-        return ",".join(names) if names else config.get("model_type")
-
-    expected = arch(reference)
-    for ref, folder in folders.items():
-        found = arch(folder)
-        if expected and found and found != expected:
-            raise FusemergeError(
-                f"model '{ref}' is a {found} but {reference.path} is a {expected}; they cannot be merged",
-                file=loaded.path,
-                key="models",
-            )
 
 
 def _check_same_tensor(

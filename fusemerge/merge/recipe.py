@@ -3,11 +3,17 @@
 The raw YAML text is kept so that it can be written verbatim into the output folder and the model card.
 Features that mergekit has and the streaming engine does not (`slices`, `modules`, `tokenizer`,
 `tokenizer_source: union`) are accepted here and routed to the mergekit fallback engine (see
-`fusemerge.merge.fallback`); the streaming planner refuses them by name, never ignores them.
+`fusemerge.merge.routing`); the streaming planner refuses them by name, never ignores them.
+
+`read_recipe` reads and parses a recipe file once for both engines: the YAML data goes to the mergekit
+fallback as is, the validated `MergeRecipe` to the streaming planner. mergekit-moe's `experts` format is
+mergekit's own: it is parsed here, and validated by mergekit's schema.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +94,37 @@ class LoadedRecipe(BaseModel):
     text: str
 
 
+@dataclass(frozen=True)
+class RecipeFile:
+    """A recipe file read and parsed once: its text, its YAML data and, unless it is mergekit-moe's
+    format, the validated recipe."""
+
+    path: Path
+    text: str
+    data: Mapping[str, Any]
+    loaded: LoadedRecipe | None  # None for a mergekit-moe recipe
+
+    @property
+    def moe(self) -> bool:
+        return self.loaded is None
+
+
+def is_moe_recipe(data: Any) -> bool:
+    """mergekit-moe's format: a base model and a list of `experts`, no merge_method."""
+    return isinstance(data, dict) and "experts" in data and "merge_method" not in data
+
+
+def read_recipe(path: str | Path) -> RecipeFile:
+    """Read and parse the recipe at `path` once; a merge recipe is validated, a MoE one left to mergekit."""
+    path = Path(path)
+    text = read_recipe_text(path)
+    data, node = parse_mapping(text, path, what=_WHAT)
+    if is_moe_recipe(data):
+        return RecipeFile(path, text, data, None)
+    loaded = LoadedRecipe(recipe=_validated(data, node, path), path=path, text=text)
+    return RecipeFile(path, text, data, loaded)
+
+
 def load_recipe(path: str | Path) -> LoadedRecipe:
     path = Path(path)
     text = read_recipe_text(path)
@@ -95,7 +132,14 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
 
 
 def parse_recipe(text: str, path: Path | str = "<recipe>") -> MergeRecipe:
-    data, node = parse_mapping(text, path, what="merge_method: ..., models: ...")
+    data, node = parse_mapping(text, path, what=_WHAT)
+    return _validated(data, node, path)
+
+
+_WHAT = "merge_method: ..., models: ..."
+
+
+def _validated(data: dict[str, Any], node: yaml.Node | None, path: Path | str) -> MergeRecipe:
     recipe = validate(MergeRecipe, data, path, node)
     _check_structure(recipe, path, node)
     return recipe

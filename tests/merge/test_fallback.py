@@ -183,3 +183,26 @@ experts:
     merged, ft2 = load_folder(out), load_folder(mistral_bf16["ft2"])
     experts = merged["model.layers.1.mlp.experts.down_proj"]  # transformers 5's fused expert layout
     assert torch.equal(experts[1], ft2["model.layers.1.mlp.down_proj.weight"])
+
+
+def test_fallback_output_has_card_recipe_and_complete_manifest(llama_fp32, tmp_path, write_recipe):
+    """The fallback shares the streaming engine's output handling: card, recipe, manifest, lock, refusal."""
+    from fusemerge.checkpoint.layout import RECIPE_NAME, read_state
+    from fusemerge.hub import check_complete
+
+    text = FRANKEN.format(**_refs(llama_fp32))
+    out = run_merge(write_recipe(text), tmp_path / "out", progress=False, echo=lambda _: None)
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\n") and "fusemerge" in card and "passthrough" in card
+    assert text.strip() in card  # the recipe, verbatim, in the card
+    assert (out / RECIPE_NAME).read_text(encoding="utf-8") == text
+    state = read_state(out)
+    assert state["status"] == "complete" and state["fingerprint"]
+    check_complete(out)  # what `fusemerge push` asks of a folder
+
+    said: list[str] = []
+    run_merge(write_recipe(text), out, progress=False, echo=said.append)
+    assert said[-1] == f"{out}: this merge is already complete; nothing to do"
+    other = text.replace("layer_range: [1, 2]", "layer_range: [0, 1]")
+    with pytest.raises(FusemergeError, match="different recipe"):
+        run_merge(write_recipe(other, "other.yml"), out, progress=False, echo=lambda _: None)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fusemerge.merge.methods.masks as masks
 import fusemerge.merge.methods.task_arithmetic as ta
+import fusemerge.merge.sparsify as masks
 
 
 def _quantized(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +57,7 @@ def test_fused_combine_equals_torch_path(method, monkeypatch):
 @pytest.mark.parametrize("method", ["ties", "task_arithmetic", "linear"])
 def test_bf16_results_are_rounded_exactly_like_torch(method, monkeypatch):
     """With bf16 inputs the kernels write bf16 directly; it must equal float32 result .to(bfloat16)."""
-    import fusemerge.merge.methods.chunks as chunks
+    import fusemerge.merge.kernels.chunks as chunks
     from fusemerge.merge.methods.linear import linear
 
     base = _quantized(1_000_003, seed=7)[1]

@@ -23,7 +23,7 @@ import torch
 from fusemerge.errors import FusemergeError
 from fusemerge.merge.api import run_merge
 from fusemerge.merge.methods import get_method
-from fusemerge.merge.methods.masks import derive_seed
+from fusemerge.merge.seeds import derive_seed
 from fusemerge.offline.assets import build_random_model, perturb_model
 from tests.merge.conftest import BF16_DELTAS
 from tests.merge.oracle import load_folder, run_mergekit

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from fusemerge.merge.methods.chunks import compute_dtype
+from fusemerge.merge.kernels.chunks import compute_dtype
 from fusemerge.merge.methods.registry import merge_method
 
 

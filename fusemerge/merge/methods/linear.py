@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from fusemerge.errors import FusemergeError
-from fusemerge.merge.methods.chunks import weighted_sum
+from fusemerge.merge.kernels.chunks import weighted_sum
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param
 

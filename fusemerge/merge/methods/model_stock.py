@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fusemerge.merge.methods.chunks import blocks, compute_dtype, rows_view
+from fusemerge.merge.kernels.chunks import blocks, compute_dtype, rows_view
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param
 

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import torch
 
-from fusemerge.merge.methods.chunks import compute_dtype, flat, spans
-from fusemerge.merge.methods.masks import NONE_KEPT, Keep, top_k
+from fusemerge.merge.kernels.chunks import compute_dtype, flat, spans
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param
+from fusemerge.merge.sparsify import NONE_KEPT, Keep, top_k
 
 
 def _deltas(inputs: list[torch.Tensor], b: torch.Tensor, span: slice, dtype: torch.dtype) -> torch.Tensor:

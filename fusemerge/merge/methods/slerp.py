@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fusemerge.merge.methods.chunks import compute_dtype, flat, spans
+from fusemerge.merge.kernels.chunks import compute_dtype, flat, spans
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param
 

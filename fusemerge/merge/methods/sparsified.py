@@ -25,19 +25,10 @@ from typing import Any
 import torch
 
 from fusemerge.errors import FusemergeError
-from fusemerge.merge.methods.masks import (
-    NONE_KEPT,
-    Band,
-    Mask,
-    RandomKeep,
-    della_mask,
-    derive_seed,
-    magnitudes,
-    top_k,
-)
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.methods.task_arithmetic import GTA_PER_MODEL, GTA_SHARED, combine
 from fusemerge.merge.parameters import Param
+from fusemerge.merge.sparsify import Mask, breadcrumb_mask, dare_masks, della_masks
 
 DARE_URL = "https://arxiv.org/abs/2311.03099"
 BREADCRUMBS_URL = "https://arxiv.org/abs/2312.06795"
@@ -77,10 +68,6 @@ def _run(
 
 
 # -- DARE ---------------------------------------------------------------------------------------------
-def _dare_masks(n_models: int, density: list[float], seed: int) -> list[Mask | None]:
-    return [None if d >= 1 else RandomKeep(derive_seed(seed, j), d) for j, d in enumerate(density[:n_models])]
-
-
 @merge_method(
     "dare_linear",
     pretty_name="Linear DARE",
@@ -94,7 +81,7 @@ def dare_linear(
     tensors: Sequence[torch.Tensor], base: torch.Tensor, *, seed: int, **params: Any
 ) -> torch.Tensor:
     """Drop each delta with probability 1 - density and rescale the rest, then add (Yu et al. 2023)."""
-    masks = _dare_masks(len(tensors), params["density"], seed)
+    masks = dare_masks(len(tensors), params["density"], seed)
     return _run(tensors, base, masks, params, consensus=False)
 
 
@@ -111,31 +98,14 @@ def dare_ties(
     tensors: Sequence[torch.Tensor], base: torch.Tensor, *, seed: int, **params: Any
 ) -> torch.Tensor:
     """DARE's random drop and rescale, then TIES' sign election (Yu et al. 2023)."""
-    masks = _dare_masks(len(tensors), params["density"], seed)
+    masks = dare_masks(len(tensors), params["density"], seed)
     return _run(tensors, base, masks, params, consensus=True)
 
 
 # -- breadcrumbs --------------------------------------------------------------------------------------
-def _breadcrumb_mask(tensor: torch.Tensor, base: torch.Tensor, density: float, gamma: float) -> Mask | None:
-    """mergekit's magnitude_outliers: sorted ascending, keep ranks [n_bot, n_bot + int(density * n))."""
-    if density >= 1:
-        return None
-    n = tensor.numel()
-    target = int(density * n)
-    n_top = int(gamma * n)
-    n_bot = max(0, n - target - n_top)
-    if target <= 0 or n == 0:
-        return NONE_KEPT
-    mags = magnitudes(tensor, base)
-    outer = top_k(mags, n - n_bot)
-    dropped_top = n - n_bot - target
-    inner = top_k(mags, dropped_top) if dropped_top > 0 else None
-    return Band(outer, inner)
-
-
 def _breadcrumbs(tensors, base, params, *, consensus: bool) -> torch.Tensor:
     masks = [
-        _breadcrumb_mask(t, base, d, g)
+        breadcrumb_mask(t, base, d, g)
         for t, d, g in zip(tensors, params["density"], params["gamma"], strict=True)
     ]
     return _run(tensors, base, masks, params, consensus=consensus)
@@ -178,16 +148,7 @@ def check_della(shared: dict[str, Any], per_model: dict[str, list[Any]]) -> None
 
 
 def _della(tensors, base, params, seed: int, *, consensus: bool) -> torch.Tensor:
-    masks: list[Mask | None] = []
-    for j, (t, d, e) in enumerate(zip(tensors, params["density"], params["epsilon"], strict=True)):
-        if d >= 1:
-            masks.append(None)
-        elif d <= 0:
-            masks.append(NONE_KEPT)
-        else:
-            delta = t.float() - base.float() if t.dtype != torch.float64 else t - base
-            masks.append(della_mask(delta, d, e, derive_seed(seed, j)))
-            del delta
+    masks = della_masks(tensors, base, params["density"], params["epsilon"], seed)
     return _run(tensors, base, masks, params, consensus=consensus)
 
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from fusemerge.errors import FusemergeError
-from fusemerge.merge.methods.chunks import blocks, compute_dtype, flat, from_rows, rows_view, spans
+from fusemerge.merge.kernels.chunks import blocks, compute_dtype, flat, from_rows, rows_view, spans
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param
 

@@ -13,15 +13,17 @@ bf16 step for this reason (float32 recipes match).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
 
-from fusemerge.merge.methods import kernels
-from fusemerge.merge.methods.chunks import CHUNK_ELEMENTS, compute_dtype, flat, spans
-from fusemerge.merge.methods.masks import NONE_KEPT, Keep, Mask, kernel_view, top_k_delta, use_kernels
+from fusemerge.merge.kernels.chunks import CHUNK_ELEMENTS, compute_dtype, flat, spans
+from fusemerge.merge.kernels.combine import fused_combine
+from fusemerge.merge.kernels.views import use_kernels
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param
+from fusemerge.merge.sparsify import NONE_KEPT, Keep, Mask, top_k_delta
 
 GTA_SHARED = {
     "normalize": Param(bool, False, "divide by the sum of weights"),
@@ -127,8 +129,20 @@ def combine(
     total = sum(weight)
     scale = lambda_ / (total if abs(total) >= 1e-8 else 1.0) if normalize else lambda_
     if fused:
-        _fused_combine(
-            inputs, b_flat, out_flat, thresholds, coefficients, weight, consensus, normalize, lambda_
+        keeps = cast(Sequence[Keep | None], thresholds)  # `fused` holds only when every mask is a Keep
+        keep_above = np.array([-1.0 if k is None else k.threshold for k in keeps], dtype=np.float32)
+        last_tied = np.array([-1 if k is None else k.last_tied for k in keeps], dtype=np.int64)
+        fused_combine(
+            inputs,
+            b_flat,
+            out_flat,
+            keep_above,
+            last_tied,
+            coefficients,
+            weight,
+            consensus,
+            normalize,
+            lambda_,
         )
         return out
     buffer = torch.empty(min(CHUNK_ELEMENTS, out.numel()), dtype=dtype, device=base.device)
@@ -164,45 +178,6 @@ def combine(
             acc.div_(divisor.masked_fill_(divisor == 0, 1))
         acc.mul_(lambda_).add_(b)
     return out
-
-
-def _fused_combine(
-    inputs: list[torch.Tensor],
-    b_flat: torch.Tensor,
-    out_flat: torch.Tensor,
-    thresholds: Sequence[Mask | None],
-    coefficients: list[float],
-    weight: list[float],
-    consensus: bool,
-    normalize: bool,
-    lambda_: float,
-) -> None:
-    keep_above = np.array([-1.0 if k is None else k.threshold for k in thresholds], dtype=np.float32)  # type: ignore[union-attr]
-    last_tied = np.array([-1 if k is None else k.last_tied for k in thresholds], dtype=np.int64)  # type: ignore[union-attr]
-    coef = np.array(coefficients, dtype=np.float32)
-    weights = np.array(weight, dtype=np.float32)
-    total = sum(weight)
-    scale = 1.0 / (total if abs(total) >= 1e-8 else 1.0) if normalize and not consensus else 1.0
-    out_np = kernel_view(out_flat)
-    size = min(CHUNK_ELEMENTS, out_flat.numel())
-    delta, vote, mixed, divisor = (np.empty(size, dtype=np.float32) for _ in range(4))
-    for span in spans(out_flat.numel()):
-        n = span.stop - span.start
-        b = kernel_view(b_flat[span])
-        xs = [kernel_view(x[span]) for x in inputs]
-        vote[:n] = 0
-        for x, thr, last, c in zip(xs, keep_above, last_tied, coef, strict=True):
-            kernels.kept_delta(x, b, thr, last - span.start, c, delta[:n])
-            kernels.add_into(vote[:n], delta[:n])
-        if not consensus:
-            kernels.finish_sum(b, vote[:n], np.float32(scale), np.float32(lambda_), out_np[span])
-            continue
-        mixed[:n] = 0
-        divisor[:n] = 0
-        for x, thr, last, c, w in zip(xs, keep_above, last_tied, coef, weights, strict=True):
-            kernels.kept_delta(x, b, thr, last - span.start, c, delta[:n])
-            kernels.add_agreeing(vote[:n], delta[:n], w, mixed[:n], divisor[:n])
-        kernels.finish_agreeing(b, mixed[:n], divisor[:n], normalize, np.float32(lambda_), out_np[span])
 
 
 def rescale_factors(

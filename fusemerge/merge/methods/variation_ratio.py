@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from fusemerge.merge.methods.chunks import compute_dtype, flat, spans, weighted_sum
+from fusemerge.merge.kernels.chunks import compute_dtype, flat, spans, weighted_sum
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param, layer_index
 

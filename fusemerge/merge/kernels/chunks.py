@@ -79,8 +79,8 @@ def weighted_sum(
     """
     import torch
 
-    from fusemerge.merge.methods import kernels
-    from fusemerge.merge.methods.masks import kernel_view
+    from fusemerge.merge.kernels import cpu as kernels
+    from fusemerge.merge.kernels.views import kernel_view
 
     dtype = compute_dtype(tensors)
     first = tensors[0]

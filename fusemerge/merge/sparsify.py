@@ -1,42 +1,33 @@
-"""Which elements of a task vector survive sparsification, as objects that answer chunk by chunk.
+"""Sparsification: which elements of a task vector survive, as masks that answer chunk by chunk.
 
-`_combine` in task arithmetic walks a tensor in flat chunks and asks each model's mask `mask(magnitudes,
-span)` for a boolean chunk. Magnitude masks (TIES, breadcrumbs) are thresholds found by k-th value
-selection, so they cost no memory per element; random masks (DARE) draw each chunk from a generator
-seeded by the tensor's seed and the chunk's offset, so asking twice (once for the rescale factor, once
-for the merge) gives the same mask without storing it, in any order and on any device; DELLA's rank-dependent masks need
-whole rows, so they are drawn once and held as one byte per element.
+Kept apart from the methods, as mergekit keeps its `sparsify.py`: TIES, breadcrumbs, DARE, DELLA and SCE
+all use these. `combine` in task arithmetic walks a tensor in flat chunks and asks each model's mask
+`mask(magnitudes, span)` for a boolean chunk. Magnitude masks (TIES, breadcrumbs) are thresholds found by
+k-th value selection, so they cost no memory per element; random masks (DARE) draw each chunk from a
+generator seeded by the tensor's seed and the chunk's offset, so asking twice (once for the rescale
+factor, once for the merge) gives the same mask without storing it, in any order and on any device;
+DELLA's rank-dependent masks need whole rows, so they are drawn once and held as one byte per element.
+The random masks take the tensor's seed from the engine (see `fusemerge.merge.seeds`) and derive the
+per-model and per-chunk seeds here, so the methods never derive one.
 """
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from fusemerge.merge.methods import kernels
-from fusemerge.merge.methods.chunks import CHUNK_ELEMENTS, compute_dtype, flat, spans
+from fusemerge.merge.kernels import cpu as kernels
+from fusemerge.merge.kernels.chunks import CHUNK_ELEMENTS, compute_dtype, flat, spans
+from fusemerge.merge.kernels.views import kernel_view, use_kernels
+from fusemerge.merge.seeds import derive_seed, uniform
 
 
 class Mask(Protocol):
     def mask(self, magnitudes: torch.Tensor, span: slice) -> torch.Tensor: ...
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts (run seed, tensor name, model index, chunk offset)."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def uniform(seed: int, shape: torch.Size | tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """U[0, 1) draws from a CPU generator, moved to `device`: the same seed gives the same draws on a
-    CPU or a GPU merge (CUDA generators produce other streams)."""
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    return torch.rand(shape, generator=gen).to(device)
 
 
 @dataclass(frozen=True)
@@ -134,20 +125,6 @@ def top_k_delta(tensor: torch.Tensor, base: torch.Tensor, k: int) -> Keep:
     return top_k(magnitudes(tensor, base), k)
 
 
-def use_kernels(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
-    return tensor.device.type == "cpu" and dtype == torch.float32
-
-
-def kernel_view(chunk: torch.Tensor) -> np.ndarray:
-    """A contiguous CPU chunk as the kernels read it: bf16 as its raw bits (uint16, no copy), float32 as
-    is, anything else converted to float32."""
-    if chunk.dtype == torch.bfloat16:
-        return chunk.contiguous().view(torch.int16).numpy().view(np.uint16)
-    if chunk.dtype != torch.float32:
-        chunk = chunk.to(torch.float32)
-    return chunk.contiguous().numpy()
-
-
 def _chunks(t_flat: torch.Tensor, b_flat: torch.Tensor):
     for span in spans(t_flat.numel()):
         yield span, kernel_view(t_flat[span]), kernel_view(b_flat[span])
@@ -205,3 +182,43 @@ def della_mask(delta: torch.Tensor, density: float, epsilon: float, seed: int) -
         keep[start : start + step] = uniform(derive_seed(seed, start), probs.shape, delta.device) < probs
     keep = keep.reshape(moved.shape).movedim(-1, 1)
     return HeldMask(keep.reshape(delta.shape).contiguous().reshape(-1))
+
+
+def dare_masks(n_models: int, density: list[float], seed: int) -> list[Mask | None]:
+    """DARE's Bernoulli masks, one per model (None where `density` keeps everything)."""
+    return [None if d >= 1 else RandomKeep(derive_seed(seed, j), d) for j, d in enumerate(density[:n_models])]
+
+
+def della_masks(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor, density: list[float], epsilon: list[float], seed: int
+) -> list[Mask | None]:
+    """DELLA's MagPrune masks, one per model (None keeps everything, NONE_KEPT drops everything)."""
+    masks: list[Mask | None] = []
+    for j, (t, d, e) in enumerate(zip(tensors, density, epsilon, strict=True)):
+        if d >= 1:
+            masks.append(None)
+        elif d <= 0:
+            masks.append(NONE_KEPT)
+        else:
+            delta = t.float() - base.float() if t.dtype != torch.float64 else t - base
+            masks.append(della_mask(delta, d, e, derive_seed(seed, j)))
+            del delta
+    return masks
+
+
+def breadcrumb_mask(tensor: torch.Tensor, base: torch.Tensor, density: float, gamma: float) -> Mask | None:
+    """Model breadcrumbs' band, as mergekit's magnitude_outliers: sorted ascending, keep the ranks
+    [n_bot, n_bot + int(density * n)), dropping the `gamma` fraction of largest magnitudes first."""
+    if density >= 1:
+        return None
+    n = tensor.numel()
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    if target <= 0 or n == 0:
+        return NONE_KEPT
+    mags = magnitudes(tensor, base)
+    outer = top_k(mags, n - n_bot)
+    dropped_top = n - n_bot - target
+    inner = top_k(mags, dropped_top) if dropped_top > 0 else None
+    return Band(outer, inner)

@@ -1,4 +1,4 @@
-"""Numba kernels for the CPU hot loops of the merge methods.
+"""Numba kernels for the CPU hot loops of the merge methods, sparsification and the engine's NaN/Inf scan.
 
 Written with torch ops, TIES makes a dozen passes over memory per element (delta, |delta|, mask, weight,
 vote, sign tests, sums, division) plus a full sort for the density selection, and every bf16 input is first

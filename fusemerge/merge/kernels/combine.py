@@ -1,0 +1,57 @@
+"""The fused CPU form of task arithmetic and TIES: sparsify, weight, elect signs and sum in a few loops.
+
+`fusemerge.merge.methods.task_arithmetic.combine` calls this for CPU float32 work whose masks are all
+magnitude thresholds; the torch path there is the reference it must equal (tested).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fusemerge.merge.kernels import cpu as kernels
+from fusemerge.merge.kernels.chunks import CHUNK_ELEMENTS, spans
+from fusemerge.merge.kernels.views import kernel_view
+
+
+def fused_combine(
+    inputs: list[torch.Tensor],
+    b_flat: torch.Tensor,
+    out_flat: torch.Tensor,
+    keep_above: np.ndarray,
+    last_tied: np.ndarray,
+    coefficients: list[float],
+    weight: list[float],
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+) -> None:
+    """Task arithmetic / TIES over CPU chunks in a few fused loops (see `task_arithmetic.combine`).
+
+    Per model, `keep_above` is its magnitude threshold (-1 keeps everything) and `last_tied` the last
+    flat index at which an element equal to the threshold is still kept.
+    """
+    coef = np.array(coefficients, dtype=np.float32)
+    weights = np.array(weight, dtype=np.float32)
+    total = sum(weight)
+    scale = 1.0 / (total if abs(total) >= 1e-8 else 1.0) if normalize and not consensus else 1.0
+    out_np = kernel_view(out_flat)
+    size = min(CHUNK_ELEMENTS, out_flat.numel())
+    delta, vote, mixed, divisor = (np.empty(size, dtype=np.float32) for _ in range(4))
+    for span in spans(out_flat.numel()):
+        n = span.stop - span.start
+        b = kernel_view(b_flat[span])
+        xs = [kernel_view(x[span]) for x in inputs]
+        vote[:n] = 0
+        for x, thr, last, c in zip(xs, keep_above, last_tied, coef, strict=True):
+            kernels.kept_delta(x, b, thr, last - span.start, c, delta[:n])
+            kernels.add_into(vote[:n], delta[:n])
+        if not consensus:
+            kernels.finish_sum(b, vote[:n], np.float32(scale), np.float32(lambda_), out_np[span])
+            continue
+        mixed[:n] = 0
+        divisor[:n] = 0
+        for x, thr, last, c, w in zip(xs, keep_above, last_tied, coef, weights, strict=True):
+            kernels.kept_delta(x, b, thr, last - span.start, c, delta[:n])
+            kernels.add_agreeing(vote[:n], delta[:n], w, mixed[:n], divisor[:n])
+        kernels.finish_agreeing(b, mixed[:n], divisor[:n], normalize, np.float32(lambda_), out_np[span])
