@@ -35,7 +35,7 @@ from fusemerge.checkpoint.layout import (
 )
 from fusemerge.checkpoint.writer import ShardedWriter
 from fusemerge.errors import FusemergeError
-from fusemerge.merge.chat_templates import resolve_chat_template
+from fusemerge.lm.templates import resolve_output_template
 from fusemerge.merge.fallback import choose_engine, is_moe_recipe, mergekit_reason, run_with_mergekit
 from fusemerge.merge.plan import MergePlan, build_plan, describe
 from fusemerge.merge.recipe import load_recipe
@@ -118,7 +118,7 @@ def run_merge(
     device = _check_device(device)
     _tokenizer_folder(plan)  # validate tokenizer_source and chat_template before any work
     if plan.loaded.recipe.chat_template:
-        resolve_chat_template(plan.loaded.recipe.chat_template, [f.path for f in plan.folders.values()])
+        resolve_output_template(plan.loaded.recipe.chat_template, [f.path for f in plan.folders.values()])
     if dry_run:
         echo(describe(plan, out))
         return out
@@ -240,7 +240,7 @@ def _write_side_files(plan: MergePlan, out: Path) -> None:
         if src.is_file():
             shutil.copy(src, out / name)
     if recipe.chat_template:
-        template = resolve_chat_template(recipe.chat_template, [f.path for f in plan.folders.values()])
+        template = resolve_output_template(recipe.chat_template, [f.path for f in plan.folders.values()])
         (out / "chat_template.jinja").write_text(template, encoding="utf-8")
         config_path = out / "tokenizer_config.json"
         if config_path.is_file():
