@@ -35,9 +35,9 @@ from transformers import Trainer
 from fusemerge.card import fused_card
 from fusemerge.checkpoint.layout import RECIPE_NAME, TARGET_STAMP, staged_folder
 from fusemerge.errors import FusemergeError
-from fusemerge.fuse.data import ChatData
 from fusemerge.fuse.recipe import FuseRecipe
 from fusemerge.fuse.store import TopKStore
+from fusemerge.lm.chat_data import ChatData
 
 LOG = logging.getLogger(__name__)
 
