@@ -29,7 +29,8 @@ def main() -> None:
 
     from fusemerge.fuse.data import build_chat_data
     from fusemerge.fuse.recipe import DatasetSpec
-    from fusemerge.fuse.teacher import TeacherSettings, load_teacher_tokenizer, run_teacher
+    from fusemerge.fuse.teacher import TeacherSettings, run_teacher
+    from fusemerge.lm.loading import load_tokenizer
     from fusemerge.offline.corpora import chatterbot_conversations
 
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -53,7 +54,7 @@ def main() -> None:
         jsonl.write_text(
             "".join(json.dumps({"messages": c["messages"]}) + "\n" for c in convs[::step][: args.sequences])
         )
-        data = build_chat_data(DatasetSpec(path=str(jsonl)), load_teacher_tokenizer(str(model)))
+        data = build_chat_data(DatasetSpec(path=str(jsonl)), load_tokenizer(str(model)))
         settings = TeacherSettings(
             top_k=args.top_k, batch_size=args.batch_size, device=args.device, shard_size=64
         )

@@ -31,11 +31,17 @@ import numpy as np
 
 from fusemerge import __version__
 from fusemerge.errors import FusemergeError
-from fusemerge.fuse.data import ChatSequence, ChatTokenizer, read_records
-from fusemerge.fuse.recipe import DatasetSpec
+from fusemerge.lm.chat import ChatSequence, read_records
+from fusemerge.lm.chat_data import render_records
+from fusemerge.lm.templates import resolve_render_template
+from fusemerge.lm.tokens import ChatTokenizer
 
 EVAL_FILE = "fusemerge_eval.json"
 ALL = "all"
+# Eval's own model settings, stated here so that a change to the teacher pass's defaults never moves a
+# score: float32 logits held at once (rows x vocab, 128 MiB), no remote code, no 4-bit.
+LOGITS_BUDGET = 2**25
+TRUST_REMOTE_CODE = False
 
 
 @dataclass
@@ -188,22 +194,32 @@ def load_eval_data(
     domain_field: str = "domain",
     max_length: int = 2048,
 ) -> list[EvalSequence]:
-    """Every conversation of every file, rendered once, tagged with its domain; a bad record is an error."""
-    from fusemerge.fuse.data import build_chat_data
+    """Every conversation of every file, rendered once, tagged with its domain; a bad record is an error.
 
+    Long conversations are split between rounds, as for fusion (`split_long`).
+    """
     out: list[EvalSequence] = []
     for file in data_files:
         path = Path(file)
         if not path.is_file():
             raise FusemergeError("data file not found (a .jsonl file of chat records)", file=path)
-        spec = DatasetSpec(path=str(path), on_bad_record="error", max_length=max_length, split_long=True)
         domains = {
             number: str(rec[domain_field])
-            for number, rec in read_records(spec)
+            for number, rec in read_records(path)
             if isinstance(rec, dict) and rec.get(domain_field) not in (None, "")
         }
         try:
-            data = build_chat_data(spec, render_tokenizer, chat_template)
+            data = render_records(
+                read_records(path),
+                render_tokenizer,
+                resolve_render_template(chat_template, render_tokenizer),
+                file=str(path),
+                fmt="auto",
+                max_length=max_length,
+                split_long=True,
+                on_bad_record="error",
+                limit=None,
+            )
         except FusemergeError as exc:
             if exc.key == "chat_template":
                 raise FusemergeError(
@@ -276,14 +292,14 @@ def evaluate_models(
         allow_pickle: accept pickle checkpoints (they can run code when loaded).
         progress: one progress bar per model.
     """
-    from fusemerge.fuse.teacher import load_teacher_tokenizer
+    from fusemerge.lm.loading import load_tokenizer
 
     refs = [str(m) for m in models]
     if not refs:
         raise FusemergeError("no model to evaluate")
     for ref in refs:
         _check_model_ref(ref, allow_pickle=allow_pickle)
-    tokenizers = [load_teacher_tokenizer(ref) for ref in refs]
+    tokenizers = [load_tokenizer(ref, trust_remote_code=TRUST_REMOTE_CODE) for ref in refs]
     data = load_eval_data(
         data_files,
         tokenizers[0],
@@ -334,18 +350,21 @@ def _score_model(
     import torch
     from tqdm.auto import tqdm
 
-    from fusemerge.fuse.teacher import (
-        TeacherSettings,
-        load_teacher_model,
-        resolve_device,
-        topk_forward,
-    )
+    from fusemerge.lm.forward import topk_forward
+    from fusemerge.lm.loading import load_causal_lm, resolve_device, resolve_dtype
+    from fusemerge.lm.padding import pad_right, pad_token_id
 
     device = resolve_device(device)
-    settings = TeacherSettings(dtype=dtype, allow_pickle=allow_pickle)
-    lm = load_teacher_model(ref, settings, device, progress=progress)
+    lm = load_causal_lm(
+        ref,
+        dtype=resolve_dtype(dtype, device),
+        allow_pickle=allow_pickle,
+        trust_remote_code=TRUST_REMOTE_CODE,
+        progress=progress,
+    )
+    lm = lm.to(device).eval()
     chat_tok = ChatTokenizer(tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_token_id(tok)
     prepared = [(item.domain, *scored_positions(item.seq, chat_tok)) for item in data]
     order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][1]))
     scores: dict[str, Score] = {}
@@ -353,13 +372,14 @@ def _score_model(
     try:
         for a in range(0, len(order), batch_size):
             batch = [prepared[i] for i in order[a : a + batch_size]]
-            width = max(len(ids) for _, ids, _, _ in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, (_, ids, _, _) in enumerate(batch):
-                input_ids[row, : len(ids)] = torch.from_numpy(ids)
-                attention[row, : len(ids)] = 1
-            _, _, next_lp = topk_forward(lm, input_ids.to(device), attention.to(device), top_k=1)
+            input_ids, attention = pad_right([ids for _, ids, _, _ in batch], pad)
+            _, _, next_lp = topk_forward(
+                lm,
+                torch.from_numpy(input_ids).to(device),
+                torch.from_numpy(attention).to(device),
+                top_k=1,
+                logits_budget=LOGITS_BUDGET,
+            )
             next_lp = next_lp.double().cpu().numpy()
             start = 0
             for domain, ids, idx, nbytes in batch:

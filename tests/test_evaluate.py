@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from fusemerge.cli import main
 from fusemerge.errors import FusemergeError
 from fusemerge.evaluate import evaluate_models, load_eval_data
-from fusemerge.fuse.data import ChatTokenizer
+from fusemerge.lm.tokens import ChatTokenizer
 from fusemerge.offline.assets import build_random_model
 
 RECORDS = [

@@ -54,9 +54,10 @@ from fusemerge.fuse.align import (
     same_start_alignment,
     transfer_topk,
 )
-from fusemerge.fuse.data import ChatData, ChatTokenizer
 from fusemerge.fuse.store import TopKStore
 from fusemerge.fuse.teacher import tokenizer_hash
+from fusemerge.lm.chat_data import ChatData
+from fusemerge.lm.tokens import ChatTokenizer
 
 LOG = logging.getLogger(__name__)
 ALIGNED_FORMAT = 2  # 2: same-end rule for offsets. Bump when the transfer rules change: older aligned stores are then refused

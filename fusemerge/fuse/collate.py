@@ -21,10 +21,12 @@ from typing import Any
 import numpy as np
 
 from fusemerge.errors import FusemergeError
-from fusemerge.fuse.data import ChatData, ChatTokenizer
 from fusemerge.fuse.fusion import Candidate, fuse
 from fusemerge.fuse.loss import IGNORE_INDEX
 from fusemerge.fuse.store import TopKStore
+from fusemerge.lm.chat_data import ChatData
+from fusemerge.lm.padding import pad_right
+from fusemerge.lm.tokens import ChatTokenizer
 
 
 class FusionDataset:
@@ -112,19 +114,15 @@ class FusionCollator:
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         import torch
 
-        width = max(len(f["input_ids"]) for f in features)
         b = len(features)
-        input_ids = np.full((b, width), self.pad_id, dtype=np.int64)
-        attention = np.zeros((b, width), dtype=np.int64)
-        labels = np.full((b, width), IGNORE_INDEX, dtype=np.int64)
-        targets = []
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            input_ids[row, :n] = f["input_ids"]
-            attention[row, :n] = 1
-            labels[row, :n] = f["labels"]
-            if self.with_targets:
-                targets.append(self.target(int(f["index"]), np.asarray(f["input_ids"])))
+        input_ids, attention = pad_right([f["input_ids"] for f in features], self.pad_id)
+        labels, _ = pad_right([f["labels"] for f in features], IGNORE_INDEX)
+        width = input_ids.shape[1]
+        targets = (
+            [self.target(int(f["index"]), np.asarray(f["input_ids"])) for f in features]
+            if self.with_targets
+            else []
+        )
         batch = {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(attention),

@@ -144,11 +144,9 @@ def push_targets(
 def chat_data(recipe: FuseRecipe, *, echo: Callable[[str], None] = print) -> tuple[Any, Any]:
     """The pivot's tokenizer and the dataset rendered with its template: the text every step reads."""
     from fusemerge.fuse.data import build_chat_data
-    from fusemerge.fuse.teacher import load_teacher_tokenizer
+    from fusemerge.lm.loading import load_tokenizer
 
-    pivot_tokenizer = load_teacher_tokenizer(
-        recipe.pivot.model, trust_remote_code=recipe.pivot.trust_remote_code
-    )
+    pivot_tokenizer = load_tokenizer(recipe.pivot.model, trust_remote_code=recipe.pivot.trust_remote_code)
     data = build_chat_data(recipe.dataset, pivot_tokenizer, recipe.chat_template, warn=echo)
     skipped = f", {len(data.skipped)} skipped" if data.skipped else ""
     echo(f"dataset: {data.records} records -> {len(data.sequences)} sequences{skipped}")
@@ -185,7 +183,7 @@ def align(
     from accelerate import PartialState
 
     from fusemerge.fuse.aligned import run_align
-    from fusemerge.fuse.teacher import load_teacher_tokenizer
+    from fusemerge.lm.loading import load_tokenizer
 
     layout = FuseWorkDir(recipe)
     teacher = layout.teacher_stores
@@ -198,7 +196,7 @@ def align(
         out[f"aligned/{role}"] = folder
         if not state.is_main_process:
             continue
-        tokenizer = load_teacher_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
+        tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
         run_align(
             tokenizer,
             pivot_tokenizer,

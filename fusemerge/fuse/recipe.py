@@ -131,7 +131,7 @@ class FuseRecipe(_Frozen):
     pivot: ModelSpec
     sources: list[ModelSpec] = Field(min_length=1)
     dataset: DatasetSpec
-    chat_template: str = "pivot"  # "pivot", a built-in name (see fusemerge.fuse.data), or a .jinja file
+    chat_template: str = "pivot"  # "pivot", a built-in name (see fusemerge.lm.templates), or a .jinja file
     teacher: TeacherSpec = TeacherSpec()
     alignment: AlignmentSpec = AlignmentSpec()
     fusion: FusionSpec = FusionSpec()

@@ -5,9 +5,8 @@
 
 Batches are length-sorted buckets inside a store shard (little padding), padded on the right with an
 attention mask; each model reads the pivot-rendered text with its own tokenizer (`ChatTokenizer`).
-Logits are never materialised for the whole batch: the backbone's hidden states of the real (unpadded)
-tokens go through the output head in row chunks, and log_softmax/top-K run in float32 per chunk, so a
-150k-token vocabulary at 2,048 tokens x 8 sequences does not need 10 GB.
+The forward itself is `fusemerge.lm.forward.topk_forward` (chunked logits within `logits_budget`), the
+same one `fusemerge eval` scores with.
 
 Under `accelerate launch`, every process takes its own shards of the store (shard j belongs to process
 j mod N; finished ones are skipped), so the slices land in one store; the main process finishes the manifest.
@@ -27,9 +26,20 @@ from typing import Any
 import numpy as np
 
 from fusemerge.checkpoint.layout import PICKLE_SUFFIXES
-from fusemerge.errors import FusemergeError
-from fusemerge.fuse.data import ChatData, ChatTokenizer
 from fusemerge.fuse.store import TopKStore
+from fusemerge.lm.chat_data import ChatData
+from fusemerge.lm.forward import topk_forward
+from fusemerge.lm.loading import (
+    FourBit,
+    check_weights,
+    four_bit_config,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
+from fusemerge.lm.padding import pad_right, pad_token_id
+from fusemerge.lm.tokens import ChatTokenizer
 
 LOG = logging.getLogger(__name__)
 
@@ -52,78 +62,42 @@ class TeacherSettings:
 # ---------------------------------------------------------------- loading
 
 
-def load_teacher_tokenizer(model: str, *, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise FusemergeError(f"cannot load the tokenizer: {_first_line(exc)}", file=model) from exc
-
-
 def load_teacher_model(model: str, settings: TeacherSettings, device: str, *, progress: bool = True) -> Any:
-    """The causal LM in eval mode on `device`: safetensors only unless allowed, 4-bit only on a GPU."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+    """The causal LM in eval mode on `device`: safetensors only unless allowed, 4-bit only on a GPU.
 
-    folder = Path(model)
-    if folder.is_dir() and not settings.allow_pickle and not any(folder.glob("*.safetensors")):
-        pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
-        hint = (
-            f"only pickle weights ({', '.join(pickled[:3])}); set allow_pickle: true if you trust them"
-            if pickled
-            else "no *.safetensors weights"
-        )
-        raise FusemergeError(hint, file=folder)
+    4-bit teachers use bitsandbytes' default quantization (fp4, no double quantization), as they always have.
+    """
+    # load_causal_lm checks again; checking here first keeps the pickle refusal ahead of the 4-bit checks
+    check_weights(model, allow_pickle=settings.allow_pickle)
     dtype = resolve_dtype(settings.dtype, device)
-    kwargs: dict[str, Any] = {
-        "dtype": getattr(torch, dtype),
-        "trust_remote_code": settings.trust_remote_code,
-        "use_safetensors": None if settings.allow_pickle else True,
-    }
+    quantization, device_map = None, None
     if settings.load_in_4bit:
-        if not device.startswith("cuda"):
-            raise FusemergeError(
-                f"load_in_4bit needs a CUDA GPU (bitsandbytes); this teacher runs on {device}", file=model
-            )
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError as exc:
-            raise FusemergeError(
-                "load_in_4bit needs bitsandbytes: pip install bitsandbytes", file=model
-            ) from exc
-        from transformers import BitsAndBytesConfig
+        import torch
 
-        compute = torch.bfloat16 if dtype == "float32" else getattr(torch, dtype)
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute)
-        kwargs["device_map"] = {"": torch.device(device).index or 0}
-    bars = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(model, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise FusemergeError(f"cannot load the model: {_first_line(exc)}", file=model) from exc
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+        quantization = four_bit_config(
+            FourBit(
+                compute_dtype="bfloat16" if dtype == "float32" else dtype,
+                quant_type="fp4",
+                double_quant=False,
+            ),
+            cuda=device.startswith("cuda"),
+            option="load_in_4bit",
+            no_gpu=f"load_in_4bit needs a CUDA GPU (bitsandbytes); this teacher runs on {device}",
+            file=model,
+        )
+        device_map = {"": torch.device(device).index or 0}
+    lm = load_causal_lm(
+        model,
+        dtype=dtype,
+        allow_pickle=settings.allow_pickle,
+        trust_remote_code=settings.trust_remote_code,
+        quantization_config=quantization,
+        device_map=device_map,
+        progress=progress,
+    )
     if not settings.load_in_4bit:
         lm = lm.to(device)
     return lm.eval()
-
-
-def resolve_device(device: str) -> str:
-    """'auto' is the accelerate process's device (its own GPU under `accelerate launch`, else cpu)."""
-    if device != "auto":
-        return device
-    from accelerate import PartialState
-
-    return str(PartialState().device)
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    return ("bfloat16" if device.startswith("cuda") else "float32") if dtype == "auto" else dtype
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
@@ -170,76 +144,6 @@ def teacher_identity(
     }
 
 
-# ---------------------------------------------------------------- the forward pass
-
-
-def topk_forward(lm: Any, input_ids: Any, attention_mask: Any, *, top_k: int, logits_budget: int = 2**25):
-    """Top-K next-token log-probs at every real position, and the log-prob of the actual next token.
-
-    Returns (values float32 [n, K], ids int64 [n, K], next_logprob float32 [n]) over the real tokens of
-    the batch in row-major order (sequence by sequence); next_logprob is NaN at each sequence's last token.
-    """
-    import torch
-
-    real = attention_mask.bool()
-    with torch.inference_mode():
-        hidden, head = _hidden_states(lm, input_ids, attention_mask)
-        hidden = hidden[real]  # [n, H]: padding never reaches the head
-        nxt = torch.full_like(input_ids, -1)
-        nxt[:, :-1] = input_ids[:, 1:]
-        nxt = nxt.masked_fill(~torch.roll(real, -1, dims=1) | ~real, -1)
-        nxt[:, -1] = -1
-        targets = nxt[real]
-        vocab = (
-            lm.config.get_text_config().vocab_size
-            if hasattr(lm.config, "get_text_config")
-            else lm.config.vocab_size
-        )
-        rows = max(1, logits_budget // max(vocab, 1))
-        values, ids, next_lp = [], [], []
-        for a in range(0, hidden.shape[0], rows):
-            logits = head(hidden[a : a + rows]).float()
-            logp = torch.log_softmax(logits, dim=-1)
-            v, i = logp.topk(top_k, dim=-1)
-            t = targets[a : a + rows]
-            lp = logp.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1)
-            values.append(v)
-            ids.append(i)
-            next_lp.append(lp.masked_fill(t < 0, float("nan")))
-    return torch.cat(values), torch.cat(ids), torch.cat(next_lp)
-
-
-def _hidden_states(lm: Any, input_ids: Any, attention_mask: Any) -> tuple[Any, Callable[[Any], Any]]:
-    """The last hidden states and a function that turns rows of them into logits, as the model would.
-
-    Models that post-process logits (soft-capping, scaling) get the same treatment; a model without a
-    separate backbone falls back to the full forward (its logits are then computed for the whole batch).
-    """
-    base = getattr(lm, "base_model", lm)
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    if base is lm or head is None:
-        logits = lm(input_ids=input_ids, attention_mask=attention_mask).logits
-        return logits, lambda x: x
-    out = base(input_ids=input_ids, attention_mask=attention_mask)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-    softcap = getattr(config, "final_logit_softcapping", None)
-    scale_div = getattr(config, "logits_scaling", None)  # granite
-    scale_mul = getattr(config, "logit_scale", None)  # cohere
-
-    def project(rows: Any) -> Any:
-        logits = head(rows)
-        if scale_mul is not None:
-            logits = logits * scale_mul
-        if scale_div is not None:
-            logits = logits / scale_div
-        if softcap is not None:
-            logits = (logits / softcap).tanh() * softcap
-        return logits
-
-    return hidden, project
-
-
 # ---------------------------------------------------------------- the pass
 
 
@@ -272,7 +176,7 @@ def run_teacher(
     world = state.num_processes if num_processes is None else num_processes
     device = resolve_device(settings.device)
     name = Path(model.rstrip("/")).name or model
-    tokenizer = load_teacher_tokenizer(model, trust_remote_code=settings.trust_remote_code)
+    tokenizer = load_tokenizer(model, trust_remote_code=settings.trust_remote_code)
     identity = teacher_identity(model, tokenizer, data, settings, device)
     n = len(data.sequences)
 
@@ -296,7 +200,7 @@ def run_teacher(
 
     lm = load_teacher_model(model, settings, device, progress=progress)
     chat_tok = ChatTokenizer(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     total = sum(len(store.shard_sequences(j)) for j in mine)
     bar = _progress_bar(total, f"teach {name}", enabled=progress and state.is_local_main_process)
     try:
@@ -326,16 +230,11 @@ def _teach_shard(lm: Any, tokenized: list, settings: TeacherSettings, pad: int, 
     for b in range(0, count, settings.batch_size):
         batch = order[b : b + settings.batch_size]
         lengths = [len(tokenized[i][0]) for i in batch]
-        width = max(lengths)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            input_ids[row, : lengths[row]] = torch.from_numpy(tokenized[i][0])
-            attention[row, : lengths[row]] = 1
+        input_ids, attention = pad_right([tokenized[i][0] for i in batch], pad)
         values, top_ids, next_lp = topk_forward(
             lm,
-            input_ids.to(device),
-            attention.to(device),
+            torch.from_numpy(input_ids).to(device),
+            torch.from_numpy(attention).to(device),
             top_k=settings.top_k,
             logits_budget=settings.logits_budget,
         )
@@ -385,7 +284,3 @@ class _Bar:
 
 def _progress_bar(total: int, desc: str, *, enabled: bool) -> _Bar | None:
     return _Bar(total, desc) if enabled else None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -31,12 +31,12 @@ from typing import Any
 from fusemerge.card import fused_card
 from fusemerge.checkpoint.layout import RECIPE_NAME, TARGET_STAMP, staged_folder
 from fusemerge.errors import FusemergeError
-from fusemerge.fuse.data import ChatData
 from fusemerge.fuse.hf_compat import precision, training_arguments
 from fusemerge.fuse.recipe import FuseRecipe
 from fusemerge.fuse.store import TopKStore
 from fusemerge.fuse.trainer import FusionTrainer
 from fusemerge.fuse.workdir import FINAL_CHECKPOINT, TRAIN_STAMP
+from fusemerge.lm.chat_data import ChatData
 
 # settings that change how a run is observed, not what it computes: free to change on a resume
 _NOT_IDENTITY = {"save_steps", "logging_steps", "dataloader_workers"}

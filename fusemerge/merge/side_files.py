@@ -18,7 +18,7 @@ from fusemerge.checkpoint.dtypes import name_for_code
 from fusemerge.checkpoint.layout import TOKENIZER_FILES, atomic_write_text
 from fusemerge.checkpoint.reader import ModelFolder
 from fusemerge.errors import FusemergeError
-from fusemerge.merge.chat_templates import resolve_chat_template
+from fusemerge.lm.templates import resolve_output_template
 from fusemerge.merge.plan import MergePlan
 
 
@@ -34,7 +34,7 @@ def resolve_side_files(plan: MergePlan) -> SideFiles:
     folder = _tokenizer_folder(plan)
     template = None
     if recipe.chat_template:
-        template = resolve_chat_template(recipe.chat_template, [f.path for f in plan.folders.values()])
+        template = resolve_output_template(recipe.chat_template, [f.path for f in plan.folders.values()])
     return SideFiles(folder, template)
 
 

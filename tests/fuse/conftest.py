@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
-from fusemerge.fuse.data import ChatTokenizer
 from fusemerge.fuse.store import TopKStore
+from fusemerge.lm.tokens import ChatTokenizer
 from fusemerge.offline.corpora import chatterbot_conversations
 
 

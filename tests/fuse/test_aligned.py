@@ -22,12 +22,12 @@ from fusemerge.errors import FusemergeError
 from fusemerge.fuse.align import VocabMapping
 from fusemerge.fuse.aligned import run_align
 from fusemerge.fuse.cli import fuse
-from fusemerge.fuse.data import ChatTokenizer
 from fusemerge.fuse.inputs import open_fusion_inputs
 from fusemerge.fuse.pipeline import chat_data, run_fuse
 from fusemerge.fuse.recipe import load_fuse_recipe
 from fusemerge.fuse.store import TopKStore
-from fusemerge.fuse.teacher import load_teacher_tokenizer
+from fusemerge.lm.loading import load_tokenizer
+from fusemerge.lm.tokens import ChatTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ["mistral-source", "gpt2-source"]
@@ -132,7 +132,7 @@ def test_rows_carry_their_own_sequences_distributions(fused, pivot_view, tiny_mo
     row is that source row through the mapping: checked independently of the aligner, with offsets."""
     _, work, _ = fused
     pivot_tok, data = pivot_view
-    source_tok = load_teacher_tokenizer(str(tiny_models["mistral"]))
+    source_tok = load_tokenizer(str(tiny_models["mistral"]))
     report = run_align(
         source_tok,
         pivot_tok,
@@ -187,7 +187,7 @@ from fusemerge.fuse.aligned import run_align
 from fusemerge.fuse.pipeline import chat_data
 from fusemerge.fuse.recipe import load_fuse_recipe
 from fusemerge.fuse.store import TopKStore
-from fusemerge.fuse.teacher import load_teacher_tokenizer
+from fusemerge.lm.loading import load_tokenizer
 
 recipe_path, source_model, work, out, mapping = sys.argv[1:6]
 write = TopKStore.write_shard
@@ -197,7 +197,7 @@ def slow_write(self, *args, **kwargs):  # give the parent time to kill us betwee
     return path
 TopKStore.write_shard = slow_write
 pivot_tok, data = chat_data(load_fuse_recipe(recipe_path), echo=lambda _: None)
-run_align(load_teacher_tokenizer(source_model), pivot_tok, data, source_store=f"{work}/teacher/gpt2-source",
+run_align(load_tokenizer(source_model), pivot_tok, data, source_store=f"{work}/teacher/gpt2-source",
           pivot_store=f"{work}/teacher/qwen-pivot", aligned_dir=out, mapping_file=mapping, progress=False)
 """
 
@@ -224,7 +224,7 @@ def test_an_interrupted_align_resumes_to_an_identical_store(fused, pivot_view, t
     pivot_tok, data = pivot_view
     lines: list[str] = []
     run_align(
-        load_teacher_tokenizer(str(tiny_models["gpt2"])),
+        load_tokenizer(str(tiny_models["gpt2"])),
         pivot_tok,
         data,
         source_store=work / "teacher" / "gpt2-source",
@@ -241,7 +241,7 @@ def test_an_interrupted_align_resumes_to_an_identical_store(fused, pivot_view, t
 def test_a_mismatched_mapping_or_store_is_refused(fused, pivot_view, tiny_models, tmp_path):
     _, work, _ = fused
     pivot_tok, data = pivot_view
-    mistral = load_teacher_tokenizer(str(tiny_models["mistral"]))
+    mistral = load_tokenizer(str(tiny_models["mistral"]))
 
     def realign(mapping: Path, **kwargs):
         return run_align(
@@ -270,7 +270,7 @@ def test_a_mismatched_mapping_or_store_is_refused(fused, pivot_view, tiny_models
         realign(tmp_path / "exact.safetensors", vocab="exact")
     with pytest.raises(FusemergeError, match="teacher store was made with another tokenizer"):
         run_align(
-            load_teacher_tokenizer(str(tiny_models["gpt2"])),
+            load_tokenizer(str(tiny_models["gpt2"])),
             pivot_tok,
             data,
             source_store=work / "teacher" / "mistral-source",

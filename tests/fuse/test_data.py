@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from fusemerge.errors import FusemergeError
-from fusemerge.fuse.data import ChatSequence, ChatTokenizer, build_chat_data, conversation_messages
+from fusemerge.fuse.data import build_chat_data
 from fusemerge.fuse.recipe import DatasetSpec
+from fusemerge.lm.chat import ChatSequence, conversation_messages
+from fusemerge.lm.tokens import ChatTokenizer
 
 
 @pytest.fixture

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from fusemerge.errors import FusemergeError
-from fusemerge.fuse.data import ChatTokenizer, build_chat_data
+from fusemerge.fuse.data import build_chat_data
 from fusemerge.fuse.recipe import DatasetSpec
 from fusemerge.fuse.store import TopKStore
 from fusemerge.fuse.teacher import TeacherSettings, run_teacher
+from fusemerge.lm.tokens import ChatTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -135,7 +136,8 @@ import sys, time
 from fusemerge.fuse.data import build_chat_data
 from fusemerge.fuse.recipe import DatasetSpec
 from fusemerge.fuse.store import TopKStore
-from fusemerge.fuse.teacher import TeacherSettings, load_teacher_tokenizer, run_teacher
+from fusemerge.fuse.teacher import TeacherSettings, run_teacher
+from fusemerge.lm.loading import load_tokenizer
 
 model, jsonl, out = sys.argv[1:4]
 write = TopKStore.write_shard
@@ -144,7 +146,7 @@ def slow_write(self, *args, **kwargs):  # give the parent time to kill us betwee
     time.sleep(0.4)
     return path
 TopKStore.write_shard = slow_write
-data = build_chat_data(DatasetSpec(path=jsonl), load_teacher_tokenizer(sys.argv[4]))
+data = build_chat_data(DatasetSpec(path=jsonl), load_tokenizer(sys.argv[4]))
 run_teacher(model, data, out, settings=TeacherSettings(device="cpu", batch_size=8, shard_size=5), progress=False)
 """
 
