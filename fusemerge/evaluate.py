@@ -35,6 +35,7 @@ from fusemerge.lm.chat import ChatSequence, read_records
 from fusemerge.lm.chat_data import render_records
 from fusemerge.lm.templates import resolve_render_template
 from fusemerge.lm.tokens import ChatTokenizer
+from fusemerge.progress import progress_bar
 
 EVAL_FILE = "fusemerge_eval.json"
 ALL = "all"
@@ -348,7 +349,6 @@ def _score_model(
     progress: bool,
 ) -> dict[str, Score]:
     import torch
-    from tqdm.auto import tqdm
 
     from fusemerge.lm.forward import topk_forward
     from fusemerge.lm.loading import load_causal_lm, resolve_device, resolve_dtype
@@ -368,7 +368,7 @@ def _score_model(
     prepared = [(item.domain, *scored_positions(item.seq, chat_tok)) for item in data]
     order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][1]))
     scores: dict[str, Score] = {}
-    bar = tqdm(total=len(order), desc=Path(ref).name or ref, unit="seq", disable=not progress, leave=True)
+    bar = progress_bar(len(order), Path(ref).name or ref, enabled=progress)
     try:
         for a in range(0, len(order), batch_size):
             batch = [prepared[i] for i in order[a : a + batch_size]]

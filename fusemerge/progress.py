@@ -11,7 +11,9 @@ import time
 from typing import Any
 
 
-def bar(total: int, desc: str, *, enabled: bool = True, unit: str = "seq", unit_scale: bool = False) -> Any:
+def progress_bar(
+    total: int, desc: str, *, enabled: bool = True, unit: str = "seq", unit_scale: bool = False
+) -> Any:
     """A tqdm bar (a context manager too); a disabled one when `enabled` is false, so callers never branch.
 
     Args:
@@ -33,7 +35,7 @@ class TokenRate:
     throughput worth comparing between models and machines is tokens per second."""
 
     def __init__(self, total: int, desc: str, *, enabled: bool = True) -> None:
-        self.bar = bar(total, desc, enabled=enabled)
+        self.bar = progress_bar(total, desc, enabled=enabled)
         self.tokens = 0
         self.start = time.perf_counter()
 

@@ -58,6 +58,7 @@ from fusemerge.fuse.store import TopKStore
 from fusemerge.fuse.teacher import tokenizer_hash
 from fusemerge.lm.chat_data import ChatData
 from fusemerge.lm.tokens import ChatTokenizer
+from fusemerge.progress import progress_bar
 
 LOG = logging.getLogger(__name__)
 ALIGNED_FORMAT = 2  # 2: same-end rule for offsets. Bump when the transfer rules change: older aligned stores are then refused
@@ -182,7 +183,7 @@ def run_align(
     echo(f"align {name}: {len(pending)} of {store.n_shards} shards to compute ({tokens}, {vocab})")
     total = sum(len(store.shard_sequences(j)) for j in pending)
     positions = from_teacher = 0
-    with _bar(total, f"align {name}", progress) as bar:
+    with progress_bar(total, f"align {name}", enabled=progress) as bar:
         for shard in pending:
             ids, lps, ces = [], [], []
             members = list(store.shard_sequences(shard))
@@ -301,7 +302,7 @@ def _vocab_mapping(
     if counted:
         counts = CoAlignmentCounts(len(source.profile), len(pivot.profile))
         kept = 0
-        with _bar(len(data.sequences), "count co-alignments", progress) as bar:
+        with progress_bar(len(data.sequences), "count co-alignments", enabled=progress) as bar:
             for start in range(0, len(data.sequences), COUNT_BLOCK):
                 block = range(start, min(len(data.sequences), start + COUNT_BLOCK))
                 pairs = [
@@ -331,32 +332,3 @@ def _metadata(path: Path) -> dict[str, str]:
 
     with safe_open(str(path), framework="numpy") as f:
         return dict(f.metadata() or {})
-
-
-# ---------------------------------------------------------------- progress
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-
-class _bar:  # noqa: N801 - used as a context manager, like tqdm itself
-    """tqdm over sequences (rate and ETA), or nothing when progress is off."""
-
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self.args = (total, desc, enabled)
-        self.tqdm: Any = None
-
-    def __enter__(self) -> Any:
-        total, desc, enabled = self.args
-        if not enabled:
-            return _NoBar()
-        from tqdm.auto import tqdm
-
-        self.tqdm = tqdm(total=total, desc=desc, unit="seq", dynamic_ncols=True)
-        return self.tqdm
-
-    def __exit__(self, *exc: object) -> None:
-        if self.tqdm is not None:
-            self.tqdm.close()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from fusemerge.lm.loading import (
 )
 from fusemerge.lm.padding import pad_right, pad_token_id
 from fusemerge.lm.tokens import ChatTokenizer
+from fusemerge.progress import TokenRate
 
 LOG = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def run_teacher(
     chat_tok = ChatTokenizer(tokenizer)
     pad = pad_token_id(tokenizer)
     total = sum(len(store.shard_sequences(j)) for j in mine)
-    bar = _progress_bar(total, f"teach {name}", enabled=progress and state.is_local_main_process)
+    bar = TokenRate(total, f"teach {name}", enabled=progress and state.is_local_main_process)
     try:
         for shard in mine:
             seqs = [data.sequences[i] for i in store.shard_sequences(shard)]
@@ -210,8 +210,7 @@ def run_teacher(
             ids, lps, ces = _teach_shard(lm, tokenized, settings, pad, device, bar)
             store.write_shard(shard, ids, lps, ces)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     state.wait_for_everyone()
     if rank == 0:
         store.finalize()
@@ -246,8 +245,7 @@ def _teach_shard(lm: Any, tokenized: list, settings: TeacherSettings, pad: int, 
             lps_out[i] = values[start:end].astype(np.float16)
             ces[i] = metric_ce(next_lp[start:end], tokenized[i][1])
             start = end
-        if bar is not None:
-            bar.update(len(batch), sum(lengths))
+        bar.update(len(batch), sum(lengths))
     return ids_out, lps_out, ces
 
 
@@ -260,27 +258,3 @@ def metric_ce(next_logprob: np.ndarray, assistant_mask: np.ndarray) -> float:
     if not targets.any():
         return float("nan")
     return float(-np.mean(next_logprob[:-1][targets], dtype=np.float64))
-
-
-class _Bar:
-    """tqdm over sequences with a tokens/s postfix (tqdm's own rate and ETA count sequences)."""
-
-    def __init__(self, total: int, desc: str) -> None:
-        from tqdm.auto import tqdm
-
-        self.tqdm = tqdm(total=total, desc=desc, unit="seq", dynamic_ncols=True)
-        self.tokens = 0
-        self.start = time.perf_counter()
-
-    def update(self, sequences: int, tokens: int) -> None:
-        self.tokens += tokens
-        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
-        self.tqdm.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
-        self.tqdm.update(sequences)
-
-    def close(self) -> None:
-        self.tqdm.close()
-
-
-def _progress_bar(total: int, desc: str, *, enabled: bool) -> _Bar | None:
-    return _Bar(total, desc) if enabled else None

@@ -37,6 +37,8 @@ from fusemerge.fuse.store import TopKStore
 from fusemerge.fuse.trainer import FusionTrainer
 from fusemerge.fuse.workdir import FINAL_CHECKPOINT, TRAIN_STAMP
 from fusemerge.lm.chat_data import ChatData
+from fusemerge.lm.loading import FourBit, four_bit_config, load_causal_lm, load_tokenizer
+from fusemerge.lm.padding import pad_token_id
 
 # settings that change how a run is observed, not what it computes: free to change on a resume
 _NOT_IDENTITY = {"save_steps", "logging_steps", "dataloader_workers"}
@@ -53,41 +55,31 @@ def has_cuda() -> bool:
 
 def load_student(recipe: FuseRecipe, *, cuda: bool) -> Any:
     """The pivot as the model to train: float32 master weights, or a frozen base (bf16 or 4-bit) + adapters."""
-    import torch
-    from transformers import AutoModelForCausalLM
 
     spec, training = recipe.pivot, recipe.training
     # LoRA under bf16 mixed precision: the frozen base in bf16 (half the memory; autocast runs its matmuls
     # in bf16 anyway) while peft keeps the adapters in float32. Full fine-tuning keeps float32 masters.
     frozen_bf16 = training.mode == "lora" and precision(training.dtype, cuda)["bf16"]
-    kwargs: dict[str, Any] = {
-        "dtype": torch.bfloat16 if frozen_bf16 else torch.float32,
-        "trust_remote_code": spec.trust_remote_code,
-    }
+    quant = device_map = None
     if training.mode == "qlora":
-        if not cuda:
-            raise FusemergeError(
-                "qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora or full", key="training.mode"
-            )
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError as exc:
-            raise FusemergeError(
-                "qlora needs bitsandbytes: pip install bitsandbytes", key="training.mode"
-            ) from exc
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+        quant = four_bit_config(
+            FourBit(compute_dtype="bfloat16"),
+            cuda=cuda,
+            option="qlora",
+            no_gpu="qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora or full",
+            key="training.mode",
         )
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(spec.model, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise FusemergeError(f"cannot load the pivot: {str(exc).splitlines()[0]}", file=spec.model) from exc
+        device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    # the pivot's weights were checked (and its teacher pass run) under the recipe's pickle policy already
+    model = load_causal_lm(
+        spec.model,
+        dtype="bfloat16" if frozen_bf16 else "float32",
+        allow_pickle=True,
+        trust_remote_code=spec.trust_remote_code,
+        quantization_config=quant,
+        device_map=device_map,
+        what="the pivot",
+    )
     model.config.use_cache = False
     if training.mode == "full":
         return model
@@ -176,7 +168,9 @@ def train_target(
     staging = checkpoints / FINAL_CHECKPOINT
     trainer.save_model(str(staging))  # gathers ZeRO-3 / FSDP shards; adapters only for lora / qlora
     if state.is_main_process:
-        save_target(recipe, staging, out, sources=list(aligned), identity=identity)
+        save_target(
+            recipe, staging, out, sources=list(aligned), identity=identity, tokenizer=trainer.processing_class
+        )
         echo(f"train {out.name}: saved {out}")
     state.wait_for_everyone()
     return out
@@ -191,14 +185,12 @@ def build_trainer(
     progress: bool = True,
 ) -> FusionTrainer:
     """The Trainer for one target: the student, the dataset, the collator over `stores` ("pivot" + sources)."""
-    from transformers import AutoTokenizer
-
     from fusemerge.fuse.collate import FusionCollator, FusionDataset
 
     cuda = has_cuda()
     spec = recipe.pivot
-    tokenizer = AutoTokenizer.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
+    pad = pad_token_id(tokenizer, fallback=tokenizer.eos_token_id or 0)
     lambda_ = recipe.fusion.lambda_
     collator = FusionCollator(
         stores["pivot"],
@@ -219,11 +211,21 @@ def build_trainer(
     )
 
 
-def save_target(recipe: FuseRecipe, staging: Path, out: Path, *, sources: list[str], identity: dict) -> Path:
+def save_target(
+    recipe: FuseRecipe,
+    staging: Path,
+    out: Path,
+    *,
+    sources: list[str],
+    identity: dict,
+    tokenizer: Any = None,
+) -> Path:
     """The trained weights (adapters folded into float32 pivot weights) as a model folder in the pivot's
-    dtype, with tokenizer, config, card and stamp; it appears under `out` only when complete."""
+    dtype, with tokenizer, config, card and stamp; it appears under `out` only when complete.
+
+    `tokenizer` is the pivot's, already loaded by the trainer (loaded here when not given)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     pivot = recipe.pivot
     dtype = getattr(
@@ -245,7 +247,9 @@ def save_target(recipe: FuseRecipe, staging: Path, out: Path, *, sources: list[s
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged_folder(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(pivot.model, **remote).save_pretrained(tmp)
+        (tokenizer or load_tokenizer(pivot.model, trust_remote_code=pivot.trust_remote_code)).save_pretrained(
+            tmp
+        )
         (tmp / "README.md").write_text(
             fused_card(
                 pivot=pivot.model,

@@ -23,6 +23,7 @@ from fusemerge.errors import FusemergeError
 from fusemerge.merge.kernels.views import all_finite
 from fusemerge.merge.plan import DEFAULT_PREFETCH_BYTES, PREFETCH_TENSORS, MergePlan, TensorTask
 from fusemerge.merge.seeds import derive_seed
+from fusemerge.progress import progress_bar
 
 if TYPE_CHECKING:
     import torch
@@ -225,18 +226,16 @@ def execute(
     allow_nonfinite: bool = False,
 ) -> int:
     """Merge every tensor of the shards not in `skip_shards`; returns the number of tensors written."""
-    from tqdm import tqdm
-
     skip_names = {t.name for s in plan.shards if s.filename in skip_shards for t in s.tensors}
     tasks = [t for t in plan.tasks if t.name not in skip_names]
     stats: dict[str, Any] = {}
     if plan.needs_group_pass and tasks:
-        with tqdm(
-            total=sum(t.read_bytes for t in plan.tasks if t.copy_from is None),
+        with progress_bar(
+            sum(t.read_bytes for t in plan.tasks if t.copy_from is None),
+            "statistics",
+            enabled=progress,
             unit="B",
             unit_scale=True,
-            desc="statistics",
-            disable=not progress,
         ) as bar:
             stats = group_statistics(
                 plan,
@@ -258,7 +257,7 @@ def execute(
     write_stage = _Stage(write_loop, "fusemerge-writer")
     write_stage.start()
     total_bytes = sum(t.read_bytes + t.write_bytes for t in tasks)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="merging", disable=not progress)
+    bar = progress_bar(total_bytes, "merging", enabled=progress, unit="B", unit_scale=True)
     count = 0
     try:
         for loaded in iter_loaded(plan, tasks, prefetch_bytes, allow_nonfinite=allow_nonfinite):
