@@ -91,8 +91,8 @@ def _best(lines: Sequence[Line]) -> Line | None:
 
 def _worst(lines: Sequence[Line]) -> Line | None:
     worst = None
-    for line in lines:
-        if worst is None or rank_key(line) < rank_key(worst):
+    for line in lines:  # equal keys take the later line, so equal responses never pair with themselves
+        if worst is None or rank_key(line) <= rank_key(worst):
             worst = line
     return worst
 
@@ -214,7 +214,9 @@ def _score_identities(scores: dict[str, Path]) -> dict[str, Any]:
         if not state.get("complete"):
             raise FusemergeError("the scores are not complete: run the score step first", file=folder)
         identities[name] = state["identity"]
-    shapes = {(i["samples"]["prompts_hash"], i["samples"]["shard_size"]) for i in identities.values()}
+    shapes = {
+        (i["samples"]["prompts_hash"], i["samples"]["shard_size"], i["n_shards"]) for i in identities.values()
+    }
     if len(shapes) > 1:
         raise FusemergeError("the models were sampled from different prompts or shard sizes: sample again")
     return identities
