@@ -15,6 +15,7 @@ never silently mixed with the old shards. One writer per folder (`exclusive_lock
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -158,22 +159,36 @@ def generation_settings(spec: SamplingSpec, *, chat_template: str = "pivot") -> 
 
 
 def sample_identity(*, model: SampleModel, prompts: PromptSet, spec: SamplingSpec) -> dict[str, Any]:
-    """What a model's samples depend on; computed without loading the model (a skip costs nothing).
+    """What a model's samples depend on; computed without loading the weights (a skip costs a tokenizer load).
+
+    The tokenizer and the resolved chat template are hashed too: the model fingerprint covers the config
+    and weight files only, and a template given as a .jinja file can change under the same name.
 
     Args:
         model: the model that answers.
         prompts: the prompts.
         spec: the sampling section.
     """
-    from fusemerge.fuse.teacher import model_fingerprint, resolve_device, resolve_dtype
+    from fusemerge.fuse.data import resolve_chat_template
+    from fusemerge.fuse.teacher import (
+        load_teacher_tokenizer,
+        model_fingerprint,
+        resolve_device,
+        resolve_dtype,
+        tokenizer_hash,
+    )
 
     device = resolve_device(model.load.device)
+    tokenizer = load_teacher_tokenizer(model.model, trust_remote_code=model.load.trust_remote_code)
+    template = resolve_chat_template(model.chat_template, tokenizer)
     n = len(prompts.prompts)
     return {
         "kind": "samples",
         "format": FORMAT_VERSION,
         "model": model.model,
         "model_fingerprint": model_fingerprint(model.model),
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "chat_template_hash": hashlib.sha256(template.encode("utf-8")).hexdigest(),
         "backend": spec.backend,
         "generation": generation_settings(spec, chat_template=model.chat_template).as_dict(),
         "samples": spec.samples,

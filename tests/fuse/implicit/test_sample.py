@@ -172,3 +172,19 @@ def test_kill_9_during_sample_then_rerun_gives_the_uninterrupted_files(chat_mode
     assert report.shards_done == 8 - done
     assert not list(killed.glob("*.tmp-*"))
     assert folder_bytes(killed) == folder_bytes(clean)
+
+
+def test_a_changed_template_file_is_a_different_sample_set(chat_models, prompts_file, tmp_path):
+    from fusemerge.fuse.data import BUILTIN_TEMPLATES
+
+    template = tmp_path / "chat.jinja"
+    template.write_text(BUILTIN_TEMPLATES["chatml"], encoding="utf-8")
+    prompts = read_prompts(path=str(prompts_file), limit=2)
+    model = SampleModel(name="mistral", model=str(chat_models["mistral"]), chat_template=str(template))
+    folder = tmp_path / "mistral"
+    run_sample(model=model, prompts=prompts, spec=SPEC, folder=folder, **QUIET)
+    template.write_text(
+        BUILTIN_TEMPLATES["chatml"].replace("<|im_start|>", "<|im_start|> "), encoding="utf-8"
+    )
+    with pytest.raises(FusemergeError, match="chat_template_hash"):
+        run_sample(model=model, prompts=prompts, spec=SPEC, folder=folder, **QUIET)
