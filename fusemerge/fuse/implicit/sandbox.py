@@ -9,6 +9,8 @@ the network; any of these must fail *that* response and leave the scoring run go
   timeout, rounded up, plus one), file size (16 MiB), no core files;
 - in an empty temporary working directory (also its HOME), with a minimal environment; the code comes
   through stdin, stdout/stderr go to files outside that directory;
+- writing only inside that directory: the audit hook ends the process on a file opened for writing, or
+  a file created, removed, renamed or re-permissioned, anywhere else (bytecode caching is off);
 - without network: an audit hook (PEP 578) in the child ends the process on any non-Unix socket, connect,
   bind, sendto or name lookup, and on process spawning (which would escape the hook); and, where the
   kernel allows it, inside an empty network namespace (`unshare -n`, or `unshare -rn` unprivileged), which
@@ -36,33 +38,53 @@ from pathlib import Path
 FSIZE_BYTES = 16 * 2**20
 NETWORK_EXIT = 97
 SPAWN_EXIT = 98
+FILESYSTEM_EXIT = 99
+# BLAS pools reserve address space per thread: one thread each under a memory limit (kept by -I: not PYTHON*).
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 MARK = "fusemerge-sandbox:"
 
 # The child: limits first, then read the program, then the audit hook, then run it as __main__.
-BOOTSTRAP = f"""
+# A plain string (not an f-string) so that it reads as the Python it is; the constants come in argv.
+BOOTSTRAP = r"""
 import os, resource, sys
-mem = int(sys.argv[1]) * 2**20
-cpu = int(sys.argv[2])
-resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-resource.setrlimit(resource.RLIMIT_FSIZE, ({FSIZE_BYTES}, {FSIZE_BYTES}))
+mem_mb, cpu_s, fsize, mark, net_exit, spawn_exit, fs_exit = sys.argv[1:8]
+resource.setrlimit(resource.RLIMIT_AS, (int(mem_mb) * 2**20,) * 2)
+resource.setrlimit(resource.RLIMIT_CPU, (int(cpu_s), int(cpu_s) + 1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(fsize),) * 2)
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+sys.dont_write_bytecode = True  # imports must not write __pycache__ next to the library
 source = sys.stdin.read()
 sys.stdin = open(os.devnull)
-NET = {{"socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
-       "socket.gethostbyname", "socket.gethostbyaddr", "socket.getnameinfo"}}
-SPAWN = {{"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
-         "pty.spawn"}}
-def guard(event, args, _write=os.write, _exit=os._exit):
+HOME = os.path.realpath(os.getcwd())
+NET = {"socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
+       "socket.gethostbyname", "socket.gethostbyaddr", "socket.getnameinfo"}
+SPAWN = {"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
+         "pty.spawn"}
+CHANGE = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "shutil.rmtree", "os.chmod", "os.chown",
+          "os.truncate", "os.symlink", "os.link", "os.utime", "shutil.move", "shutil.copyfile"}
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+def inside(path, _real=os.path.realpath, _fs=os.fsdecode):
+    if isinstance(path, int):
+        return True  # an open descriptor: its path was checked when it was opened
+    real = _real(_fs(path))
+    return real == HOME or real.startswith(HOME + os.sep) or real == os.devnull
+def stop(code, what, _write=os.write, _exit=os._exit):
+    _write(2, ("\n" + mark + " " + what + "\n").encode())
+    _exit(int(code))
+def guard(event, args):
     if event in NET or (event == "socket.__new__" and len(args) > 1 and args[1] != 1):
-        _write(2, ("\\n{MARK} network attempt (" + event + ")\\n").encode())
-        _exit({NETWORK_EXIT})
+        stop(net_exit, "network attempt (" + event + ")")
     if event in SPAWN:
-        _write(2, ("\\n{MARK} process spawn (" + event + ")\\n").encode())
-        _exit({SPAWN_EXIT})
+        stop(spawn_exit, "process spawn (" + event + ")")
+    if event == "open" and args[0] is not None:
+        mode, flags = args[1] or "", args[2] or 0
+        if (any(c in mode for c in "wax+") or flags & WRITE_FLAGS) and not inside(args[0]):
+            stop(fs_exit, "filesystem write outside the sandbox (" + str(args[0])[:80] + ")")
+    if event in CHANGE and not all(inside(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
+        stop(fs_exit, "filesystem change outside the sandbox (" + event + ")")
 sys.addaudithook(guard)
 del guard
-exec(compile(source, "solution.py", "exec"), {{"__name__": "__main__"}})
+exec(compile(source, "solution.py", "exec"), {"__name__": "__main__"})
 """
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
@@ -131,10 +153,11 @@ def run_python_tests(code: str, tests: str, *, timeout_s: float, memory_mb: int)
             "PATH": os.defpath,
             "HOME": str(cwd),
             "LANG": "C.UTF-8",
-            "PYTHONHASHSEED": "0",
             "TMPDIR": str(cwd),
+            **ONE_THREAD,
         }
-        argv = [*network_isolation(), sys.executable, "-I", "-c", BOOTSTRAP, str(memory_mb), str(cpu)]
+        limits = [memory_mb, cpu, FSIZE_BYTES, MARK, NETWORK_EXIT, SPAWN_EXIT, FILESYSTEM_EXIT]
+        argv = [*network_isolation(), sys.executable, "-I", "-c", BOOTSTRAP, *map(str, limits)]
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             try:
                 proc = subprocess.Popen(

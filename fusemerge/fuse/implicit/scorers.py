@@ -115,17 +115,22 @@ class RewardModel:
         self.lm = lm.to(self.device).eval()
 
     def token_ids(self, prompt: Sequence[Message], response: str) -> list[int]:
-        """The chat (prompt + the response as the assistant's turn) in the reward model's own template."""
-        from fusemerge.fuse.data import BadRecord, ChatSequence, render_conversation
+        """The chat (prompt + the response as the assistant's turn) in the reward model's own template.
 
-        messages = [*prompt, {"role": "assistant", "content": response if response.strip() else " "}]
+        Rendered with `apply_chat_template` rather than `render_conversation`: a reward needs the text
+        only, and the assistant spans that `render_conversation` locates would make a response that a
+        template rewrites (a reasoning block it strips) a fatal error instead of a score.
+        """
+        from fusemerge.fuse.data import ChatSequence
+
+        messages = [*prompt, {"role": "assistant", "content": response}]
         try:
-            text, spans = render_conversation(messages, self.tokenizer, self.template)
-        except BadRecord as exc:
+            text = self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False)
+        except Exception as exc:  # jinja's own errors, and templates that call raise_exception
             raise FusemergeError(
-                f"the reward model's chat template: {exc}", key="scoring.reward_model"
-            ) from None
-        ids, _ = self.chat_tokenizer(ChatSequence(record=0, text=text, spans=spans))
+                f"the reward model's chat template refused a chat: {exc}", key="scoring.reward_model"
+            ) from exc
+        ids, _ = self.chat_tokenizer(ChatSequence(record=0, text=text, spans=()))
         return [int(i) for i in ids[: self.spec.max_length]]  # the head of a too-long chat
 
     def score(self, items: Sequence[ScoreItem]) -> list[float]:

@@ -57,6 +57,15 @@ BAD_CODE = {
         "process spawn",
     ),
     "exit": ("import sys\nsys.exit(3)", "failed: exit code 3"),
+    "write outside": (
+        "import os\nopen(os.path.join(os.sep, 'tmp', 'fusemerge-escape.txt'), 'w')\ndef add(a, b):\n    return a + b",
+        "filesystem write outside the sandbox",
+    ),
+    "delete outside": (
+        "import os\ntry:\n    os.remove('/tmp/fusemerge-no-such-file')\nexcept OSError:\n    pass\n"
+        "def add(a, b):\n    return a + b",
+        "filesystem change outside the sandbox (os.remove)",
+    ),
 }
 
 
@@ -84,10 +93,14 @@ def test_the_audit_hook_alone_stops_the_network(monkeypatch):
     assert not outcome.passed and outcome.detail.startswith(expected)
 
 
-def test_the_child_runs_isolated_in_an_empty_directory():
+def test_the_child_runs_isolated_in_an_empty_directory_it_may_write(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "secret")
     code = (
         "import os, sys\nassert os.listdir('.') == [], os.listdir('.')\nassert sys.flags.isolated == 1\n"
-        "assert 'OPENAI_API_KEY' not in os.environ\ndef add(a, b):\n    return a + b"
+        "assert 'OPENAI_API_KEY' not in os.environ\n"
+        "import tempfile, numpy\nwith open('scratch.txt', 'w') as f:\n    f.write('its own directory is writable')\n"
+        "with tempfile.NamedTemporaryFile('w') as f:\n    f.write('and so is its TMPDIR')\n"
+        "def add(a, b):\n    return a + b"
     )
     outcome = sandbox.run_python_tests(code, ADD_TESTS, timeout_s=5, memory_mb=512)
     assert outcome.passed, outcome.detail
