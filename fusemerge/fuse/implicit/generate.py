@@ -9,8 +9,8 @@ Reproducibility: the `transformers` backend draws every batch from its own seed 
 shard's seed and the batch's index), and the batches of a shard are always the same prompts in the same
 order, so regenerating a shard (a rerun, or a resume after kill -9) gives the same samples on the CPU.
 The generation config is built from our settings alone, not merged with the model's
-`generation_config.json` (which may carry a repetition penalty or top-k the manifest would not show);
-only its end-of-turn ids are taken from it.
+`generation_config.json` (which may carry a repetition penalty or top-k the manifest would not show):
+only its end-of-turn ids are taken from it, and it is replaced on the loaded model before generating.
 """
 
 from __future__ import annotations
@@ -113,6 +113,15 @@ class TransformersGenerator:
         self.eos = sorted(self._eos_ids())
         pad = self.tokenizer.pad_token_id
         self.pad = pad if pad is not None else self.eos[0] if self.eos else 0
+        # generate() fills what our config leaves unset from the model's own generation config (a top-k, a
+        # repetition penalty): replace that with one that holds only the special ids.
+        from transformers import GenerationConfig
+
+        self.lm.generation_config = GenerationConfig(
+            bos_token_id=getattr(self.lm.config, "bos_token_id", None),
+            eos_token_id=self.eos or None,
+            pad_token_id=self.pad,
+        )
         self.torch = torch
         self.name = Path(model.rstrip("/")).name or model
 

@@ -188,3 +188,26 @@ def test_a_changed_template_file_is_a_different_sample_set(chat_models, prompts_
     )
     with pytest.raises(FusemergeError, match="chat_template_hash"):
         run_sample(model=model, prompts=prompts, spec=SPEC, folder=folder, **QUIET)
+
+
+def test_the_models_own_generation_config_does_not_leak_into_sampling(chat_models, tmp_path):
+    """A top-k of 1 and a repetition penalty in generation_config.json would change the samples unseen."""
+    import shutil
+
+    from fusemerge.fuse.implicit.generate import GENERATION_BACKENDS, GenerationSettings, LoadSettings
+
+    opinionated = shutil.copytree(chat_models["qwen"], tmp_path / "opinionated")
+    config = {"top_k": 1, "repetition_penalty": 5.0, "eos_token_id": 5}
+    (opinionated / "generation_config.json").write_text(json.dumps(config), encoding="utf-8")
+    settings = GenerationSettings(max_new_tokens=6, temperature=1.0, top_p=1.0, batch_size=2)
+    prompts = [[{"role": "user", "content": "Hello"}], [{"role": "user", "content": "What is 3 + 4?"}]]
+    texts = {}
+    for name, folder in (("plain", chat_models["qwen"]), ("opinionated", opinionated)):
+        backend = GENERATION_BACKENDS.get("transformers").fn(
+            model=str(folder), settings=settings, load=LoadSettings(), progress=False
+        )
+        texts[name] = [[g.text for g in gens] for gens in backend.generate(prompts, [3, 3], seed=7)]
+        if name == "opinionated":
+            assert 5 in backend.describe()["eos_token_ids"]  # its end-of-turn ids are still honoured
+    assert texts["plain"] == texts["opinionated"]
+    assert len({t for gens in texts["plain"] for t in gens}) > 1  # sampled, not greedy
