@@ -64,7 +64,12 @@ class Generator(Protocol):
     """A loaded model that answers prompts; `describe()` goes into the manifest (dtype, device)."""
 
     def generate(
-        self, prompts: Sequence[Sequence[Message]], counts: Sequence[int], *, seed: int
+        self,
+        prompts: Sequence[Sequence[Message]],
+        counts: Sequence[int],
+        *,
+        seed: int,
+        on_batch: Callable[[list[Generation]], None] | None = None,
     ) -> list[list[Generation]]: ...
 
     def describe(self) -> dict[str, Any]: ...
@@ -170,7 +175,12 @@ class TransformersGenerator:
         )
 
     def generate(
-        self, prompts: Sequence[Sequence[Message]], counts: Sequence[int], *, seed: int
+        self,
+        prompts: Sequence[Sequence[Message]],
+        counts: Sequence[int],
+        *,
+        seed: int,
+        on_batch: Callable[[list[Generation]], None] | None = None,
     ) -> list[list[Generation]]:
         """Per prompt, `counts[i]` responses; batches of `batch_size` prompts, each drawn from its own seed.
 
@@ -178,6 +188,7 @@ class TransformersGenerator:
             prompts: the conversations to answer (each ends with a user turn).
             counts: responses per prompt.
             seed: the seed of this call (a shard's); batch b samples from `derive_seed(seed, b)`.
+            on_batch: called with each finished batch's generations (a progress bar's update).
         """
         torch = self.torch
         ids = [self.prompt_ids(m) for m in prompts]
@@ -204,8 +215,11 @@ class TransformersGenerator:
                     generation_config=config,
                 )
             new = result[:, width:].tolist()
-            for r, i in enumerate(rows):
-                out[i].append(self._decode(new[r]))
+            done = [self._decode(tokens) for tokens in new]
+            for i, generation in zip(rows, done, strict=True):
+                out[i].append(generation)
+            if on_batch is not None:
+                on_batch(done)
         return out
 
     def _decode(self, tokens: list[int]) -> Generation:

@@ -36,6 +36,7 @@ from fusemerge.checkpoint.layout import (
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.implicit.generate import (
     GENERATION_BACKENDS,
+    Generation,
     GenerationSettings,
     LoadSettings,
     derive_seed,
@@ -251,13 +252,20 @@ def run_sample(
         )
         start = time.perf_counter()
         with bar(total, f"sample {model.name}", enabled=progress, unit="sample") as pbar:
+
+            def advance(batch: list[Generation]) -> None:
+                report.tokens += sum(g.tokens for g in batch)
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                pbar.set_postfix_str(f"{report.tokens / elapsed:,.0f} tok/s", refresh=False)
+                pbar.update(len(batch))
+
             for j in pending:
                 shard = prompts.prompts[j * size : (j + 1) * size]
-                shard_counts = counts[j * size : (j + 1) * size]
                 answers = generator.generate(
                     [p.messages for p in shard],
-                    shard_counts,
+                    counts[j * size : (j + 1) * size],
                     seed=derive_seed(spec.seed, model.model, "shard", j),
+                    on_batch=advance,
                 )
                 lines = [
                     {
@@ -274,10 +282,6 @@ def run_sample(
                 write_jsonl(folder / shard_name(j), lines)
                 report.shards_done += 1
                 report.samples += len(lines)
-                report.tokens += sum(line["tokens"] for line in lines)
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                pbar.set_postfix_str(f"{report.tokens / elapsed:,.0f} tok/s", refresh=False)
-                pbar.update(len(lines))
         report.seconds = time.perf_counter() - start
         finish_state(folder, samples_per_s=round(report.samples_per_s, 3), generator=generator.describe())
     echo(
