@@ -121,7 +121,7 @@ def sft_example(lines: Sequence[Line]) -> Line | None:
     }
 
 
-def candidate_pair(lines: Sequence[Line], spec: PairsSpec) -> tuple[Line, Line] | str:
+def candidate_pair(lines: Sequence[Line], *, spec: PairsSpec) -> tuple[Line, Line] | str:
     """(chosen, rejected) from these lines under the rules, or the reason there is none.
 
     Args:
@@ -162,14 +162,14 @@ def preference_pair(
         found: list[tuple[Line, Line]] = []
         reasons: list[str] = []
         for name in sources:
-            pair = candidate_pair(by_model.get(name, []), spec)
+            pair = candidate_pair(by_model.get(name, []), spec=spec)
             (reasons if isinstance(pair, str) else found).append(pair)  # type: ignore[arg-type]
         if not found:
             return reasons[0] if reasons else "no source responses"
         best_chosen = _best([c for c, _ in found])
         chosen, rejected = next((c, r) for c, r in found if c is best_chosen)
     else:
-        pair = candidate_pair([line for name in sources for line in by_model.get(name, [])], spec)
+        pair = candidate_pair([line for name in sources for line in by_model.get(name, [])], spec=spec)
         if isinstance(pair, str):
             return pair
         chosen, rejected = pair

@@ -142,7 +142,7 @@ class SampleReport:
         return self.samples / self.seconds if self.seconds > 0 else 0.0
 
 
-def sample_counts(prompts: Sequence[PromptRecord], spec: SamplingSpec) -> list[int]:
+def sample_counts(prompts: Sequence[PromptRecord], *, spec: SamplingSpec) -> list[int]:
     """Responses per prompt: the domain's own count, else `samples`; one when greedy (the rest would repeat)."""
     if spec.temperature == 0:
         return [1] * len(prompts)
@@ -240,7 +240,7 @@ def run_sample(
             report.skipped = True
             echo(f"sample {model.name}: {n_shards} shards complete, skipped ({folder})")
             return report
-        counts = sample_counts(prompts.prompts, spec)
+        counts = sample_counts(prompts.prompts, spec=spec)
         size = spec.shard_size
         total = sum(sum(counts[j * size : (j + 1) * size]) for j in pending)
         echo(f"sample {model.name}: {len(pending)} of {n_shards} shards, {total} samples to generate")

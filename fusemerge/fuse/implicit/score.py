@@ -36,7 +36,7 @@ from fusemerge.fuse.implicit.spec import ScoringSpec
 from fusemerge.progress import bar
 
 
-def scorer_of(domain: str, spec: ScoringSpec) -> str:
+def scorer_of(domain: str, *, spec: ScoringSpec) -> str:
     """The scorer a domain's responses get."""
     return spec.domains.get(domain, spec.default)
 
@@ -113,7 +113,7 @@ def score_lines(
                 tests=record.tests,
             )
         )
-        groups[scorer_of(record.domain, spec)].append(i)
+        groups[scorer_of(record.domain, spec=spec)].append(i)
     results: list[ScoreResult | None] = [None] * len(lines)
     scorer_names: list[str] = [""] * len(lines)
     for name, indices in groups.items():

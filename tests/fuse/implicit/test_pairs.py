@@ -110,9 +110,9 @@ def test_a_pair_is_the_best_and_worst_of_one_source():
     # FuseChat-3.0's window, 0.01 < gap <= 0.1: only b's fits
     window = PairsSpec(min_reward_gap=0.01, max_reward_gap=0.1)
     assert preference_pair(group(lines), sources=["a", "b"], pivot=None, spec=window)["model"] == "b"
-    assert candidate_pair(group(lines)["a"], window) == "reward gap too large"
-    assert candidate_pair([line("a", 0, 0.5), line("a", 1, 0.5)], PairsSpec()) == "reward gap too small"
-    assert candidate_pair([line("a", 0, 0.5)], PairsSpec()) == "fewer than two responses"
+    assert candidate_pair(group(lines)["a"], spec=window) == "reward gap too large"
+    assert candidate_pair([line("a", 0, 0.5), line("a", 1, 0.5)], spec=PairsSpec()) == "reward gap too small"
+    assert candidate_pair([line("a", 0, 0.5)], spec=PairsSpec()) == "fewer than two responses"
 
 
 def test_without_same_source_the_pair_spans_the_sources():
@@ -134,15 +134,15 @@ def test_verified_pairs_need_a_correct_chosen_and_an_incorrect_rejected():
         line("a", 2, 0.0, passed=False, tie=0.60, domain="math"),
         line("a", 3, 0.0, passed=False, tie=0.20, domain="math"),
     ]
-    chosen, rejected = candidate_pair(lines, PairsSpec())
+    chosen, rejected = candidate_pair(lines, spec=PairsSpec())
     assert (chosen["sample_index"], rejected["sample_index"]) == (1, 3)
     # the reward gap is the reward model's (the tie-break), not the verdict's
-    assert candidate_pair(lines, PairsSpec(max_reward_gap=0.3)) == "reward gap too large"
+    assert candidate_pair(lines, spec=PairsSpec(max_reward_gap=0.3)) == "reward gap too large"
     everyone_right = [x for x in lines if x["passed"]]
-    assert candidate_pair(everyone_right, PairsSpec()) == "no correct and incorrect response"
+    assert candidate_pair(everyone_right, spec=PairsSpec()) == "no correct and incorrect response"
     # without a reward model there is no gap to check
     bare = [line("a", 0, 1.0, passed=True), line("a", 1, 0.0, passed=False)]
-    assert candidate_pair(bare, PairsSpec(min_reward_gap=0.5))[0]["sample_index"] == 0
+    assert candidate_pair(bare, spec=PairsSpec(min_reward_gap=0.5))[0]["sample_index"] == 0
 
 
 def test_wrpo_chosen_target_is_the_pivots_best_response():

@@ -75,8 +75,8 @@ def test_prompts_keep_the_turns_up_to_the_last_user_turn_and_drop_duplicates(tmp
 def test_sample_counts_follow_the_domain_and_greedy_takes_one(tmp_path):
     prompts = read_prompts(path=str(write_jsonl(tmp_path / "p.jsonl", math_prompts(3))))
     spec = SamplingSpec(samples=2, samples_per_domain={"math": 3})
-    assert sample_counts(prompts.prompts, spec) == [3, 3, 2]
-    assert sample_counts(prompts.prompts, spec.model_copy(update={"temperature": 0.0})) == [1, 1, 1]
+    assert sample_counts(prompts.prompts, spec=spec) == [3, 3, 2]
+    assert sample_counts(prompts.prompts, spec=spec.model_copy(update={"temperature": 0.0})) == [1, 1, 1]
 
 
 # -- sample ----------------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def test_sample_writes_every_response_with_its_own_template_and_skips_when_done(
     chat_models, prompts_file, tmp_path
 ):
     prompts = read_prompts(path=str(prompts_file))
-    expected = sum(sample_counts(prompts.prompts, SPEC))
+    expected = sum(sample_counts(prompts.prompts, spec=SPEC))
     for name, template in (("qwen", "pivot"), ("mistral", "chatml")):  # mistral's tokenizer has no template
         model = SampleModel(name=name, model=str(chat_models[name]), chat_template=template)
         folder = tmp_path / "samples" / name
@@ -102,7 +102,7 @@ def test_sample_writes_every_response_with_its_own_template_and_skips_when_done(
             assert isinstance(line["response"], str) and line["tokens"] <= SPEC.max_new_tokens
             by_prompt.setdefault(line["prompt_id"], []).append(line["sample_index"])
         assert [by_prompt[p.prompt_id] for p in prompts.prompts] == [
-            list(range(n)) for n in sample_counts(prompts.prompts, SPEC)
+            list(range(n)) for n in sample_counts(prompts.prompts, spec=SPEC)
         ]
         state = read_state(folder)
         assert state["complete"] and state["identity"]["generation"]["chat_template"] == template

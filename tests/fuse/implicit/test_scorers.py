@@ -204,7 +204,10 @@ def test_score_step_scores_every_sample_resumes_and_refuses_stale(chat_models, r
     scoring = ScoringSpec(
         domains={"math": "math_answer"}, reward_model=RewardModelSpec(model=str(reward_model_dir))
     )
-    assert scorer_of("math", scoring) == "math_answer" and scorer_of("general", scoring) == "reward_model"
+    assert (
+        scorer_of("math", spec=scoring) == "math_answer"
+        and scorer_of("general", spec=scoring) == "reward_model"
+    )
     assert tie_break_of(scoring) == "reward_model"
     folder = tmp_path / "scores" / "qwen"
     context = ScorerContext(scoring, progress=False)
