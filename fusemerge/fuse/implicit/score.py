@@ -48,6 +48,20 @@ def tie_break_of(spec: ScoringSpec) -> str | None:
     return "reward_model" if spec.reward_model is not None else None
 
 
+def check_scorers(spec: ScoringSpec) -> None:
+    """Every scorer the section names is registered: a typo fails before any model loads, naming its key.
+
+    Args:
+        spec: the recipe's `implicit.scoring` section.
+    """
+    named = [("implicit.scoring.default", spec.default)]
+    named += [(f"implicit.scoring.domains.{domain}", name) for domain, name in spec.domains.items()]
+    if spec.tie_break is not None:
+        named.append(("implicit.scoring.tie_break", spec.tie_break))
+    for key, name in named:
+        SCORERS.get(name, key=key)
+
+
 def score_identity(*, samples_identity: dict[str, Any], spec: ScoringSpec) -> dict[str, Any]:
     """What a model's scores depend on: its samples and the scoring settings (not the worker count).
 
@@ -175,6 +189,7 @@ def run_score(
         raise FusemergeError("the samples are not complete: run the sample step first", file=samples)
     if sample_state["identity"]["prompts_hash"] != prompts.fingerprint():
         raise FusemergeError("these samples were made from different prompts: sample again", file=samples)
+    check_scorers(spec)
     context = context or ScorerContext(spec, progress=progress)
     identity = score_identity(samples_identity=sample_state["identity"], spec=spec)
     n_shards = identity["n_shards"]
@@ -188,13 +203,12 @@ def run_score(
             report.skipped = True
             echo(f"score {name}: {n_shards} shards complete, skipped ({folder})")
             return report
-        shards = {j: read_jsonl(samples / shard_name(j)) for j in pending}
-        total = sum(len(lines) for lines in shards.values())
+        total = sum(_count_lines(samples / shard_name(j)) for j in pending)  # one shard in memory at a time
         echo(f"score {name}: {len(pending)} of {n_shards} shards, {total} samples to score")
         start = time.perf_counter()
         with bar(total, f"score {name}", enabled=progress, unit="sample") as pbar:
             for j in pending:
-                scored = score_lines(shards[j], prompts=prompts, context=context)
+                scored = score_lines(read_jsonl(samples / shard_name(j)), prompts=prompts, context=context)
                 write_jsonl(folder / shard_name(j), scored)
                 report.shards_done += 1
                 report.scored += len(scored)
@@ -203,3 +217,8 @@ def run_score(
         finish_state(folder, scored_per_s=round(report.scored_per_s, 3))
     echo(f"score {name}: {report.scored} samples in {report.seconds:.1f}s ({report.scored_per_s:.2f}/s)")
     return report
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as fh:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))

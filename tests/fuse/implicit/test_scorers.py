@@ -182,11 +182,15 @@ def test_reward_model_scores_the_chat_in_its_own_template_batched_as_alone(rewar
             assert lm(input_ids=ids).logits[0, 0].item() == pytest.approx(score, abs=1e-5)
 
 
-def test_unknown_scorer_names_the_choices():
+def test_unknown_scorer_names_its_key_and_the_choices():
+    from fusemerge.fuse.implicit.score import check_scorers
+
+    check_scorers(ScoringSpec(domains={"math": "math_answer", "code": "code_tests"}))
+    spec = ScoringSpec(domains={"math": "math_answer", "chess": "llm_judge"})
     with pytest.raises(
-        FusemergeError, match="unknown scorer 'llm_judge'.*code_tests, math_answer, reward_model"
+        FusemergeError, match="domains.chess'.*unknown scorer 'llm_judge'.*code_tests, math_answer"
     ):
-        SCORERS.get("llm_judge", key="implicit.scoring.default")
+        check_scorers(spec)
 
 
 # -- the score step ---------------------------------------------------------------------------------------------
