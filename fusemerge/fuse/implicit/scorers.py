@@ -186,7 +186,7 @@ def reward_model(items: Sequence[ScoreItem], *, context: ScorerContext) -> list[
 
 
 # -- math ------------------------------------------------------------------------------------------------------
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?|-?\.\d+")  # 1,000 is one number; "7, so" is 7
 
 
 def boxed_contents(text: str) -> str | None:

@@ -129,6 +129,8 @@ def test_missing_tests_are_a_user_error():
         ("The total is 1,000 apples.", "1000", True),
         ("First 3, then 4, so 7", "7", True),
         ("First 7, then 4", "7", False),
+        ("The answer is 7, I think.", "7", True),
+        ("We get 12,345.5 in total", "12345.5", True),
         ("\\boxed{x^{2}+1}", "x^{2} + 1", True),
         ("\\boxed{\\text{(B)}}", "(B)", True),
         ("It is $-3.50$.", "-3.5", True),
