@@ -77,8 +77,16 @@ class PairsSpec(_Frozen):
 
     sft_fraction: float = Field(0.4, ge=0.0, le=1.0)  # FuseChat-3.0 splits prompts about 4:6
     min_reward_gap: float = Field(0.0, ge=0.0)  # a pair needs chosen - rejected above this
+    # ... and at most this (FuseChat-3.0: reward gaps from 0.01 to 0.1 on ArmoRM's scale); None: no bound
+    max_reward_gap: float | None = Field(None, gt=0.0)
     same_source: bool = True  # chosen and rejected from the same source (FuseChat-3.0)
     seed: int = 42  # the SFT/preference split of the prompts
+
+    @model_validator(mode="after")
+    def _gap_range(self) -> PairsSpec:
+        if self.max_reward_gap is not None and self.max_reward_gap <= self.min_reward_gap:
+            raise ValueError("max_reward_gap must be above min_reward_gap")
+        return self
 
 
 class PreferenceSpec(_Frozen):
