@@ -34,7 +34,7 @@ class GenerationSettings:
     temperature: float = 0.8  # 0: greedy
     top_p: float = 0.95
     batch_size: int = 8  # prompts per generation batch (each with all its samples)
-    chat_template: str = "pivot"  # the model's own template ("pivot" in resolve_chat_template's terms)
+    chat_template: str = "pivot"  # the model's own template ("pivot" in resolve_render_template's terms)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,20 +92,16 @@ class TransformersGenerator:
     ) -> None:
         import torch
 
-        from fusemerge.fuse.data import ChatTokenizer, resolve_chat_template
-        from fusemerge.fuse.teacher import (
-            TeacherSettings,
-            load_teacher_model,
-            load_teacher_tokenizer,
-            resolve_device,
-            resolve_dtype,
-        )
+        from fusemerge.fuse.teacher import TeacherSettings, load_teacher_model
+        from fusemerge.lm.loading import load_tokenizer, resolve_device, resolve_dtype
+        from fusemerge.lm.templates import resolve_render_template
+        from fusemerge.lm.tokens import ChatTokenizer
 
         self.settings = settings
         self.device = resolve_device(load.device)
         self.dtype = resolve_dtype(load.dtype, self.device)
-        self.tokenizer = load_teacher_tokenizer(model, trust_remote_code=load.trust_remote_code)
-        self.template = resolve_chat_template(settings.chat_template, self.tokenizer)
+        self.tokenizer = load_tokenizer(model, trust_remote_code=load.trust_remote_code)
+        self.template = resolve_render_template(settings.chat_template, self.tokenizer)
         self.chat_tokenizer = ChatTokenizer(self.tokenizer)
         teacher = TeacherSettings(
             dtype=load.dtype,
@@ -151,7 +147,7 @@ class TransformersGenerator:
 
     def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
         """The prompt as this model's token ids: its own template, with the generation prompt."""
-        from fusemerge.fuse.data import ChatSequence
+        from fusemerge.lm.chat import ChatSequence
 
         text = self.tokenizer.apply_chat_template(
             list(messages), chat_template=self.template, add_generation_prompt=True, tokenize=False

@@ -81,14 +81,14 @@ def prompt_messages(record: Any, *, fmt: str = "auto") -> list[Message]:
     """The messages a model replies to: the record's turns up to its last user turn.
 
     The record is parsed by the same reader as explicit fusion's chat data
-    (`fusemerge.fuse.data.conversation_messages`), which insists on an assistant turn; a prompt has none
+    (`fusemerge.lm.chat.conversation_messages`), which insists on an assistant turn; a prompt has none
     yet, so the turns are given a placeholder reply that is removed again. Errors are `BadRecord`.
 
     Args:
         record: one JSON object of the prompts file.
         fmt: `auto`, `openai` or `sharegpt`, as `dataset.format`.
     """
-    from fusemerge.fuse.data import BadRecord, conversation_messages
+    from fusemerge.lm.chat import BadRecord, conversation_messages
 
     if not isinstance(record, dict):
         return conversation_messages(record, fmt)  # raises the reader's own error for a non-object
@@ -125,7 +125,7 @@ def parse_prompt(record: Any, *, number: int, fmt: str = "auto") -> PromptRecord
         number: its line (or row), kept for messages.
         fmt: `auto`, `openai` or `sharegpt`.
     """
-    from fusemerge.fuse.data import BadRecord
+    from fusemerge.lm.chat import BadRecord
 
     messages = prompt_messages(record, fmt=fmt)
     domain = record.get("domain", DEFAULT_DOMAIN)
@@ -169,14 +169,13 @@ def read_prompts(
         limit: keep only the first N prompts (`dataset.limit`).
         on_bad_record: `skip` (reported in `PromptSet.skipped`) or `error` (the first one raises).
     """
-    from fusemerge.fuse.data import BadRecord, read_records
-    from fusemerge.fuse.recipe import DatasetSpec
+    from fusemerge.lm.chat import BadRecord, read_records
 
     prompts: list[PromptRecord] = []
     seen: set[str] = set()
     skipped: list[FusemergeError] = []
     duplicates = 0
-    for number, record in read_records(DatasetSpec(path=path, split=split)):
+    for number, record in read_records(path, split):
         try:
             prompt = parse_prompt(record, number=number, fmt=fmt)
         except BadRecord as exc:

@@ -170,18 +170,13 @@ def sample_identity(*, model: SampleModel, prompts: PromptSet, spec: SamplingSpe
         prompts: the prompts.
         spec: the sampling section.
     """
-    from fusemerge.fuse.data import resolve_chat_template
-    from fusemerge.fuse.teacher import (
-        load_teacher_tokenizer,
-        model_fingerprint,
-        resolve_device,
-        resolve_dtype,
-        tokenizer_hash,
-    )
+    from fusemerge.fuse.teacher import model_fingerprint, tokenizer_hash
+    from fusemerge.lm.loading import load_tokenizer, resolve_device, resolve_dtype
+    from fusemerge.lm.templates import resolve_render_template
 
     device = resolve_device(model.load.device)
-    tokenizer = load_teacher_tokenizer(model.model, trust_remote_code=model.load.trust_remote_code)
-    template = resolve_chat_template(model.chat_template, tokenizer)
+    tokenizer = load_tokenizer(model.model, trust_remote_code=model.load.trust_remote_code)
+    template = resolve_render_template(model.chat_template, tokenizer)
     n = len(prompts.prompts)
     return {
         "kind": "samples",

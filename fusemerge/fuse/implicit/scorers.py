@@ -75,15 +75,16 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
 
-        from fusemerge.fuse.data import ChatTokenizer, resolve_chat_template
-        from fusemerge.fuse.teacher import load_teacher_tokenizer, resolve_device, resolve_dtype
+        from fusemerge.lm.loading import load_tokenizer, resolve_device, resolve_dtype
+        from fusemerge.lm.templates import resolve_render_template
+        from fusemerge.lm.tokens import ChatTokenizer
 
         self.spec = spec
         self.torch = torch
         self.device = resolve_device(spec.device)
         dtype = resolve_dtype(spec.dtype, self.device)
-        self.tokenizer = load_teacher_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
-        self.template = resolve_chat_template("pivot", self.tokenizer)  # the reward model's own template
+        self.tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
+        self.template = resolve_render_template("pivot", self.tokenizer)  # the reward model's own template
         self.chat_tokenizer = ChatTokenizer(self.tokenizer)
         bars = hf_logging.is_progress_bar_enabled()
         if not progress:
@@ -121,7 +122,7 @@ class RewardModel:
         only, and the assistant spans that `render_conversation` locates would make a response that a
         template rewrites (a reasoning block it strips) a fatal error instead of a score.
         """
-        from fusemerge.fuse.data import ChatSequence
+        from fusemerge.lm.chat import ChatSequence
 
         messages = [*prompt, {"role": "assistant", "content": response}]
         try:

@@ -175,7 +175,7 @@ def test_kill_9_during_sample_then_rerun_gives_the_uninterrupted_files(chat_mode
 
 
 def test_a_changed_template_file_is_a_different_sample_set(chat_models, prompts_file, tmp_path):
-    from fusemerge.fuse.data import BUILTIN_TEMPLATES
+    from fusemerge.lm.templates import BUILTIN_TEMPLATES
 
     template = tmp_path / "chat.jinja"
     template.write_text(BUILTIN_TEMPLATES["chatml"], encoding="utf-8")
