@@ -224,73 +224,49 @@ def preference_student(recipe: ImplicitRecipe, policy: str) -> Student:
     return Student(pivot=model, training=training.model_copy(update=updates))
 
 
-def run_preference(
-    *,
-    recipe: ImplicitRecipe,
-    pairs: Sequence[PreferencePair],
-    out: Path,
-    checkpoints: Path,
-    policy: str | Path | None = None,
-    data_names: Sequence[str] = (),
-    progress: bool = True,
-    echo: Callable[[str], Any] = print,
-    callbacks: Sequence[Any] = (),
-) -> Path:
-    """Train `policy` (the SFT target; the pivot when there is no SFT stage) on `pairs` and publish it at `out`.
-
-    Resumes from the newest complete checkpoint under `checkpoints`; skips when `out` is already this
-    target. Works under `accelerate launch` as explicit fusion's training does (the main process writes).
+def policy_tokenizer(recipe: ImplicitRecipe, policy: str) -> Any:
+    """The policy's tokenizer, carrying the chat template the recipe renders with (the pivot's own, a
+    built-in or a file): TRL's DPOTrainer renders the pairs with whatever template the tokenizer holds.
 
     Args:
-        recipe: the implicit recipe: pivot, sources, chat_template, training, implicit.preference.
-        pairs: the preference pairs (`read_preference_data`).
-        out: the target folder (written under a temporary name, renamed when complete).
-        checkpoints: where the Trainer checkpoints go (resumed from when present).
-        policy: the model to train, also the frozen reference; default: the pivot.
-        data_names: the data files, named in the model card.
-        progress: progress bars.
-        echo: where one-line status messages go.
-        callbacks: extra transformers TrainerCallbacks (loss curves for the demo, tests).
+        recipe: the implicit recipe (`chat_template`, `pivot.trust_remote_code`).
+        policy: the model folder or Hub id of the policy.
     """
-    from accelerate import PartialState
+    from fusemerge.fuse.data import resolve_chat_template
+    from fusemerge.fuse.teacher import load_teacher_tokenizer
+
+    tokenizer = load_teacher_tokenizer(policy, trust_remote_code=recipe.pivot.trust_remote_code)
+    tokenizer.chat_template = resolve_chat_template(recipe.chat_template, tokenizer)
+    return tokenizer
+
+
+def build_preference_trainer(
+    *,
+    recipe: ImplicitRecipe,
+    student: Student,
+    tokenizer: Any,
+    dataset: Any,
+    checkpoints: Path,
+    progress: bool = True,
+    callbacks: Sequence[Any] = (),
+) -> DPOTrainer:
+    """TRL's DPOTrainer for `dpo` / `ln_dpo`, `RegisteredLossTrainer` for the other losses; nothing trained yet.
+
+    Args:
+        recipe: the implicit recipe (`implicit.preference`: loss, beta, alpha, max_length).
+        student: the policy and its training settings (`preference_student`).
+        tokenizer: the policy's tokenizer, carrying the chat template to render the pairs with.
+        dataset: the pairs (`preference_dataset`).
+        checkpoints: the Trainer's output folder.
+        progress: the Trainer's progress bar.
+        callbacks: extra transformers TrainerCallbacks.
+    """
     from transformers import set_seed
     from trl import DPOConfig
 
-    from fusemerge.fuse.data import resolve_chat_template
-    from fusemerge.fuse.teacher import load_teacher_tokenizer
-    from fusemerge.fuse.train import _NOT_IDENTITY, _claim_checkpoints, _stamp_matches, has_cuda, load_student
+    from fusemerge.fuse.train import has_cuda, load_student
 
-    out, checkpoints = Path(out), Path(checkpoints)
     pref = recipe.implicit.preference
-    policy = str(policy or recipe.pivot.model)
-    student = preference_student(recipe, policy)
-    tokenizer = load_teacher_tokenizer(policy, trust_remote_code=recipe.pivot.trust_remote_code)
-    template = resolve_chat_template(recipe.chat_template, tokenizer)
-    tokenizer.chat_template = template
-    dataset, left_out, fingerprint = preference_dataset(pairs=pairs, loss=pref.loss)
-    identity = {
-        "stage": "preference",
-        "pivot": recipe.pivot.model,
-        "sources": [s.model for s in recipe.sources],
-        "policy": read_stamp(Path(policy)) or policy,
-        "chat_template": hashlib.sha256(template.encode("utf-8")).hexdigest(),
-        "data": fingerprint,
-        "preference": pref.model_dump(mode="json"),
-        "training": student.training.model_dump(mode="json", exclude=_NOT_IDENTITY),
-    }
-    if _stamp_matches(out, identity):
-        echo(f"preference {out.name}: target complete, skipped ({out})")
-        return out
-    if out.exists():
-        raise FusemergeError(
-            "folder exists and is not this preference target (fusemerge_target.json differs); delete it",
-            file=out,
-        )
-    state = PartialState()
-    if state.is_main_process:
-        _claim_checkpoints(checkpoints, identity)
-    state.wait_for_everyone()
-
     cuda = has_cuda()
     set_seed(student.training.seed)  # LoRA adapters are drawn now: a rerun must draw the same ones
     model = load_student(student, cuda=cuda)  # type: ignore[arg-type]
@@ -325,6 +301,80 @@ def run_preference(
             alpha=pref.alpha,
             alpha_schedule=pref.alpha_schedule,
         )
+    return trainer
+
+
+def run_preference(
+    *,
+    recipe: ImplicitRecipe,
+    pairs: Sequence[PreferencePair],
+    out: Path,
+    checkpoints: Path,
+    policy: str | Path | None = None,
+    data_names: Sequence[str] = (),
+    progress: bool = True,
+    echo: Callable[[str], Any] = print,
+    callbacks: Sequence[Any] = (),
+) -> Path:
+    """Train `policy` (the SFT target; the pivot when there is no SFT stage) on `pairs` and publish it at `out`.
+
+    Resumes from the newest complete checkpoint under `checkpoints`; skips when `out` is already this
+    target. Works under `accelerate launch` as explicit fusion's training does (the main process writes).
+
+    Args:
+        recipe: the implicit recipe: pivot, sources, chat_template, training, implicit.preference.
+        pairs: the preference pairs (`read_preference_data`).
+        out: the target folder (written under a temporary name, renamed when complete).
+        checkpoints: where the Trainer checkpoints go (resumed from when present).
+        policy: the model to train, also the frozen reference; default: the pivot.
+        data_names: the data files, named in the model card.
+        progress: progress bars.
+        echo: where one-line status messages go.
+        callbacks: extra transformers TrainerCallbacks (loss curves for the demo, tests).
+    """
+    from accelerate import PartialState
+
+    from fusemerge.fuse.train import _NOT_IDENTITY, _claim_checkpoints, _stamp_matches
+
+    out, checkpoints = Path(out), Path(checkpoints)
+    pref = recipe.implicit.preference
+    policy = str(policy or recipe.pivot.model)
+    student = preference_student(recipe, policy)
+    tokenizer = policy_tokenizer(recipe, policy)
+    template = tokenizer.chat_template
+    dataset, left_out, fingerprint = preference_dataset(pairs=pairs, loss=pref.loss)
+    identity = {
+        "stage": "preference",
+        "pivot": recipe.pivot.model,
+        "sources": [s.model for s in recipe.sources],
+        "policy": read_stamp(Path(policy)) or policy,
+        "chat_template": hashlib.sha256(template.encode("utf-8")).hexdigest(),
+        "data": fingerprint,
+        "preference": pref.model_dump(mode="json"),
+        "training": student.training.model_dump(mode="json", exclude=_NOT_IDENTITY),
+    }
+    if _stamp_matches(out, identity):
+        echo(f"preference {out.name}: target complete, skipped ({out})")
+        return out
+    if out.exists():
+        raise FusemergeError(
+            "folder exists and is not this preference target (fusemerge_target.json differs); delete it",
+            file=out,
+        )
+    state = PartialState()
+    if state.is_main_process:
+        _claim_checkpoints(checkpoints, identity)
+    state.wait_for_everyone()
+
+    trainer = build_preference_trainer(
+        recipe=recipe,
+        student=student,
+        tokenizer=tokenizer,
+        dataset=dataset,
+        checkpoints=checkpoints,
+        progress=progress,
+        callbacks=callbacks,
+    )
     last = last_complete_checkpoint(checkpoints)
     echo(
         f"preference {out.name}: {pref.loss} (beta {pref.beta}) on {trainer.args.device}, {len(trainer.train_dataset)} pairs"
