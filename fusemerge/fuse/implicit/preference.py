@@ -364,6 +364,7 @@ def run_preference(
     state = PartialState()
     if state.is_main_process:
         _claim_checkpoints(checkpoints, identity)
+        last_complete_checkpoint(checkpoints)  # deletes half-written ones, once, before any process reads
     state.wait_for_everyone()
 
     trainer = build_preference_trainer(

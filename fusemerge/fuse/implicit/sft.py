@@ -111,6 +111,52 @@ def sft_dataset(
     return Dataset.from_dict({"input_ids": ids_col, "assistant_masks": mask_col}), dropped, digest.hexdigest()
 
 
+def build_sft_trainer(
+    *,
+    recipe: ImplicitRecipe,
+    tokenizer: Any,
+    dataset: Any,
+    checkpoints: Path,
+    max_length: int,
+    progress: bool = True,
+    callbacks: Sequence[Any] = (),
+) -> Any:
+    """TRL's SFTTrainer over the tokenized conversations (`sft_dataset`); nothing trained yet.
+
+    Args:
+        recipe: the implicit recipe (pivot, training).
+        tokenizer: the pivot's tokenizer (TRL pads with it; it is saved with the target).
+        dataset: `input_ids` + `assistant_masks` rows; TRL turns the masks into labels.
+        checkpoints: the Trainer's output folder.
+        max_length: the token limit of a training sequence.
+        progress: the Trainer's progress bar.
+        callbacks: extra transformers TrainerCallbacks.
+    """
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from fusemerge.fuse.train import has_cuda, load_student
+
+    cuda = has_cuda()
+    student = Student(recipe.pivot, recipe.training)
+    set_seed(recipe.training.seed)  # LoRA adapters are drawn now: a rerun must draw the same ones
+    model = load_student(student, cuda=cuda)  # type: ignore[arg-type]
+    config = trl_config(
+        SFTConfig,
+        student=student,
+        checkpoints=checkpoints,
+        cuda=cuda,
+        progress=progress,
+        max_length=max_length,
+        packing=False,
+        assistant_only_loss=False,  # the labels come from our assistant_masks column
+    )
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks)
+    )
+    return trainer
+
+
 def run_sft(
     *,
     recipe: ImplicitRecipe,
@@ -140,12 +186,10 @@ def run_sft(
         callbacks: extra transformers TrainerCallbacks (loss curves for the demo, tests).
     """
     from accelerate import PartialState
-    from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
 
     from fusemerge.fuse.data import resolve_chat_template
     from fusemerge.fuse.teacher import load_teacher_tokenizer
-    from fusemerge.fuse.train import _claim_checkpoints, _stamp_matches, has_cuda, load_student
+    from fusemerge.fuse.train import _claim_checkpoints, _stamp_matches
 
     out, checkpoints = Path(out), Path(checkpoints)
     pivot = recipe.pivot
@@ -165,25 +209,18 @@ def run_sft(
     state = PartialState()
     if state.is_main_process:
         _claim_checkpoints(checkpoints, identity)
+        last_complete_checkpoint(checkpoints)  # deletes half-written ones, once, before any process reads
     state.wait_for_everyone()
 
-    cuda = has_cuda()
-    student = Student(pivot, recipe.training)
-    set_seed(recipe.training.seed)  # LoRA adapters are drawn now: a rerun must draw the same ones
-    model = load_student(student, cuda=cuda)  # type: ignore[arg-type]
     tokenizer.chat_template = template  # the target chats in the template it was trained with
-    config = trl_config(
-        SFTConfig,
-        student=student,
+    trainer = build_sft_trainer(
+        recipe=recipe,
+        tokenizer=tokenizer,
+        dataset=dataset,
         checkpoints=checkpoints,
-        cuda=cuda,
-        progress=progress,
         max_length=max_length,
-        packing=False,
-        assistant_only_loss=False,  # the labels come from our assistant_masks column
-    )
-    trainer = SFTTrainer(
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks)
+        progress=progress,
+        callbacks=callbacks,
     )
     last = last_complete_checkpoint(checkpoints)
     echo(

@@ -23,7 +23,7 @@ from fusemerge.errors import FusemergeError
 from fusemerge.fuse.data import BUILTIN_TEMPLATES
 from fusemerge.fuse.implicit.datasets import SftRecord, read_preference_data, read_sft_data
 from fusemerge.fuse.implicit.preference import run_preference
-from fusemerge.fuse.implicit.sft import run_sft, sft_dataset
+from fusemerge.fuse.implicit.sft import build_sft_trainer, run_sft, sft_dataset
 from fusemerge.fuse.implicit.spec import DataFileSpec
 from fusemerge.fuse.implicit.target import last_complete_checkpoint
 
@@ -138,6 +138,26 @@ def test_sft_learns_only_the_assistant_turns_in_the_pivots_own_template(qwen_tok
     # cut before the answer: nothing to learn, the conversation is left out (never an all-masked row)
     with pytest.raises(FusemergeError, match="no SFT record has an assistant turn within 5 tokens"):
         sft_dataset(records=records, tokenizer=qwen_tokenizer, template=template, max_length=5)
+
+
+def test_sft_trainer_labels_are_the_assistant_tokens(tiny_models, gpt2_tokenizer, tmp_path):
+    """TRL builds the labels from our `assistant_masks` column: -100 exactly where the mask is 0."""
+    recipe = make_recipe(str(tiny_models["gpt2"]))
+    records = [SftRecord(i + 1, r["messages"]) for i, r in enumerate(sft_rows(3))]
+    template = BUILTIN_TEMPLATES["chatml"]
+    dataset, _, _ = sft_dataset(records=records, tokenizer=gpt2_tokenizer, template=template, max_length=36)
+    trainer = build_sft_trainer(
+        recipe=recipe,
+        tokenizer=gpt2_tokenizer,
+        dataset=dataset,
+        checkpoints=tmp_path,
+        max_length=36,
+        progress=False,
+    )
+    for mine, theirs in zip(dataset, trainer.train_dataset, strict=True):
+        assert theirs["input_ids"] == mine["input_ids"][:36]
+        expected = [t if m else -100 for t, m in zip(mine["input_ids"], mine["assistant_masks"], strict=True)]
+        assert theirs["labels"] == expected[:36] and any(x != -100 for x in theirs["labels"])
 
 
 def test_preference_target_loads_and_its_loss_decreases(trained):
