@@ -62,7 +62,11 @@ class PreferencePair:
         return not isinstance(self.prompt, str)
 
     def as_row(self, *, with_target: bool = False) -> dict[str, Any]:
-        """The pair as TRL's DPOTrainer reads it (plus `chosen_target` for WRPO)."""
+        """The pair as TRL's DPOTrainer reads it.
+
+        Args:
+            with_target: add `chosen_target` (WRPO).
+        """
         row: dict[str, Any] = {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
         if with_target:
             row["chosen_target"] = self.chosen_target
@@ -102,7 +106,7 @@ def read_preference_data(
     pairs: list[PreferencePair] = []
     for line, record in _rows(spec, key):
         try:
-            pair = preference_pair(record, line=line)
+            pair = preference_pair(record=record, line=line)
         except BadRecord as exc:
             raise FusemergeError(str(exc), file=spec.path, line=line, key=key) from None
         if pairs and pair.conversational != pairs[0].conversational:
@@ -121,7 +125,7 @@ def read_preference_data(
     return pairs
 
 
-def preference_pair(record: Any, *, line: int = 0) -> PreferencePair:
+def preference_pair(*, record: Any, line: int = 0) -> PreferencePair:
     """One record as a normalised PreferencePair; BadRecord (naming the record key) if it cannot be one.
 
     Args:

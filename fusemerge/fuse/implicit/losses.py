@@ -57,7 +57,13 @@ TARGET_LOSSES = frozenset({"wrpo"})
 
 @PREFERENCE_LOSSES.register("dpo", pretty_name="DPO", reference_url="https://arxiv.org/abs/2305.18290")
 def dpo_loss(logps: PreferenceLogps, *, beta: float, alpha: float = 1.0) -> Tensor:
-    """Direct Preference Optimization: the margin of summed log-ratios (alpha is unused)."""
+    """Direct Preference Optimization: the margin of summed log-ratios (alpha is unused).
+
+    Args:
+        logps: the per-pair log-probabilities and lengths.
+        beta: the strength of the implicit KL constraint (`implicit.preference.beta`).
+        alpha: WRPO's fusion coefficient at this step (`fusion_alpha`); ignored by the other losses.
+    """
     import torch.nn.functional as F
 
     margin = (logps.chosen - logps.ref_chosen) - (logps.rejected - logps.ref_rejected)
@@ -68,7 +74,13 @@ def dpo_loss(logps: PreferenceLogps, *, beta: float, alpha: float = 1.0) -> Tens
     "ln_dpo", pretty_name="length-normalised DPO", reference_url="https://arxiv.org/abs/2503.04222"
 )
 def ln_dpo_loss(logps: PreferenceLogps, *, beta: float, alpha: float = 1.0) -> Tensor:
-    """DPO on per-token log-ratios, so that long responses do not win by length (alpha is unused)."""
+    """DPO on per-token log-ratios, so that long responses do not win by length (alpha is unused).
+
+    Args:
+        logps: the per-pair log-probabilities and lengths.
+        beta: the strength of the implicit KL constraint (`implicit.preference.beta`).
+        alpha: WRPO's fusion coefficient at this step (`fusion_alpha`); ignored by the other losses.
+    """
     import torch.nn.functional as F
 
     chosen = (logps.chosen - logps.ref_chosen) / logps.chosen_tokens.clamp(min=1)
@@ -78,7 +90,13 @@ def ln_dpo_loss(logps: PreferenceLogps, *, beta: float, alpha: float = 1.0) -> T
 
 @PREFERENCE_LOSSES.register("wrpo", pretty_name="WRPO", reference_url="https://arxiv.org/abs/2412.03187")
 def wrpo_loss(logps: PreferenceLogps, *, beta: float, alpha: float) -> Tensor:
-    """WRPO: the chosen reward is `alpha` source-chosen + `1 - alpha` target-chosen, against the rejected."""
+    """WRPO: the chosen reward is `alpha` source-chosen + `1 - alpha` target-chosen, against the rejected.
+
+    Args:
+        logps: the per-pair log-probabilities and lengths.
+        beta: the strength of the implicit KL constraint (`implicit.preference.beta`).
+        alpha: WRPO's fusion coefficient at this step (`fusion_alpha`); ignored by the other losses.
+    """
     import torch.nn.functional as F
 
     if logps.target is None or logps.ref_target is None:

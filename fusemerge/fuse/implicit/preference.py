@@ -208,9 +208,14 @@ def preference_dataset(*, pairs: Sequence[PreferencePair], loss: str) -> tuple[A
     return Dataset.from_list(rows), len(pairs) - len(rows), digest
 
 
-def preference_student(recipe: ImplicitRecipe, policy: str) -> Student:
+def preference_student(*, recipe: ImplicitRecipe, policy: str) -> Student:
     """The model the preference stage trains (the SFT target) and its settings: `implicit.preference` over
-    `training` (mode, precision, LoRA shape, seed, checkpointing stay as `training` says)."""
+    `training` (mode, precision, LoRA shape, seed, checkpointing stay as `training` says).
+
+    Args:
+        recipe: the implicit recipe (`training`, `implicit.preference`, `pivot.trust_remote_code`).
+        policy: the model folder or Hub id of the policy.
+    """
     pref, training = recipe.implicit.preference, recipe.training
     updates = {
         "learning_rate": pref.learning_rate,
@@ -224,7 +229,7 @@ def preference_student(recipe: ImplicitRecipe, policy: str) -> Student:
     return Student(pivot=model, training=training.model_copy(update=updates))
 
 
-def policy_tokenizer(recipe: ImplicitRecipe, policy: str) -> Any:
+def policy_tokenizer(*, recipe: ImplicitRecipe, policy: str) -> Any:
     """The policy's tokenizer, carrying the chat template the recipe renders with (the pivot's own, a
     built-in or a file): TRL's DPOTrainer renders the pairs with whatever template the tokenizer holds.
 
@@ -271,7 +276,7 @@ def build_preference_trainer(
     set_seed(student.training.seed)  # LoRA adapters are drawn now: a rerun must draw the same ones
     model = load_student(student, cuda=cuda)  # type: ignore[arg-type]
     config = trl_config(
-        DPOConfig,
+        config_cls=DPOConfig,
         student=student,
         checkpoints=checkpoints,
         cuda=cuda,
@@ -339,15 +344,15 @@ def run_preference(
     out, checkpoints = Path(out), Path(checkpoints)
     pref = recipe.implicit.preference
     policy = str(policy or recipe.pivot.model)
-    student = preference_student(recipe, policy)
-    tokenizer = policy_tokenizer(recipe, policy)
+    student = preference_student(recipe=recipe, policy=policy)
+    tokenizer = policy_tokenizer(recipe=recipe, policy=policy)
     template = tokenizer.chat_template
     dataset, left_out, fingerprint = preference_dataset(pairs=pairs, loss=pref.loss)
     identity = {
         "stage": "preference",
         "pivot": recipe.pivot.model,
         "sources": [s.model for s in recipe.sources],
-        "policy": read_stamp(Path(policy)) or policy,
+        "policy": read_stamp(folder=Path(policy)) or policy,
         "chat_template": hashlib.sha256(template.encode("utf-8")).hexdigest(),
         "data": fingerprint,
         "preference": pref.model_dump(mode="json"),
@@ -364,7 +369,9 @@ def run_preference(
     state = PartialState()
     if state.is_main_process:
         _claim_checkpoints(checkpoints, identity)
-        last_complete_checkpoint(checkpoints)  # deletes half-written ones, once, before any process reads
+        last_complete_checkpoint(
+            checkpoints=checkpoints
+        )  # deletes half-written ones, once, before any process reads
     state.wait_for_everyone()
 
     trainer = build_preference_trainer(
@@ -376,7 +383,7 @@ def run_preference(
         progress=progress,
         callbacks=callbacks,
     )
-    last = last_complete_checkpoint(checkpoints)
+    last = last_complete_checkpoint(checkpoints=checkpoints)
     echo(
         f"preference {out.name}: {pref.loss} (beta {pref.beta}) on {trainer.args.device}, {len(trainer.train_dataset)} pairs"
         + (f" ({left_out} without chosen_target left out)" if left_out else "")
@@ -403,7 +410,7 @@ def run_preference(
             base=student.pivot,
             mode=recipe.training.mode,
             tokenizer=tokenizer,
-            dtype=model_dtype(recipe.pivot.model, trust_remote_code=recipe.pivot.trust_remote_code),
+            dtype=model_dtype(model=recipe.pivot.model, trust_remote_code=recipe.pivot.trust_remote_code),
             card=card,
             recipe_text=recipe.raw_yaml,
             identity=identity,

@@ -40,7 +40,7 @@ from fusemerge.fuse.implicit.target import (
 from fusemerge.progress import bar
 
 
-def sft_identity(recipe: ImplicitRecipe, *, template: str, max_length: int, data: str) -> dict[str, Any]:
+def sft_identity(*, recipe: ImplicitRecipe, template: str, max_length: int, data: str) -> dict[str, Any]:
     """What an SFT target depends on: a folder or checkpoint made for anything else is refused, never reused.
 
     Args:
@@ -142,7 +142,7 @@ def build_sft_trainer(
     set_seed(recipe.training.seed)  # LoRA adapters are drawn now: a rerun must draw the same ones
     model = load_student(student, cuda=cuda)  # type: ignore[arg-type]
     config = trl_config(
-        SFTConfig,
+        config_cls=SFTConfig,
         student=student,
         checkpoints=checkpoints,
         cuda=cuda,
@@ -198,7 +198,7 @@ def run_sft(
     dataset, dropped, fingerprint = sft_dataset(
         records=records, tokenizer=tokenizer, template=template, max_length=max_length, progress=progress
     )
-    identity = sft_identity(recipe, template=template, max_length=max_length, data=fingerprint)
+    identity = sft_identity(recipe=recipe, template=template, max_length=max_length, data=fingerprint)
     if _stamp_matches(out, identity):
         echo(f"sft {out.name}: target complete, skipped ({out})")
         return out
@@ -209,7 +209,9 @@ def run_sft(
     state = PartialState()
     if state.is_main_process:
         _claim_checkpoints(checkpoints, identity)
-        last_complete_checkpoint(checkpoints)  # deletes half-written ones, once, before any process reads
+        last_complete_checkpoint(
+            checkpoints=checkpoints
+        )  # deletes half-written ones, once, before any process reads
     state.wait_for_everyone()
 
     tokenizer.chat_template = template  # the target chats in the template it was trained with
@@ -222,7 +224,7 @@ def run_sft(
         progress=progress,
         callbacks=callbacks,
     )
-    last = last_complete_checkpoint(checkpoints)
+    last = last_complete_checkpoint(checkpoints=checkpoints)
     echo(
         f"sft {out.name}: {recipe.training.mode} on {trainer.args.device}, {len(dataset)} conversations"
         + (f" ({dropped} without an assistant turn within {max_length} tokens left out)" if dropped else "")
@@ -246,7 +248,7 @@ def run_sft(
             base=pivot,
             mode=recipe.training.mode,
             tokenizer=tokenizer,
-            dtype=model_dtype(pivot.model, trust_remote_code=pivot.trust_remote_code),
+            dtype=model_dtype(model=pivot.model, trust_remote_code=pivot.trust_remote_code),
             card=card,
             recipe_text=recipe.raw_yaml,
             identity=identity,

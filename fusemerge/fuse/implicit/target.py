@@ -60,7 +60,7 @@ class Student:
 
 
 def trl_config(
-    config_cls: type, *, student: Student, checkpoints: Path, cuda: bool, progress: bool, **extra: Any
+    *, config_cls: type, student: Student, checkpoints: Path, cuda: bool, progress: bool, **extra: Any
 ) -> Any:
     """TRL's config (SFTConfig, DPOConfig) with every TrainingArguments field as explicit fusion sets it.
 
@@ -79,11 +79,14 @@ def trl_config(
     return config_cls(**(fields | extra))
 
 
-def last_complete_checkpoint(checkpoints: Path) -> str | None:
+def last_complete_checkpoint(*, checkpoints: Path) -> str | None:
     """The newest checkpoint that was written to the end; newer, half-written ones are deleted.
 
     transformers writes `checkpoint-N/` in place, the trainer state last; a kill -9 while it writes leaves a
     folder that `get_last_checkpoint` would pick and fail to resume from.
+
+    Args:
+        checkpoints: the Trainer's output folder (absent: nothing to resume).
     """
     if not checkpoints.is_dir():
         return None
@@ -97,8 +100,12 @@ def last_complete_checkpoint(checkpoints: Path) -> str | None:
     return None
 
 
-def read_stamp(folder: Path) -> dict[str, Any] | None:
-    """The `fusemerge_target.json` of a target folder, or None when it has none (or it is unreadable)."""
+def read_stamp(*, folder: Path) -> dict[str, Any] | None:
+    """The `fusemerge_target.json` of a target folder, or None when it has none (or it is unreadable).
+
+    Args:
+        folder: the target folder.
+    """
     try:
         return json.loads((folder / TARGET_STAMP).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -212,8 +219,13 @@ def save_target(
     return out
 
 
-def model_dtype(model: str, *, trust_remote_code: bool = False) -> Any:
-    """The dtype a model's config declares (float32 when it declares none): targets keep the pivot's."""
+def model_dtype(*, model: str, trust_remote_code: bool = False) -> Any:
+    """The dtype a model's config declares (float32 when it declares none): targets keep the pivot's.
+
+    Args:
+        model: a model folder or Hub id (only its config is read).
+        trust_remote_code: for configs that ship code.
+    """
     import torch
     from transformers import AutoConfig
 

@@ -114,7 +114,7 @@ def test_registry_covers_exactly_the_recipe_losses():
 def test_wrpo_leaves_out_pairs_without_a_target_and_refuses_none():
     rows = preference_rows(3)
     rows[1] = {k: v for k, v in rows[1].items() if k != "chosen_target"}
-    pairs = [preference_pair(r, line=i + 1) for i, r in enumerate(rows)]
+    pairs = [preference_pair(record=r, line=i + 1) for i, r in enumerate(rows)]
     dataset, left_out, _ = preference_dataset(pairs=pairs, loss="wrpo")
     assert (len(dataset), left_out) == (2, 1)
     dataset, left_out, _ = preference_dataset(pairs=pairs, loss="dpo")
@@ -135,18 +135,34 @@ def summed_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return (per_token * mask).sum(dim=1), mask.sum(dim=1)
 
 
+def plain_text(row: dict) -> dict:
+    """The same pair in TRL's standard format: text the user rendered, no chat template."""
+    return {
+        k: f"Q: {v[0]['content']}\nA:" if k == "prompt" else " " + v[0]["content"] for k, v in row.items()
+    }
+
+
 @pytest.mark.parametrize(
-    ("loss", "mode"), [("dpo", "full"), ("ln_dpo", "full"), ("wrpo", "full"), ("wrpo", "lora")]
+    ("loss", "mode", "shape"),
+    [
+        ("dpo", "full", "chat"),
+        ("ln_dpo", "full", "chat"),
+        ("wrpo", "full", "chat"),
+        ("wrpo", "lora", "chat"),
+        ("ln_dpo", "full", "text"),
+    ],
 )
-def test_trainer_loss_equals_the_registered_function(tmp_path, tiny_models, loss, mode):
+def test_trainer_loss_equals_the_registered_function(tmp_path, tiny_models, loss, mode, shape):
     policy = str(tiny_models["gpt2"])
     recipe = make_recipe(policy, mode=mode, loss=loss, beta=0.7, alpha=0.8)
-    pairs = [preference_pair(r, line=i + 1) for i, r in enumerate(preference_rows(4))]
+    rows = [plain_text(r) if shape == "text" else r for r in preference_rows(4)]
+    pairs = [preference_pair(record=r, line=i + 1) for i, r in enumerate(rows)]
+    assert all(p.conversational == (shape == "chat") for p in pairs)
     dataset, _, _ = preference_dataset(pairs=pairs, loss=loss)
     trainer = build_preference_trainer(
         recipe=recipe,
-        student=preference_student(recipe, policy),
-        tokenizer=policy_tokenizer(recipe, policy),
+        student=preference_student(recipe=recipe, policy=policy),
+        tokenizer=policy_tokenizer(recipe=recipe, policy=policy),
         dataset=dataset,
         checkpoints=tmp_path / "ck",
         progress=False,

@@ -229,9 +229,9 @@ def test_half_written_checkpoints_are_never_resumed_from(tmp_path):
         if complete:
             (folder / "trainer_state.json").write_text("{}")
     (tmp_path / "final").mkdir()
-    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert last_complete_checkpoint(checkpoints=tmp_path) == str(tmp_path / "checkpoint-2")
     assert not (tmp_path / "checkpoint-3").exists()
-    assert last_complete_checkpoint(tmp_path / "none") is None
+    assert last_complete_checkpoint(checkpoints=tmp_path / "none") is None
 
 
 def worker(args: dict) -> subprocess.Popen:
