@@ -16,7 +16,7 @@ per pair. With the log-ratio of a response `r(y) = log pi(y|x) - log pi_ref(y|x)
 
 `dpo` and `ln_dpo` train with TRL's own loss (`TRL_LOSS_TYPES`: `sigmoid`, `sigmoid_norm`; the tests check
 that it equals the function here); every other registered loss runs through the trainer's loss hook
-(`fusemerge.fuse.implicit.preference.RegisteredLossTrainer`), so a new loss is one function here.
+(`fusemerge.fuse.implicit.loss_trainer.RegisteredLossTrainer`), so a new loss is one function here.
 """
 
 from __future__ import annotations
