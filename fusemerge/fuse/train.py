@@ -41,7 +41,7 @@ from fusemerge.lm.loading import FourBit, four_bit_config, load_causal_lm, load_
 from fusemerge.lm.padding import pad_token_id
 
 # settings that change how a run is observed, not what it computes: free to change on a resume
-_NOT_IDENTITY = {"save_steps", "logging_steps", "dataloader_workers"}
+NOT_IDENTITY = {"save_steps", "logging_steps", "dataloader_workers"}
 
 
 # ---------------------------------------------------------------- devices and models
@@ -112,7 +112,7 @@ def target_identity(recipe: FuseRecipe, sources: list[str], stores: list[TopKSto
         "sources": sources,
         "stores": [s.identity for s in stores],
         "fusion": recipe.fusion.model_dump(mode="json", by_alias=True),
-        "training": recipe.training.model_dump(mode="json", exclude=_NOT_IDENTITY),
+        "training": recipe.training.model_dump(mode="json", exclude=NOT_IDENTITY),
     }
 
 
@@ -145,7 +145,7 @@ def train_target(
     out, checkpoints = Path(out), Path(checkpoints)
     stores = {"pivot": _open(pivot_store)} | {k: _open(v) for k, v in aligned.items()}
     identity = target_identity(recipe, list(aligned), list(stores.values()))
-    if _stamp_matches(out, identity):
+    if stamp_matches(out, identity):
         echo(f"train {out.name}: target complete, skipped ({out})")
         return out
     if out.exists():
@@ -154,7 +154,7 @@ def train_target(
         )
     state = PartialState()
     if state.is_main_process:
-        _claim_checkpoints(checkpoints, identity)
+        claim_checkpoints(checkpoints, identity)
     state.wait_for_everyone()
 
     trainer = build_trainer(recipe, data, stores, checkpoints=checkpoints, progress=progress)
@@ -271,7 +271,7 @@ def _open(store: str | Path | TopKStore) -> TopKStore:
     return store if isinstance(store, TopKStore) else TopKStore.open(store)
 
 
-def _stamp_matches(folder: Path, identity: dict[str, Any], name: str = TARGET_STAMP) -> bool:
+def stamp_matches(folder: Path, identity: dict[str, Any], name: str = TARGET_STAMP) -> bool:
     stamp = folder / name
     if not stamp.is_file():
         return False
@@ -281,12 +281,12 @@ def _stamp_matches(folder: Path, identity: dict[str, Any], name: str = TARGET_ST
         return False
 
 
-def _claim_checkpoints(checkpoints: Path, identity: dict[str, Any]) -> None:
+def claim_checkpoints(checkpoints: Path, identity: dict[str, Any]) -> None:
     """Checkpoints resume only the run they were made for; others are an error, not a silent restart."""
     if (
         checkpoints.is_dir()
         and any(checkpoints.iterdir())
-        and not _stamp_matches(checkpoints, identity, TRAIN_STAMP)
+        and not stamp_matches(checkpoints, identity, TRAIN_STAMP)
     ):
         raise FusemergeError(
             "training checkpoints here were made for other settings or stores; delete the folder to restart",

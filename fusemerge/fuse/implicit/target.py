@@ -1,0 +1,235 @@
+"""What `sft` and `preference` share: the student they train, TRL's config from the recipe, checkpoints
+that resume only when complete, and the target folder they publish.
+
+The student and its TrainingArguments come from explicit fusion (`fusemerge.fuse.train.load_student`,
+`training_arguments`), so LoRA/QLoRA/full, precision, seeds, activation checkpointing and `accelerate
+launch` behave exactly as they do there; TRL's SFTConfig and DPOConfig are TrainingArguments plus their
+own fields, so the same arguments are carried over field by field and only the TRL fields are added.
+
+A target folder appears under its final name only when complete (`staged_folder`), with the tokenizer
+(carrying the chat template the model was trained with), a model card, the recipe and the
+`fusemerge_target.json` stamp that says what it was trained from; a rerun with the same inputs skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from fusemerge.card import hub_ids
+from fusemerge.checkpoint.layout import RECIPE_NAME, TARGET_STAMP, remove_path, staged_folder
+from fusemerge.fuse.implicit.spec import ImplicitSpec
+from fusemerge.fuse.recipe import ModelSpec, TrainingSpec
+
+TRAINER_STATE = "trainer_state.json"  # transformers writes it last into a checkpoint folder
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class ImplicitRecipe(Protocol):
+    """The parts of a fuse recipe with `fusion: {kind: implicit}` that the training half reads."""
+
+    @property
+    def pivot(self) -> ModelSpec: ...
+    @property
+    def sources(self) -> list[ModelSpec]: ...
+    @property
+    def training(self) -> TrainingSpec: ...
+    @property
+    def implicit(self) -> ImplicitSpec: ...
+    @property
+    def chat_template(self) -> str: ...
+    @property
+    def raw_yaml(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Student:
+    """What `load_student` and `training_arguments` read of a recipe: the model to train and how.
+
+    For `sft` it is the recipe's pivot and `training`; for `preference` the SFT target and the
+    `implicit.preference` settings over `training`.
+    """
+
+    pivot: ModelSpec
+    training: TrainingSpec
+
+
+def trl_config(
+    *, config_cls: type, student: Student, checkpoints: Path, cuda: bool, progress: bool, **extra: Any
+) -> Any:
+    """TRL's config (SFTConfig, DPOConfig) with every TrainingArguments field as explicit fusion sets it.
+
+    Args:
+        config_cls: `trl.SFTConfig` or `trl.DPOConfig`.
+        student: the model to train and its training settings.
+        checkpoints: the Trainer's output folder (checkpoints, resumed from).
+        cuda: whether training runs on a GPU (precision flags, `use_cpu`).
+        progress: the Trainer's progress bar.
+        extra: the TRL-specific fields (max_length, beta, loss_type, ...).
+    """
+    from fusemerge.fuse.hf_compat import training_arguments
+
+    args = training_arguments(student, checkpoints, cuda=cuda, progress=progress)  # type: ignore[arg-type]
+    fields = {k: v for k, v in args.to_dict().items() if k not in ("hub_token", "push_to_hub_token")}
+    return config_cls(**(fields | extra))
+
+
+def last_complete_checkpoint(*, checkpoints: Path) -> str | None:
+    """The newest checkpoint that was written to the end; newer, half-written ones are deleted.
+
+    transformers writes `checkpoint-N/` in place, the trainer state last; a kill -9 while it writes leaves a
+    folder that `get_last_checkpoint` would pick and fail to resume from.
+
+    Args:
+        checkpoints: the Trainer's output folder (absent: nothing to resume).
+    """
+    if not checkpoints.is_dir():
+        return None
+    found = sorted(
+        (int(m.group(1)), p) for p in checkpoints.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))
+    )
+    for _, path in reversed(found):
+        if (path / TRAINER_STATE).is_file():
+            return str(path)
+        remove_path(path)
+    return None
+
+
+def read_stamp(*, folder: Path) -> dict[str, Any] | None:
+    """The `fusemerge_target.json` of a target folder, or None when it has none (or it is unreadable).
+
+    Args:
+        folder: the target folder.
+    """
+    try:
+        return json.loads((folder / TARGET_STAMP).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def implicit_card(
+    *,
+    pivot: str,
+    sources: list[str],
+    stages: list[str],
+    data: list[str],
+    recipe_text: str,
+    tags: list[str],
+) -> str:
+    """The model card of an implicit-fusion target: a fine-tune of the pivot on the sources' best answers.
+
+    Args:
+        pivot: the model the target was trained from (its `base_model`).
+        sources: the models whose responses it learned from (teachers, not weights it contains).
+        stages: the training stages it went through, in order ("SFT", "preference (wrpo)").
+        data: the training data files, named in the text.
+        recipe_text: the recipe YAML, copied verbatim.
+        tags: extra Hub tags (loss, training mode).
+    """
+    front: dict[str, object] = {}
+    if hub_ids([pivot]):
+        front["base_model"] = pivot
+        front["base_model_relation"] = "finetune"
+    front["library_name"] = "transformers"
+    front["tags"] = ["fusechat", "implicit-fusion", "fusemerge", *tags]
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        "# Fused model",
+        "",
+        f"This model is `{pivot}` fine-tuned with [fusemerge](https://github.com/fusemerge/fusemerge) by "
+        "implicit model fusion ([FuseChat-3.0](https://arxiv.org/abs/2503.04222), "
+        "[WRPO](https://arxiv.org/abs/2412.03187)): the source models below answered the prompts, the answers "
+        f"were scored, and the pivot learned from the best of them by {' then '.join(stages)}.",
+        "",
+        "## Models",
+        "",
+        f"- pivot (base): `{pivot}`",
+        *(f"- source: `{s}`" for s in sources),
+        "",
+        "## Data",
+        "",
+        *(f"- `{d}`" for d in data),
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        recipe_text.rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def save_target(
+    *,
+    staging: Path,
+    out: Path,
+    base: ModelSpec,
+    mode: str,
+    tokenizer: Any,
+    dtype: Any,
+    card: str,
+    recipe_text: str,
+    identity: dict[str, Any],
+) -> Path:
+    """Publish the trained weights at `out` as a plain model folder; it appears only when complete.
+
+    Args:
+        staging: what `trainer.save_model` wrote: full weights, or adapters for lora/qlora.
+        out: the target folder.
+        base: the model the adapters extend (the pivot for `sft`, the SFT target for `preference`).
+        mode: `training.mode`; adapters are folded into float32 base weights (`merge_and_unload`).
+        tokenizer: saved beside the weights, with the chat template the model was trained with.
+        dtype: the dtype the weights are saved in (the pivot's own).
+        card: README.md.
+        recipe_text: the recipe, saved as fusemerge_recipe.yml.
+        identity: what the target was trained from, saved as its stamp.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    remote = {"trust_remote_code": base.trust_remote_code}
+    if mode == "full":
+        model = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32, **remote)
+    else:
+        from peft import PeftModel
+
+        model = AutoModelForCausalLM.from_pretrained(base.model, dtype=torch.float32, **remote)
+        model = PeftModel.from_pretrained(model, staging).merge_and_unload()
+    model = model.to(dtype)
+    model.config.use_cache = True
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with staged_folder(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        if recipe_text:
+            (tmp / RECIPE_NAME).write_text(recipe_text, encoding="utf-8")
+        (tmp / TARGET_STAMP).write_text(
+            json.dumps(identity, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+    return out
+
+
+def model_dtype(*, model: str, trust_remote_code: bool = False) -> Any:
+    """The dtype a model's config declares (float32 when it declares none): targets keep the pivot's.
+
+    Args:
+        model: a model folder or Hub id (only its config is read).
+        trust_remote_code: for configs that ship code.
+    """
+    import torch
+    from transformers import AutoConfig
+
+    declared = getattr(AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code), "dtype", None)
+    if isinstance(declared, torch.dtype):
+        return declared
+    return getattr(torch, str(declared or "float32"), torch.float32)
