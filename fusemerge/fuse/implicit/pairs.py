@@ -47,7 +47,7 @@ from fusemerge.checkpoint.layout import (
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.implicit.sample import read_jsonl, shard_name
 from fusemerge.fuse.implicit.spec import PairsSpec
-from fusemerge.progress import bar
+from fusemerge.progress import progress_bar
 
 SFT_NAME = "sft.jsonl"
 PREFERENCE_NAME = "preference.jsonl"
@@ -280,7 +280,7 @@ def run_pairs(
     sft_tmp, pref_tmp = tmp_sibling(sft_path), tmp_sibling(pref_path)
     dropped: dict[str, int] = defaultdict(int)
     with open(sft_tmp, "w", encoding="utf-8") as sft_fh, open(pref_tmp, "w", encoding="utf-8") as pref_fh:
-        with bar(n_prompts, "pairs", enabled=progress, unit="prompt") as pbar:
+        with progress_bar(n_prompts, "pairs", enabled=progress, unit="prompt") as pbar:
             for j in range(n_shards):
                 grouped: dict[str, dict[str, list[Line]]] = defaultdict(lambda: defaultdict(list))
                 for name, path in paths.items():

@@ -43,7 +43,7 @@ from fusemerge.fuse.implicit.generate import (
 )
 from fusemerge.fuse.implicit.prompts import PromptRecord, PromptSet
 from fusemerge.fuse.implicit.spec import SamplingSpec
-from fusemerge.progress import bar
+from fusemerge.progress import progress_bar
 
 SHARD_PATTERN = "shard-*.jsonl"
 FORMAT_VERSION = 1
@@ -246,7 +246,7 @@ def run_sample(
             progress=progress,
         )
         start = time.perf_counter()
-        with bar(total, f"sample {model.name}", enabled=progress, unit="sample") as pbar:
+        with progress_bar(total, f"sample {model.name}", enabled=progress, unit="sample") as pbar:
 
             def advance(batch: list[Generation]) -> None:
                 report.tokens += sum(g.tokens for g in batch)

@@ -33,7 +33,7 @@ from fusemerge.fuse.implicit.sample import (
 )
 from fusemerge.fuse.implicit.scorers import SCORERS, ScoreItem, ScorerContext, ScoreResult
 from fusemerge.fuse.implicit.spec import ScoringSpec
-from fusemerge.progress import bar
+from fusemerge.progress import progress_bar
 
 
 def scorer_of(domain: str, *, spec: ScoringSpec) -> str:
@@ -206,7 +206,7 @@ def run_score(
         total = sum(_count_lines(samples / shard_name(j)) for j in pending)  # one shard in memory at a time
         echo(f"score {name}: {len(pending)} of {n_shards} shards, {total} samples to score")
         start = time.perf_counter()
-        with bar(total, f"score {name}", enabled=progress, unit="sample") as pbar:
+        with progress_bar(total, f"score {name}", enabled=progress, unit="sample") as pbar:
             for j in pending:
                 scored = score_lines(read_jsonl(samples / shard_name(j)), prompts=prompts, context=context)
                 write_jsonl(folder / shard_name(j), scored)

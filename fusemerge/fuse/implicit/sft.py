@@ -37,7 +37,7 @@ from fusemerge.fuse.implicit.target import (
     save_target,
     trl_config,
 )
-from fusemerge.progress import bar
+from fusemerge.progress import progress_bar
 
 
 def sft_identity(*, recipe: ImplicitRecipe, template: str, max_length: int, data: str) -> dict[str, Any]:
@@ -90,7 +90,7 @@ def sft_dataset(
     mask_col: list[list[int]] = []
     dropped = 0
     digest = hashlib.sha256()
-    with bar(len(records), "sft: tokenizing", enabled=progress) as pbar:
+    with progress_bar(len(records), "sft: tokenizing", enabled=progress) as pbar:
         for rec in records:
             try:
                 text, spans = render_conversation(rec.messages, tokenizer, template)

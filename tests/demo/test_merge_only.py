@@ -20,7 +20,7 @@ def test_python_api_example_runs(tmp_path):
     import sys
     from pathlib import Path
 
-    example = Path(__file__).parents[1] / "examples" / "merge_with_python_api.py"
+    example = Path(__file__).parents[2] / "examples" / "merge_with_python_api.py"
     argv = sys.argv
     sys.argv = [str(example), str(tmp_path)]
     try:
