@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fusemerge.checkpoint.layout import TARGET_STAMP
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.implicit.datasets import PreferencePair
 from fusemerge.fuse.implicit.losses import TARGET_LOSSES, TRL_LOSS_TYPES
@@ -223,7 +224,7 @@ def run_preference(
         return out
     if out.exists():
         raise FusemergeError(
-            "folder exists and is not this preference target (fusemerge_target.json differs); delete it",
+            f"folder exists and is not this preference target ({TARGET_STAMP} differs); delete it",
             file=out,
         )
     state = PartialState()

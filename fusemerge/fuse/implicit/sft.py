@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fusemerge.checkpoint.layout import TARGET_STAMP
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.implicit.datasets import SftRecord
 from fusemerge.fuse.implicit.target import (
@@ -205,7 +206,7 @@ def run_sft(
         return out
     if out.exists():
         raise FusemergeError(
-            "folder exists and is not this SFT target (fusemerge_target.json differs); delete it", file=out
+            f"folder exists and is not this SFT target ({TARGET_STAMP} differs); delete it", file=out
         )
     state = PartialState()
     if state.is_main_process:
