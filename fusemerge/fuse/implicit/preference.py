@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fusemerge.checkpoint.layout import TARGET_STAMP
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.implicit.datasets import PreferencePair
 from fusemerge.fuse.implicit.losses import TARGET_LOSSES, TRL_LOSS_TYPES
@@ -34,10 +33,10 @@ from fusemerge.fuse.implicit.target import (
     ImplicitRecipe,
     Student,
     implicit_card,
-    last_complete_checkpoint,
     model_dtype,
     read_stamp,
     save_target,
+    train_stage,
     trl_config,
 )
 from fusemerge.fuse.recipe import ModelSpec
@@ -198,9 +197,7 @@ def run_preference(
         echo: where one-line status messages go.
         callbacks: extra transformers TrainerCallbacks (loss curves for the demo, tests).
     """
-    from accelerate import PartialState
-
-    from fusemerge.fuse.train import NOT_IDENTITY, claim_checkpoints, stamp_matches
+    from fusemerge.fuse.train import NOT_IDENTITY
 
     out, checkpoints = Path(out), Path(checkpoints)
     pref = recipe.implicit.preference
@@ -219,41 +216,8 @@ def run_preference(
         "preference": pref.model_dump(mode="json"),
         "training": student.training.model_dump(mode="json", exclude=NOT_IDENTITY),
     }
-    if stamp_matches(out, identity):
-        echo(f"preference {out.name}: target complete, skipped ({out})")
-        return out
-    if out.exists():
-        raise FusemergeError(
-            f"folder exists and is not this preference target ({TARGET_STAMP} differs); delete it",
-            file=out,
-        )
-    state = PartialState()
-    if state.is_main_process:
-        claim_checkpoints(checkpoints, identity)
-        last_complete_checkpoint(
-            checkpoints=checkpoints
-        )  # deletes half-written ones, once, before any process reads
-    state.wait_for_everyone()
 
-    trainer = build_preference_trainer(
-        recipe=recipe,
-        student=student,
-        tokenizer=tokenizer,
-        dataset=dataset,
-        checkpoints=checkpoints,
-        progress=progress,
-        callbacks=callbacks,
-    )
-    last = last_complete_checkpoint(checkpoints=checkpoints)
-    echo(
-        f"preference {out.name}: {pref.loss} (beta {pref.beta}) on {trainer.args.device}, {len(trainer.train_dataset)} pairs"
-        + (f" ({left_out} without chosen_target left out)" if left_out else "")
-        + (f"; resuming from {Path(last).name}" if last else "")
-    )
-    trainer.train(resume_from_checkpoint=last)
-    staging = checkpoints / "final"
-    trainer.save_model(str(staging))  # gathers ZeRO-3 / FSDP shards; adapters only for lora / qlora
-    if state.is_main_process:
+    def publish(trainer: Any, staging: Path) -> None:
         stages = (["SFT"] if policy != recipe.pivot.model else []) + [
             f"preference optimisation ({pref.loss})"
         ]
@@ -276,6 +240,26 @@ def run_preference(
             recipe_text=recipe.raw_yaml,
             identity=identity,
         )
-        echo(f"preference {out.name}: saved {out}")
-    state.wait_for_everyone()
-    return out
+
+    return train_stage(
+        stage="preference",
+        out=out,
+        checkpoints=checkpoints,
+        identity=identity,
+        build=lambda: build_preference_trainer(
+            recipe=recipe,
+            student=student,
+            tokenizer=tokenizer,
+            dataset=dataset,
+            checkpoints=checkpoints,
+            progress=progress,
+            callbacks=callbacks,
+        ),
+        started=lambda trainer: (
+            f"preference {out.name}: {pref.loss} (beta {pref.beta}) on {trainer.args.device}, "
+            f"{len(trainer.train_dataset)} pairs"
+            + (f" ({left_out} without chosen_target left out)" if left_out else "")
+        ),
+        publish=publish,
+        echo=echo,
+    )

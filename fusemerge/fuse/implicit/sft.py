@@ -26,16 +26,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fusemerge.checkpoint.layout import TARGET_STAMP
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.implicit.datasets import SftRecord
 from fusemerge.fuse.implicit.target import (
     ImplicitRecipe,
     Student,
     implicit_card,
-    last_complete_checkpoint,
     model_dtype,
     save_target,
+    train_stage,
     trl_config,
 )
 from fusemerge.progress import progress_bar
@@ -187,9 +186,6 @@ def run_sft(
         echo: where one-line status messages go.
         callbacks: extra transformers TrainerCallbacks (loss curves for the demo, tests).
     """
-    from accelerate import PartialState
-
-    from fusemerge.fuse.train import claim_checkpoints, stamp_matches
     from fusemerge.lm.loading import load_tokenizer
     from fusemerge.lm.templates import resolve_render_template
 
@@ -201,41 +197,9 @@ def run_sft(
         records=records, tokenizer=tokenizer, template=template, max_length=max_length, progress=progress
     )
     identity = sft_identity(recipe=recipe, template=template, max_length=max_length, data=fingerprint)
-    if stamp_matches(out, identity):
-        echo(f"sft {out.name}: target complete, skipped ({out})")
-        return out
-    if out.exists():
-        raise FusemergeError(
-            f"folder exists and is not this SFT target ({TARGET_STAMP} differs); delete it", file=out
-        )
-    state = PartialState()
-    if state.is_main_process:
-        claim_checkpoints(checkpoints, identity)
-        last_complete_checkpoint(
-            checkpoints=checkpoints
-        )  # deletes half-written ones, once, before any process reads
-    state.wait_for_everyone()
-
     tokenizer.chat_template = template  # the target chats in the template it was trained with
-    trainer = build_sft_trainer(
-        recipe=recipe,
-        tokenizer=tokenizer,
-        dataset=dataset,
-        checkpoints=checkpoints,
-        max_length=max_length,
-        progress=progress,
-        callbacks=callbacks,
-    )
-    last = last_complete_checkpoint(checkpoints=checkpoints)
-    echo(
-        f"sft {out.name}: {recipe.training.mode} on {trainer.args.device}, {len(dataset)} conversations"
-        + (f" ({dropped} without an assistant turn within {max_length} tokens left out)" if dropped else "")
-        + (f"; resuming from {Path(last).name}" if last else "")
-    )
-    trainer.train(resume_from_checkpoint=last)
-    staging = checkpoints / "final"
-    trainer.save_model(str(staging))  # gathers ZeRO-3 / FSDP shards; adapters only for lora / qlora
-    if state.is_main_process:
+
+    def publish(trainer: Any, staging: Path) -> None:
         card = implicit_card(
             pivot=pivot.model,
             sources=[s.model for s in recipe.sources],
@@ -255,6 +219,29 @@ def run_sft(
             recipe_text=recipe.raw_yaml,
             identity=identity,
         )
-        echo(f"sft {out.name}: saved {out}")
-    state.wait_for_everyone()
-    return out
+
+    return train_stage(
+        stage="sft",
+        out=out,
+        checkpoints=checkpoints,
+        identity=identity,
+        build=lambda: build_sft_trainer(
+            recipe=recipe,
+            tokenizer=tokenizer,
+            dataset=dataset,
+            checkpoints=checkpoints,
+            max_length=max_length,
+            progress=progress,
+            callbacks=callbacks,
+        ),
+        started=lambda trainer: (
+            f"sft {out.name}: {recipe.training.mode} on {trainer.args.device}, {len(dataset)} conversations"
+            + (
+                f" ({dropped} without an assistant turn within {max_length} tokens left out)"
+                if dropped
+                else ""
+            )
+        ),
+        publish=publish,
+        echo=echo,
+    )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +24,7 @@ import yaml
 
 from fusemerge.card import hub_ids
 from fusemerge.checkpoint.layout import RECIPE_NAME, TARGET_STAMP, remove_path, staged_folder
+from fusemerge.errors import FusemergeError
 from fusemerge.fuse.implicit.spec import ImplicitSpec
 from fusemerge.fuse.recipe import ModelSpec, TrainingSpec
 
@@ -233,3 +235,63 @@ def model_dtype(*, model: str, trust_remote_code: bool = False) -> Any:
     if isinstance(declared, torch.dtype):
         return declared
     return getattr(torch, str(declared or "float32"), torch.float32)
+
+
+def train_stage(
+    *,
+    stage: str,
+    out: Path,
+    checkpoints: Path,
+    identity: dict[str, Any],
+    build: Callable[[], Any],
+    started: Callable[[Any], str],
+    publish: Callable[[Any, Path], None],
+    echo: Callable[[str], Any] = print,
+) -> Path:
+    """One training stage from claim to published target, the part `sft` and `preference` share.
+
+    A finished target with this `identity` is skipped; a folder made for anything else is refused;
+    checkpoints are claimed for `identity` and resumed only when complete (a half-written one is deleted
+    first, once, by the main process); only the main process publishes.
+
+    Args:
+        stage: the stage's name in messages ("sft", "preference").
+        out: the target folder.
+        checkpoints: the Trainer's output folder.
+        identity: what the target depends on (its stamp).
+        build: makes the trainer (called after the checkpoints are claimed).
+        started: the status line for the trainer, before training starts.
+        publish: `(trainer, staging)` -> writes the target from the final weights in `staging`.
+        echo: where one-line status messages go.
+    """
+    from accelerate import PartialState
+
+    from fusemerge.fuse.train import claim_checkpoints, stamp_matches
+    from fusemerge.fuse.workdir import FINAL_CHECKPOINT
+
+    if stamp_matches(out, identity):
+        echo(f"{stage} {out.name}: target complete, skipped ({out})")
+        return out
+    if out.exists():
+        raise FusemergeError(
+            f"folder exists and is not this {stage} target ({TARGET_STAMP} differs); delete it", file=out
+        )
+    state = PartialState()
+    if state.is_main_process:
+        claim_checkpoints(checkpoints, identity)
+        last_complete_checkpoint(
+            checkpoints=checkpoints
+        )  # deletes half-written ones before any process reads
+    state.wait_for_everyone()
+
+    trainer = build()
+    last = last_complete_checkpoint(checkpoints=checkpoints)
+    echo(started(trainer) + (f"; resuming from {Path(last).name}" if last else ""))
+    trainer.train(resume_from_checkpoint=last)
+    staging = checkpoints / FINAL_CHECKPOINT
+    trainer.save_model(str(staging))  # gathers ZeRO-3 / FSDP shards; adapters only for lora / qlora
+    if state.is_main_process:
+        publish(trainer, staging)
+        echo(f"{stage} {out.name}: saved {out}")
+    state.wait_for_everyone()
+    return out
