@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fusemerge.checkpoint.layout import publish, tmp_sibling
 from fusemerge.demo.corpus import DOMAINS
 
 if TYPE_CHECKING:
@@ -114,8 +115,8 @@ def save_plot(result: DemoResult, path: str | Path) -> Path:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial.png")
-    fig.savefig(partial)
+    tmp = tmp_sibling(path)
+    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
-    partial.replace(path)
+    publish(tmp, path)
     return path
