@@ -265,5 +265,6 @@ def load_fuse_recipe(path: str | Path) -> FuseRecipe:
     data, node = parse_mapping(text, path, what="pivot:, sources:, dataset:, output:")
     found = misplaced_keys(data)
     if found:  # checked here too for the line of the first one (pydantic's error has no location)
-        raise FusemergeError(misplaced_message(data, found), file=path, line=line_of(node, found[0]))
+        lines = [n for n in (line_of(node, loc) for loc in found) if n is not None]
+        raise FusemergeError(misplaced_message(data, found), file=path, line=min(lines, default=None))
     return validate(FuseRecipe, {**data, "raw_yaml": text}, path, node)
