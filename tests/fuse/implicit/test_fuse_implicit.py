@@ -285,3 +285,36 @@ def test_preference_without_a_finished_sft_target_is_a_user_error(e2e_recipe):
 def test_training_without_pairs_says_which_step_makes_them(e2e_recipe):
     with pytest.raises(FusemergeError, match="no sft data: run the pairs step first"):
         run_fuse(e2e_recipe, steps=["sft"], progress=False, echo=lambda _: None)
+
+
+def test_prepared_data_skips_the_data_steps_and_trains_both_stages(tmp_path, chat_models):
+    from train_helpers import preference_rows, sft_rows
+
+    write_jsonl(tmp_path / "sft.jsonl", sft_rows(4))
+    write_jsonl(tmp_path / "dpo.jsonl", preference_rows(4))
+    small = {"max_steps": 1, "batch_size": 2, "gradient_accumulation": 1, "save_steps": 1, "seed": 7}
+    body = {
+        "pivot": str(chat_models["pivot"]),
+        "sources": ["org/source-a"],  # named in the card only: the data came from it
+        "fusion": {"kind": "implicit"},
+        "implicit": {
+            "sft_data": {"path": str(tmp_path / "sft.jsonl")},
+            "preference_data": {"path": str(tmp_path / "dpo.jsonl")},
+            "preference": {"loss": "ln_dpo", "beta": 2.0, "max_steps": 1, "max_length": 96},
+        },
+        "training": {"mode": "lora", "lora_r": 4, "lora_alpha": 8, **small},
+        "output": str(tmp_path / "out"),
+    }
+    recipe = tmp_path / "prepared.yml"
+    recipe.write_text(yaml.safe_dump(body, sort_keys=False), encoding="utf-8")
+    lines: list[str] = []
+    made = run_fuse(recipe, progress=False, echo=lines.append)
+    assert [line for line in lines if "nothing to do" in line] == [
+        f"{step}: nothing to do, prepared data (implicit.sft_data / preference_data) covers every stage"
+        for step in ("sample", "score", "pairs")
+    ]
+    final = made["target/pivot-implicit"]
+    assert final == tmp_path / "out" / "pivot-implicit" and (final / TARGET_STAMP).is_file()
+    card = (final / "README.md").read_text()
+    assert f"- `{tmp_path / 'dpo.jsonl'}`" in card and "- source: `org/source-a`" in card
+    assert not (tmp_path / "out" / "work" / "implicit" / "samples").exists()
