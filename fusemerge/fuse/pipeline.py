@@ -5,6 +5,10 @@
 
 The folders and names each step uses come from `fusemerge.fuse.workdir.FuseWorkDir`.
 
+A recipe with `fusion: {kind: implicit}` (FuseChat-3.0) goes to `fusemerge.fuse.implicit.pipeline`
+(sample -> score -> pairs -> sft -> preference) and `dry_run` to `fusemerge.fuse.plan`, both from
+`run_fuse`, so that the CLI, the demo and the Python API have one entry point.
+
 Every step reads only the previous step's files and skips what is already complete, so an interrupted
 run continues with the same command. The training stage opens the results with
 `fusemerge.fuse.inputs.open_fusion_inputs`.
