@@ -74,6 +74,19 @@ def test_every_recipe_model_has_a_reference_table():
         "fusemerge.fuse.recipe.AlignmentSpec",
         "fusemerge.fuse.recipe.FusionSpec",
         "fusemerge.fuse.recipe.TrainingSpec",
+        *(
+            f"fusemerge.fuse.implicit.spec.{name}"
+            for name in (
+                "ImplicitSpec",
+                "SamplingSpec",
+                "ScoringSpec",
+                "RewardModelSpec",
+                "CodeTestsSpec",
+                "PairsSpec",
+                "PreferenceSpec",
+                "DataFileSpec",
+            )
+        ),
         "fusemerge.merge.recipe.MergeRecipe",
         "fusemerge.merge.recipe.InputModel",
     }
@@ -111,6 +124,8 @@ def _yaml_block_after(heading: str) -> str:
 def test_the_complete_example_recipes_load():
     fuse = FuseRecipe.model_validate(yaml.safe_load(_yaml_block_after("### A complete fuse recipe")))
     assert fuse.sources[0].load_in_4bit and fuse.training.gradient_accumulation == 32
+    implicit = FuseRecipe.model_validate(yaml.safe_load(_yaml_block_after("### A complete implicit recipe")))
+    assert implicit.fusion.kind == "implicit" and implicit.implicit.preference.loss == "ln_dpo"
     merge = parse_recipe(_yaml_block_after("### A complete merge recipe"))
     assert merge.merge_method == "variation_ratio" and merge.parameters == {"granularity": "matrix"}
 

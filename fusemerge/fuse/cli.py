@@ -6,6 +6,8 @@
     accelerate launch --config_file examples/accelerate/deepspeed_zero2.yaml \
         -m fusemerge.cli fuse recipes/fusechat-7b.yml            # teach shards and training on every GPU
     fusemerge fuse recipe.yml --push-to-hub me/OpenChat-3.5-7B   # ... then upload each target
+    fusemerge fuse recipes/fusechat-3.0.yml --dry-run            # the plan: steps, models, data, what is done
+    fusemerge fuse recipes/fusechat-3.0.yml --steps sample,score # implicit fusion (fusion.kind: implicit)
 
 `fusemerge.cli` registers it. It holds no logic: `run_fuse` does the work.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 import click
 
 from fusemerge.errors import exit_2_on_user_error
-from fusemerge.fuse import STEPS
+from fusemerge.fuse import IMPLICIT_STEPS, STEPS
 from fusemerge.progress import silence_library_progress
 
 
@@ -25,9 +27,15 @@ from fusemerge.progress import silence_library_progress
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--steps",
-    default=",".join(STEPS),
-    show_default=True,
-    help=f"Comma-separated steps to run ({', '.join(STEPS)}); finished work is skipped.",
+    default=None,
+    help=f"Comma-separated steps to run; finished work is skipped. Explicit fusion: {','.join(STEPS)}; "
+    f"implicit (fusion.kind: implicit): {','.join(IMPLICIT_STEPS)}. [default: all of the recipe's]",
+)
+@click.option(
+    "--dry-run",
+    "dry_run",
+    is_flag=True,
+    help="Validate the recipe and print the plan (steps, models, data, what is done); loads and runs nothing.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option(
@@ -40,7 +48,9 @@ from fusemerge.progress import silence_library_progress
 )
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repos private.")
 @exit_2_on_user_error
-def fuse(recipe: Path, steps: str, quiet: bool, push_to_hub: str | None, private: bool) -> None:
+def fuse(
+    recipe: Path, steps: str | None, dry_run: bool, quiet: bool, push_to_hub: str | None, private: bool
+) -> None:
     """Fuse chat models of different tokenizers as the RECIPE says (FuseChat).
 
     \b
@@ -55,6 +65,9 @@ def fuse(recipe: Path, steps: str, quiet: bool, push_to_hub: str | None, private
     prints where they are and writes OUTPUT/merge.yml, to be run with `fusemerge merge` (printed).
     An interrupted run, rerun with the same command, continues where it stopped.
 
+    With `fusion: {kind: implicit}` (FuseChat-3.0) the sources answer the prompts, the answers are
+    scored, and the pivot is trained on the best (SFT) then on preference pairs (DPO, WRPO).
+
     \b
     --push-to-hub, for the pivot org/openchat_3.5 and the sources org/Solar, org/Mixtral:
       me/OC-7B  ->  me/OC-7B-Solar and me/OC-7B-Mixtral  (one target: me/OC-7B itself)
@@ -67,9 +80,10 @@ def fuse(recipe: Path, steps: str, quiet: bool, push_to_hub: str | None, private
         silence_library_progress()
     run_fuse(
         recipe,
-        steps=steps.split(","),
+        steps=None if steps is None else steps.split(","),
         progress=not quiet,
         echo=click.echo,
         push_to_hub=push_to_hub,
         private=private,
+        dry_run=dry_run,
     )

@@ -5,6 +5,10 @@
 
 The folders and names each step uses come from `fusemerge.fuse.workdir.FuseWorkDir`.
 
+A recipe with `fusion: {kind: implicit}` (FuseChat-3.0) goes to `fusemerge.fuse.implicit.pipeline`
+(sample -> score -> pairs -> sft -> preference) and `dry_run` to `fusemerge.fuse.plan`, both from
+`run_fuse`, so that the CLI, the demo and the Python API have one entry point.
+
 Every step reads only the previous step's files and skips what is already complete, so an interrupted
 run continues with the same command. The training stage opens the results with
 `fusemerge.fuse.inputs.open_fusion_inputs`.
@@ -21,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fusemerge.errors import FusemergeError
-from fusemerge.fuse import STEPS
+from fusemerge.fuse import checked_steps
 from fusemerge.fuse.recipe import FuseRecipe, load_fuse_recipe
 from fusemerge.fuse.workdir import FuseWorkDir
 
@@ -29,40 +33,53 @@ from fusemerge.fuse.workdir import FuseWorkDir
 def run_fuse(
     recipe_path: str | Path,
     *,
-    steps: Iterable[str] = STEPS,
+    steps: Iterable[str] | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
     push_to_hub: str | None = None,
     private: bool = False,
+    dry_run: bool = False,
 ) -> dict[str, Path]:
     """Run the requested steps of the fuse recipe; returns the folders they made or checked.
 
     Keys: the teach step's stores by role ("pivot", "source1", ...), the align step's by
     "aligned/<role>" ("aligned/source1", ...), the train step's target folders by "target/<name>"
-    and the merge recipe it wrote as "merge_recipe".
+    and the merge recipe it wrote as "merge_recipe". An implicit recipe (`fusion.kind: implicit`) runs
+    `fusemerge.fuse.implicit.pipeline.run_implicit` instead (its keys are described there).
 
     Args:
         recipe_path: the fuse recipe (YAML).
-        steps: any of `STEPS`, run in pipeline order whatever order they are given in.
+        steps: any of the recipe kind's steps (`STEPS`, `IMPLICIT_STEPS`), run in pipeline order whatever
+            order they are given in; None: all of them.
         progress: progress bars (per model: sequences, tokens/s, ETA).
         echo: where one-line status messages go.
         push_to_hub: upload the targets when trained (see `hub_repo_ids`); needs the train step.
         private: create the Hub repos private (an existing repo keeps its visibility).
+        dry_run: validate the recipe and print the plan (`fusemerge.fuse.plan`); nothing is loaded or run.
     """
-    steps = [s.strip() for s in steps if s.strip()]
-    unknown = [s for s in steps if s not in STEPS]
-    if unknown:
-        raise FusemergeError(f"unknown step {unknown[0]!r}; steps are {', '.join(STEPS)}", key="--steps")
-    if not steps:
-        raise FusemergeError(f"no step to run; steps are {', '.join(STEPS)}", key="--steps")
     if private and not push_to_hub:
         raise FusemergeError("--private only applies with --push-to-hub", key="--private")
-    if push_to_hub and "train" not in steps:
+    recipe = load_fuse_recipe(recipe_path)
+    steps = checked_steps(steps, kind=recipe.fusion.kind)
+    last = final_step(recipe)
+    if push_to_hub and last not in steps:
         raise FusemergeError(
-            "the trained targets are what is pushed: add the train step (finished targets are skipped)",
+            f"the trained targets are what is pushed: add the {last} step (finished targets are skipped)",
             key="--push-to-hub",
         )
-    recipe = load_fuse_recipe(recipe_path)
+    if dry_run:
+        from fusemerge.fuse.plan import print_plan
+
+        print_plan(recipe, recipe_path=Path(recipe_path), steps=steps, push_to_hub=push_to_hub, echo=echo)
+        return {}
+    if recipe.fusion.kind == "implicit":
+        from fusemerge.fuse.implicit.pipeline import implicit_repo_ids, run_implicit
+
+        implicit_ids = implicit_repo_ids(recipe, push_to_hub) if push_to_hub else {}
+        done = run_implicit(recipe, steps=steps, progress=progress, echo=echo)
+        if implicit_ids:
+            push_targets(implicit_ids, private=private, echo=echo)
+        return done
     repo_ids = hub_repo_ids(recipe, push_to_hub) if push_to_hub else {}
     if "teach" not in steps:  # align and train read them: checked once, before any work
         FuseWorkDir(recipe).require_teacher_stores()
@@ -77,6 +94,13 @@ def run_fuse(
     if repo_ids:
         push_targets(repo_ids, private=private, echo=echo)
     return folders
+
+
+def final_step(recipe: FuseRecipe) -> str:
+    """The step that makes the finished targets (what `--push-to-hub` uploads): train, or the last stage."""
+    if recipe.fusion.kind == "implicit" and recipe.implicit is not None:
+        return recipe.implicit.stages[-1]
+    return "train"
 
 
 def hub_repo_ids(recipe: FuseRecipe, repo_id: str) -> dict[Path, str]:
@@ -146,6 +170,7 @@ def chat_data(recipe: FuseRecipe, *, echo: Callable[[str], None] = print) -> tup
     from fusemerge.fuse.data import build_chat_data
     from fusemerge.lm.loading import load_tokenizer
 
+    assert recipe.dataset is not None  # an explicit recipe has one (FuseRecipe checks)
     pivot_tokenizer = load_tokenizer(recipe.pivot.model, trust_remote_code=recipe.pivot.trust_remote_code)
     data = build_chat_data(recipe.dataset, pivot_tokenizer, recipe.chat_template, warn=echo)
     skipped = f", {len(data.skipped)} skipped" if data.skipped else ""

@@ -32,7 +32,9 @@ from pydantic import (
     model_validator,
 )
 
-from fusemerge.yaml_recipes import parse_mapping, read_recipe_text, validate
+from fusemerge.errors import FusemergeError
+from fusemerge.fuse.implicit.spec import ImplicitSpec
+from fusemerge.yaml_recipes import line_of, parse_mapping, read_recipe_text, validate
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -92,8 +94,13 @@ class AlignmentSpec(_Frozen):
 
 
 class FusionSpec(_Frozen):
-    """How teachers become a target (fusemerge.fuse.fusion) and how the student learns it (loss)."""
+    """How teachers become a target (fusemerge.fuse.fusion) and how the student learns it (loss).
 
+    `kind` picks the method: explicit (FuseChat 1.0/2.0, the keys below) or implicit (FuseChat-3.0, the
+    recipe's `implicit:` section; the other keys here are explicit-only).
+    """
+
+    kind: Literal["explicit", "implicit"] = "explicit"
     function: Literal["mince", "mince_token", "avgce"] = "mince"  # = fusion.FUSION_FUNCTIONS (tested)
     sources: Literal["pairwise", "all"] = "pairwise"  # pairwise: one target per source (FuseChat)
     loss: Literal["ce", "kl"] = "ce"
@@ -127,15 +134,59 @@ class TrainingSpec(_Frozen):
     seed: int = 42
 
 
+# Keys that only explicit fusion reads: in an implicit recipe they would be silently ignored, so an error.
+EXPLICIT_ONLY: tuple[tuple[str, ...], ...] = (
+    ("teacher",),
+    ("alignment",),
+    *(("fusion", key) for key in ("function", "sources", "loss", "lambda", "temperature")),
+)
+IMPLICIT_ONLY: tuple[tuple[str, ...], ...] = (("implicit",),)
+
+
+def kind_of(data: Any) -> str:
+    """The fusion kind a raw recipe mapping asks for (explicit unless `fusion.kind` says otherwise)."""
+    fusion = data.get("fusion") if isinstance(data, dict) else None
+    return str(fusion.get("kind", "explicit")) if isinstance(fusion, dict) else "explicit"
+
+
+def misplaced_keys(data: Any) -> list[tuple[str, ...]]:
+    """The keys of a raw recipe mapping that belong to the other fusion kind, in recipe order."""
+    if not isinstance(data, dict):
+        return []
+    kind = kind_of(data)
+    if kind not in ("explicit", "implicit"):
+        return []  # the kind itself is wrong: pydantic says so
+    found = []
+    for loc in EXPLICIT_ONLY if kind == "implicit" else IMPLICIT_ONLY:
+        node: Any = data
+        for part in loc:
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT:
+            found.append(loc)
+    return found
+
+
+def misplaced_message(data: Any, found: list[tuple[str, ...]]) -> str:
+    names = ", ".join(".".join(loc) for loc in found)
+    if kind_of(data) == "implicit":
+        return f"explicit-fusion keys in an implicit recipe (fusion.kind: implicit): {names}; remove them"
+    return f"{names}: only for implicit fusion; set fusion: {{kind: implicit}} or remove it"
+
+
+_ABSENT = object()
+
+
 class FuseRecipe(_Frozen):
     pivot: ModelSpec
     sources: list[ModelSpec] = Field(min_length=1)
-    dataset: DatasetSpec
+    # explicit: the chat data; implicit: the prompts (absent when prepared data covers every stage)
+    dataset: DatasetSpec | None = None
     chat_template: str = "pivot"  # "pivot", a built-in name (see fusemerge.lm.templates), or a .jinja file
     teacher: TeacherSpec = TeacherSpec()
     alignment: AlignmentSpec = AlignmentSpec()
     fusion: FusionSpec = FusionSpec()
     training: TrainingSpec = TrainingSpec()
+    implicit: ImplicitSpec | None = None  # implicit fusion's steps (fusion.kind: implicit); see spec.py
     output: str = Field(min_length=1)
     work_dir: str | None = None  # stores and intermediate files; default <output>/work
     raw_yaml: str = Field("", exclude=True, repr=False)
@@ -151,6 +202,29 @@ class FuseRecipe(_Frozen):
         if isinstance(value, list):
             return [{"model": v} if isinstance(v, str) else v for v in value]
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keys_of_one_kind(cls, data: Any) -> Any:
+        found = misplaced_keys(data)
+        if found:
+            raise ValueError(misplaced_message(data, found))
+        return data
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> FuseRecipe:
+        if self.fusion.kind == "explicit":
+            if self.dataset is None:
+                raise ValueError("dataset: required key is missing (the chat data the teachers read)")
+            return self
+        if self.implicit is None:
+            raise ValueError("implicit: required section is missing (fusion.kind: implicit)")
+        if self.dataset is None and self.implicit.generates():
+            raise ValueError(
+                "dataset: required key is missing (the prompts; or give implicit.sft_data and "
+                "implicit.preference_data for every stage)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _distinct_models(self) -> FuseRecipe:
@@ -189,4 +263,8 @@ def load_fuse_recipe(path: str | Path) -> FuseRecipe:
     path = Path(path)
     text = read_recipe_text(path)
     data, node = parse_mapping(text, path, what="pivot:, sources:, dataset:, output:")
+    found = misplaced_keys(data)
+    if found:  # checked here too for the line of the first one (pydantic's error has no location)
+        lines = [n for n in (line_of(node, loc) for loc in found) if n is not None]
+        raise FusemergeError(misplaced_message(data, found), file=path, line=min(lines, default=None))
     return validate(FuseRecipe, {**data, "raw_yaml": text}, path, node)

@@ -15,11 +15,17 @@ Folders under the recipe's work_dir (default <output>/work):
                                              fusemerge_train.json (what they were made for) and final/ (the
                                              trained weights before they are folded into the target folder)
 
+    implicit/                                implicit fusion (fusion.kind: implicit; fusemerge.fuse.implicit):
+      samples/<model>/, scores/<model>/      every answering model's responses, then their scores
+      sft.jsonl, preference.jsonl            the pairs step's SFT examples and preference pairs
+
 and under the recipe's output:
 
     <pivot>-<source>/      one fused target per source (pairwise fusion, the paper), a model folder
     <pivot>-fused/         or one target from all sources at once (`fusion.sources: all`, FuseLLM)
     merge.yml              the next stage: `variation_ratio` over the targets with the pivot as base
+    <pivot>-implicit-sft/  implicit fusion: the SFT target (the pivot trained on the best answers)
+    <pivot>-implicit/      ... and the preference target trained from it (the final model)
 
 Why one object: the teach, align and train steps, the training inputs, the Hub push and the demo all
 name these folders; each used to rebuild them (and the target names) on its own. A model's folder name
@@ -34,6 +40,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from fusemerge.errors import FusemergeError
+from fusemerge.fuse.implicit.pairs import PREFERENCE_NAME, SFT_NAME
 from fusemerge.fuse.recipe import FuseRecipe, ModelSpec
 from fusemerge.fuse.store import MANIFEST, TopKStore
 
@@ -44,6 +51,10 @@ TRAIN_DIR = "train"
 TRAIN_STAMP = "fusemerge_train.json"  # in train/<target>/: checkpoints resume only the run they were made for
 FINAL_CHECKPOINT = "final"  # in train/<target>/: the trained weights, saved by the Trainer
 MERGE_RECIPE = "merge.yml"
+IMPLICIT_DIR = "implicit"
+SAMPLES_DIR = "samples"
+SCORES_DIR = "scores"
+IMPLICIT_TARGETS = {"sft": "implicit-sft", "preference": "implicit"}  # stage -> <pivot>-<suffix>
 
 
 class Target(NamedTuple):
@@ -116,6 +127,49 @@ class FuseWorkDir:
     def merged_folder(self) -> Path:
         """Where the printed `fusemerge merge` command suggests putting that merge."""
         return self.output / f"{self.pivot_name}-varm"
+
+    # -- implicit fusion (fusion.kind: implicit) ------------------------------------------------------------
+    @property
+    def implicit_dir(self) -> Path:
+        """work_dir/implicit: the stage files of sample, score and pairs (the pipeline locks it)."""
+        return self.root / IMPLICIT_DIR
+
+    @property
+    def answering(self) -> list[tuple[str, ModelSpec]]:
+        """(folder name, spec) of every model that answers the prompts: the pivot first when it samples too
+        (`implicit.sampling.include_pivot`, WRPO's on-policy responses), then the sources."""
+        specs = [spec for _, spec in self.recipe.models]
+        pairs = list(zip(self.names, specs, strict=True))
+        implicit = self.recipe.implicit
+        return pairs if implicit is None or implicit.sampling.include_pivot else pairs[1:]
+
+    def samples_folder(self, name: str) -> Path:
+        """work_dir/implicit/samples/<model name>: one model's responses (fusemerge.fuse.implicit.sample)."""
+        return self.implicit_dir / SAMPLES_DIR / name
+
+    def scores_folder(self, name: str) -> Path:
+        """work_dir/implicit/scores/<model name>: those responses scored (fusemerge.fuse.implicit.score)."""
+        return self.implicit_dir / SCORES_DIR / name
+
+    @property
+    def sft_pairs(self) -> Path:
+        """work_dir/implicit/sft.jsonl: the best response per SFT prompt (the pairs step)."""
+        return self.implicit_dir / SFT_NAME
+
+    @property
+    def preference_pairs(self) -> Path:
+        """work_dir/implicit/preference.jsonl: chosen/rejected per preference prompt (the pairs step)."""
+        return self.implicit_dir / PREFERENCE_NAME
+
+    @property
+    def implicit_targets(self) -> dict[str, Target]:
+        """stage -> its target, for the recipe's `implicit.stages` in order; the last is the fused model.
+
+        Every target learns from all the sources (members), so the card and the Hub push name them all.
+        """
+        stages = self.recipe.implicit.stages if self.recipe.implicit is not None else []
+        members = list(range(len(self.source_names)))
+        return {s: Target(f"{self.pivot_name}-{IMPLICIT_TARGETS[s]}", members) for s in stages}
 
     def require_teacher_stores(self) -> None:
         """Refuse to go on without a finished teach step: every model's teacher store must be there."""

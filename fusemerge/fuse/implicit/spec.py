@@ -124,11 +124,11 @@ class ImplicitSpec(_Frozen):
     @model_validator(mode="after")
     def _reward_model_where_used(self) -> ImplicitSpec:
         used = {self.scoring.default, *self.scoring.domains.values(), self.scoring.tie_break}
-        if "reward_model" in used and self.scoring.reward_model is None and self._generates():
+        if "reward_model" in used and self.scoring.reward_model is None and self.generates():
             raise ValueError("scoring uses reward_model: give scoring.reward_model.model")
         return self
 
-    def _generates(self) -> bool:
+    def generates(self) -> bool:
         """Whether any stage needs sample/score/pairs (not all of it comes from prepared data)."""
         needs_sft = "sft" in self.stages and self.sft_data is None
         needs_pref = "preference" in self.stages and self.preference_data is None

@@ -1,0 +1,295 @@
+"""Implicit fusion as `fusemerge fuse` steps: sample -> score -> pairs -> sft -> preference.
+
+    from fusemerge.fuse.implicit.pipeline import run_implicit
+    run_implicit(recipe, steps=["sample", "score", "pairs", "sft", "preference"])
+
+`fusemerge.fuse.pipeline.run_fuse` calls this for a recipe with `fusion: {kind: implicit}`; the steps
+themselves are the modules beside this one (run_sample, run_score, run_pairs, run_sft, run_preference),
+each resumable and kill -9 safe on its own. What this module adds is the order, the folders (all from
+`fusemerge.fuse.workdir.FuseWorkDir`), and one lock on `<work_dir>/implicit/` for the whole run: `pairs`
+takes none of its own, and two runs of one recipe would otherwise race on the same stage files.
+
+Prepared data (`implicit.sft_data`, `implicit.preference_data`) replaces the pairs step's file for its
+stage; when it covers every stage, sample, score and pairs have nothing to do and say so.
+
+Under `accelerate launch` the main process runs the data steps (sample, score, pairs) while the others
+wait; sft and preference run on every process, as explicit fusion's training does.
+
+Returned keys: "samples/<model>", "scores/<model>", "pairs/sft", "pairs/preference", and
+"target/<name>" for each trained target (the SFT target, then the preference target built on it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+from fusemerge.checkpoint.layout import exclusive_lock
+from fusemerge.errors import FusemergeError
+from fusemerge.fuse.implicit.spec import DataFileSpec, ImplicitSpec
+from fusemerge.fuse.recipe import FuseRecipe, ModelSpec
+from fusemerge.fuse.workdir import FuseWorkDir
+
+DATA_STEPS = ("sample", "score", "pairs")
+
+
+def implicit_spec(recipe: FuseRecipe) -> ImplicitSpec:
+    """The recipe's `implicit:` section (FuseRecipe refuses an implicit recipe without one)."""
+    if recipe.implicit is None:
+        raise FusemergeError("fusion.kind: implicit needs an implicit: section", key="implicit")
+    return recipe.implicit
+
+
+def generated_stages(spec: ImplicitSpec) -> list[str]:
+    """The training stages whose data the pairs step makes (those without prepared data)."""
+    prepared = {"sft": spec.sft_data, "preference": spec.preference_data}
+    return [stage for stage in spec.stages if prepared[stage] is None]
+
+
+def implicit_repo_ids(recipe: FuseRecipe, repo_id: str) -> dict[Path, str]:
+    """Where `--push-to-hub REPO_ID` puts the fused model (the last stage's target), checked before work.
+
+    REPO_ID itself; a namespace alone (`me/`) puts it under its folder name (`me/<pivot>-implicit`).
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    layout = FuseWorkDir(recipe)
+    target = list(layout.implicit_targets.values())[-1]
+    rid = f"{repo_id}{target.name}" if repo_id.endswith("/") else repo_id
+    try:
+        validate_repo_id(rid)
+    except HFValidationError as exc:
+        reason = str(exc).rsplit(": '", 1)[0]
+        raise FusemergeError(f"{rid!r} is not a valid Hub repo id: {reason}", key="--push-to-hub") from None
+    return {layout.target_folder(target): rid}
+
+
+def run_implicit(
+    recipe: FuseRecipe,
+    *,
+    steps: Sequence[str],
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Path]:
+    """Run the requested implicit steps in order; finished work is skipped. Returns the folders (see above).
+
+    Args:
+        recipe: a validated recipe with `fusion.kind: implicit`.
+        steps: the steps to run (`fusemerge.fuse.checked_steps`: known, in pipeline order).
+        progress: progress bars.
+        echo: where one-line status messages go.
+    """
+    from accelerate import PartialState
+
+    layout = FuseWorkDir(recipe)
+    state = PartialState()
+    main = state.is_main_process
+    layout.implicit_dir.mkdir(parents=True, exist_ok=True)
+    lock: AbstractContextManager[None] = (
+        exclusive_lock(layout.implicit_dir, what="implicit fuse") if main else nullcontext()
+    )
+    folders: dict[str, Path] = {}
+    with lock:
+        if main and any(s in steps for s in DATA_STEPS):
+            folders.update(data_steps(recipe, layout, steps=steps, progress=progress, echo=echo))
+        state.wait_for_everyone()
+        folders.update(training_steps(recipe, layout, steps=steps, progress=progress, echo=echo))
+    return folders
+
+
+def data_steps(
+    recipe: FuseRecipe,
+    layout: FuseWorkDir,
+    *,
+    steps: Sequence[str],
+    progress: bool,
+    echo: Callable[[str], None],
+) -> dict[str, Path]:
+    """sample, score and pairs over every answering model (skipped when prepared data covers all stages)."""
+    from fusemerge.fuse.implicit.pairs import run_pairs
+    from fusemerge.fuse.implicit.score import run_score
+    from fusemerge.fuse.implicit.scorers import ScorerContext
+
+    spec = implicit_spec(recipe)
+    if not generated_stages(spec):
+        for step in (s for s in DATA_STEPS if s in steps):
+            echo(
+                f"{step}: nothing to do, prepared data (implicit.sft_data / preference_data) covers every stage"
+            )
+        return {}
+    folders: dict[str, Path] = {}
+    answering = layout.answering
+    prompts = load_prompts(recipe, echo=echo) if ("sample" in steps or "score" in steps) else None
+    if "sample" in steps:
+        from fusemerge.fuse.implicit.sample import run_sample
+
+        assert prompts is not None
+        for name, model in answering:
+            folder = layout.samples_folder(name)
+            run_sample(
+                model=sample_model(name, model),
+                prompts=prompts,
+                spec=spec.sampling,
+                folder=folder,
+                progress=progress,
+                echo=echo,
+            )
+            folders[f"samples/{name}"] = folder
+    if "score" in steps:
+        assert prompts is not None
+        context = ScorerContext(spec.scoring, progress=progress)  # one reward model load for every model
+        for name, _ in answering:
+            folder = layout.scores_folder(name)
+            run_score(
+                name=name,
+                samples=layout.samples_folder(name),
+                folder=folder,
+                prompts=prompts,
+                spec=spec.scoring,
+                context=context,
+                progress=progress,
+                echo=echo,
+            )
+            folders[f"scores/{name}"] = folder
+    if "pairs" in steps:
+        pivot = layout.pivot_name if spec.sampling.include_pivot else None
+        run_pairs(
+            scores={name: layout.scores_folder(name) for name, _ in answering},
+            pivot=pivot,
+            folder=layout.implicit_dir,
+            spec=spec.pairs,
+            progress=progress,
+            echo=echo,
+        )
+        folders["pairs/sft"] = layout.sft_pairs
+        folders["pairs/preference"] = layout.preference_pairs
+    return folders
+
+
+def training_steps(
+    recipe: FuseRecipe,
+    layout: FuseWorkDir,
+    *,
+    steps: Sequence[str],
+    progress: bool,
+    echo: Callable[[str], None],
+) -> dict[str, Path]:
+    """sft then preference, each on the recipe's `implicit.stages`; preference trains the SFT target."""
+    spec = implicit_spec(recipe)
+    targets = layout.implicit_targets
+    folders: dict[str, Path] = {}
+    for step in ("sft", "preference"):
+        if step in steps and step not in targets:
+            echo(f"{step}: not among implicit.stages ({', '.join(spec.stages)}), skipped")
+    if "sft" in steps and "sft" in targets:
+        from fusemerge.fuse.implicit.datasets import read_sft_data
+        from fusemerge.fuse.implicit.sft import run_sft
+
+        target = targets["sft"]
+        data, key = stage_data(recipe, layout, "sft")
+        out = run_sft(
+            recipe=recipe,  # type: ignore[arg-type]  # FuseRecipe.implicit is set for this kind
+            records=read_sft_data(spec=data, key=key),
+            out=layout.target_folder(target),
+            checkpoints=layout.checkpoints(target),
+            max_length=recipe.dataset.max_length if recipe.dataset is not None else 2048,
+            data_names=data_names(recipe, data),
+            progress=progress,
+            echo=echo,
+        )
+        folders[target.key] = out
+    if "preference" in steps and "preference" in targets:
+        from fusemerge.fuse.implicit.datasets import read_preference_data
+        from fusemerge.fuse.implicit.preference import run_preference
+
+        target = targets["preference"]
+        policy = None
+        if "sft" in targets:  # FuseChat-3.0: DPO starts from the SFT model, which must be finished
+            policy = layout.target_folder(targets["sft"])
+            if not target_complete(policy):
+                raise FusemergeError(
+                    "no finished SFT target to start the preference stage from; run the sft step first "
+                    "(--steps sft,preference)",
+                    file=policy,
+                )
+        data, key = stage_data(recipe, layout, "preference")
+        out = run_preference(
+            recipe=recipe,  # type: ignore[arg-type]
+            pairs=read_preference_data(spec=data, key=key),
+            out=layout.target_folder(target),
+            checkpoints=layout.checkpoints(target),
+            policy=policy,
+            data_names=data_names(recipe, data),
+            progress=progress,
+            echo=echo,
+        )
+        folders[target.key] = out
+    return folders
+
+
+def stage_data(recipe: FuseRecipe, layout: FuseWorkDir, stage: str) -> tuple[DataFileSpec, str]:
+    """A stage's data file and the recipe key errors name: the prepared data, else the pairs step's file."""
+    spec = implicit_spec(recipe)
+    prepared = spec.sft_data if stage == "sft" else spec.preference_data
+    if prepared is not None:
+        return prepared, f"implicit.{stage}_data"
+    path = layout.sft_pairs if stage == "sft" else layout.preference_pairs
+    if not path.is_file():
+        raise FusemergeError(
+            f"no {stage} data: run the pairs step first (--steps sample,score,pairs), or give "
+            f"implicit.{stage}_data",
+            file=path,
+        )
+    return DataFileSpec(path=str(path)), f"pairs ({path.name})"
+
+
+def data_names(recipe: FuseRecipe, data: DataFileSpec) -> list[str]:
+    """What the model card names as the training data: the prepared file, or the prompts it came from."""
+    spec = implicit_spec(recipe)
+    if data in (spec.sft_data, spec.preference_data) or recipe.dataset is None:
+        return [data.path]
+    scorers = sorted({spec.scoring.default, *spec.scoring.domains.values()})
+    return [f"{recipe.dataset.path} (prompts; responses of the sources scored by {', '.join(scorers)})"]
+
+
+def target_complete(folder: Path) -> bool:
+    """Whether a target folder is finished (its stamp is written last, inside the staged folder)."""
+    from fusemerge.checkpoint.layout import TARGET_STAMP
+
+    return (folder / TARGET_STAMP).is_file()
+
+
+def load_prompts(recipe: FuseRecipe, *, echo: Callable[[str], None] = print) -> Any:
+    """The recipe's prompts (`dataset`): every record's last user turn, its domain and its gold data."""
+    from fusemerge.fuse.implicit.prompts import read_prompts
+
+    if recipe.dataset is None:
+        raise FusemergeError("sample and score need the prompts: give dataset.path", key="dataset")
+    ds = recipe.dataset
+    prompts = read_prompts(
+        path=ds.path, split=ds.split, fmt=ds.format, limit=ds.limit, on_bad_record=ds.on_bad_record
+    )
+    extra = "".join(
+        f", {n} {what}"
+        for n, what in ((len(prompts.skipped), "skipped"), (prompts.duplicates, "duplicates dropped"))
+        if n
+    )
+    echo(f"prompts: {len(prompts.prompts)} from {ds.path}{extra}")
+    return prompts
+
+
+def sample_model(name: str, spec: ModelSpec) -> Any:
+    """A recipe model as the sample step loads it: its own chat template (each source answers in its own)."""
+    from fusemerge.fuse.implicit.generate import LoadSettings
+    from fusemerge.fuse.implicit.sample import SampleModel
+
+    load = LoadSettings(
+        dtype=spec.dtype or "auto",
+        device=spec.device or "auto",
+        load_in_4bit=spec.load_in_4bit,
+        allow_pickle=spec.allow_pickle,
+        trust_remote_code=spec.trust_remote_code,
+    )
+    return SampleModel(name=name, model=spec.model, load=load)

@@ -1,0 +1,203 @@
+"""`fusemerge fuse RECIPE --dry-run`: the recipe validated and the plan printed, nothing loaded or run.
+
+    from fusemerge.fuse.plan import fuse_plan
+    for line in fuse_plan(recipe, steps=["teach", "align", "train"]): print(line)
+
+For both kinds (explicit teach -> align -> train, implicit sample -> score -> pairs -> sft -> preference):
+the steps in order and what of each is already done on disk, every model and where it would come from,
+the dataset's size, and where the outputs go. Why a separate pass: a recipe for a 70B source is hours of
+downloads and GPU time away from its first real error, and a user wants to know before that what would
+run, what is already finished and what still has to be fetched.
+
+Nothing here loads a tokenizer, a config or a weight, and nothing touches the network: a model is a
+local folder, in the local Hugging Face cache (`huggingface_hub.try_to_load_from_cache`, which only reads
+the disk), or "to download", never an error. The dataset's records are counted without tokenizing (its
+sequence count after splitting at max_length needs the pivot's tokenizer, so the real run reports it).
+The on-disk status reads only manifests and stamps, the same files the steps themselves check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from fusemerge.checkpoint.layout import TARGET_STAMP, read_state
+from fusemerge.fuse.implicit.pipeline import DATA_STEPS
+from fusemerge.fuse.implicit.spec import DataFileSpec, ImplicitSpec
+from fusemerge.fuse.recipe import FuseRecipe, ModelSpec
+from fusemerge.fuse.store import MANIFEST
+from fusemerge.fuse.workdir import FuseWorkDir
+
+DONE, TODO = "done", "to do"
+
+
+def model_location(model: str) -> str:
+    """Where a model would be read from: a local folder, the local HF cache, or the Hub ("to download").
+
+    Reads only the disk (no request, whatever HF_HUB_OFFLINE says).
+    """
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError
+
+    if Path(model).is_dir():
+        return "local folder"
+    try:
+        cached = try_to_load_from_cache(model, "config.json")
+    except HFValidationError:
+        return "not found (neither a local folder nor a valid Hub id)"
+    return "in the local HF cache" if isinstance(cached, str) else "to download"
+
+
+def count_records(path: str, split: str | None = None, limit: int | None = None) -> str:
+    """The number of records of a JSONL file (non-empty lines) or a saved datasets folder (its rows).
+
+    A missing file is said, not raised: a fresh clone has the recipe but not yet the data.
+    """
+    p = Path(path)
+    if p.is_file():
+        with open(p, "rb") as fh:
+            n = sum(1 for line in fh if line.strip())
+    elif p.is_dir():
+        from fusemerge.lm.chat import read_records
+
+        n = sum(1 for _ in read_records(p, split))
+    else:
+        return "not found"
+    if limit is not None and limit < n:
+        return f"{n:,} records, the first {limit:,} used (limit)"
+    return f"{n:,} records"
+
+
+def fuse_plan(recipe: FuseRecipe, *, steps: Sequence[str], push_to_hub: str | None = None) -> list[str]:
+    """The plan as lines of text (see the module docstring).
+
+    Args:
+        recipe: a validated fuse recipe.
+        steps: the steps that would run (`fusemerge.fuse.checked_steps`).
+        push_to_hub: the `--push-to-hub` repo id, if any.
+    """
+    layout = FuseWorkDir(recipe)
+    kind = recipe.fusion.kind
+    lines = [f"fusion: {kind}"]
+    lines += ["models:"] + [
+        f"  {role}: {spec.model} ({model_location(spec.model)})" for role, spec in _models(recipe)
+    ]
+    if recipe.dataset is not None:
+        what = "prompts" if kind == "implicit" else "dataset"
+        ds = recipe.dataset
+        lines.append(f"{what}: {ds.path} ({count_records(ds.path, ds.split, ds.limit)})")
+    if kind == "implicit":
+        lines += _implicit_steps(recipe, layout, steps)
+    else:
+        lines += _explicit_steps(recipe, layout, steps)
+    lines.append(f"work dir: {layout.root}")
+    if push_to_hub:
+        lines.append(f"push to the Hub: {push_to_hub}")
+    lines.append("dry run: nothing was loaded or run")
+    return lines
+
+
+def print_plan(
+    recipe: FuseRecipe,
+    *,
+    recipe_path: Path,
+    steps: Sequence[str],
+    push_to_hub: str | None = None,
+    echo: Callable[[str], None] = print,
+) -> None:
+    """Print `fuse_plan` under a header naming the recipe (it has been validated by then)."""
+    echo(f"recipe: {recipe_path} (valid)")
+    for line in fuse_plan(recipe, steps=steps, push_to_hub=push_to_hub):
+        echo(line)
+
+
+def _models(recipe: FuseRecipe) -> list[tuple[str, ModelSpec]]:
+    models = list(recipe.models)
+    spec = recipe.implicit
+    if recipe.fusion.kind == "implicit" and spec is not None and spec.scoring.reward_model is not None:
+        models.append(("reward model", ModelSpec(model=spec.scoring.reward_model.model)))
+    return models
+
+
+def _step(name: str, steps: Sequence[str], status: str) -> str:
+    return f"  {name}: {status}" + ("" if name in steps else " [not requested]")
+
+
+def _all(flags: Sequence[bool]) -> str:
+    done = sum(flags)
+    if done == len(flags):
+        return DONE
+    return TODO if not done else f"{done} of {len(flags)} done"
+
+
+def _explicit_steps(recipe: FuseRecipe, layout: FuseWorkDir, steps: Sequence[str]) -> list[str]:
+    stores = [(f / MANIFEST).is_file() for f in layout.teacher_stores]
+    aligned = [(f / MANIFEST).is_file() for f in layout.aligned_stores]
+    targets = layout.targets
+    trained = [(layout.target_folder(t) / TARGET_STAMP).is_file() for t in targets]
+    lines = [
+        "steps:",
+        _step("teach", steps, f"{_all(stores)} (top-{recipe.teacher.top_k} of {len(stores)} models)"),
+        _step("align", steps, f"{_all(aligned)} ({recipe.alignment.tokens} / {recipe.alignment.vocab})"),
+        _step("train", steps, f"{_all(trained)} ({recipe.training.mode}, {recipe.fusion.function})"),
+        "outputs:",
+    ]
+    lines += [f"  {layout.target_folder(t)}" for t in targets]
+    if len(targets) > 1:
+        lines.append(f"  {layout.merge_recipe} (the VaRM merge of the targets)")
+    return lines
+
+
+def _implicit_steps(recipe: FuseRecipe, layout: FuseWorkDir, steps: Sequence[str]) -> list[str]:
+    spec = recipe.implicit
+    assert spec is not None  # FuseRecipe requires it for this kind
+    generated = [s for s in spec.stages if _prepared(spec, s) is None]
+    names = [name for name, _ in layout.answering]
+    if generated:
+        sampled = [read_state(layout.samples_folder(n)).get("complete") is True for n in names]
+        scored = [read_state(layout.scores_folder(n)).get("complete") is True for n in names]
+        paired = layout.sft_pairs.is_file() and layout.preference_pairs.is_file()
+        samples = spec.sampling
+        per_domain = "".join(f", {d}: {n}" for d, n in sorted(samples.samples_per_domain.items()))
+        scorers = ", ".join(
+            [f"default: {spec.scoring.default}"]
+            + [f"{d}: {s}" for d, s in sorted(spec.scoring.domains.items())]
+        )
+        data = [
+            _step(
+                "sample",
+                steps,
+                f"{_all(sampled)} ({len(names)} models: {', '.join(names)}; {samples.samples} per prompt"
+                f"{per_domain}; {samples.max_new_tokens} new tokens, temperature {samples.temperature})",
+            ),
+            _step("score", steps, f"{_all(scored)} ({scorers})"),
+            _step("pairs", steps, f"{DONE if paired else TODO} (sft fraction {spec.pairs.sft_fraction})"),
+        ]
+    else:
+        data = [_step(s, steps, "nothing to do (prepared data covers every stage)") for s in DATA_STEPS]
+    targets = layout.implicit_targets
+    training = []
+    for stage in ("sft", "preference"):
+        if stage not in targets:
+            training.append(_step(stage, steps, "not among implicit.stages"))
+            continue
+        prepared = _prepared(spec, stage)
+        source = (
+            f"prepared {prepared.path} ({count_records(prepared.path, prepared.split, prepared.limit)})"
+            if prepared is not None
+            else f"{layout.sft_pairs if stage == 'sft' else layout.preference_pairs} (the pairs step)"
+        )
+        done = (layout.target_folder(targets[stage]) / TARGET_STAMP).is_file()
+        how = (
+            f"{recipe.training.mode}, {recipe.training.epochs:g} epochs, lr {recipe.training.learning_rate:g}"
+            if stage == "sft"
+            else f"{spec.preference.loss}, beta {spec.preference.beta:g}, lr {spec.preference.learning_rate:g}"
+        )
+        training.append(_step(stage, steps, f"{DONE if done else TODO} ({how}; data: {source})"))
+    lines = ["steps:", *data, *training, "outputs:"]
+    lines += [f"  {layout.target_folder(t)} ({stage})" for stage, t in targets.items()]
+    return lines
+
+
+def _prepared(spec: ImplicitSpec, stage: str) -> DataFileSpec | None:
+    return spec.sft_data if stage == "sft" else spec.preference_data
