@@ -6,6 +6,7 @@
     accelerate launch --config_file examples/accelerate/deepspeed_zero2.yaml \
         -m fusemerge.cli fuse recipes/fusechat-7b.yml            # teach shards and training on every GPU
     fusemerge fuse recipe.yml --push-to-hub me/OpenChat-3.5-7B   # ... then upload each target
+    fusemerge fuse recipe.yml --baseline                         # ... and the CLM-only baseline beside them
 
 `fusemerge.cli` registers it. It holds no logic: `run_fuse` does the work.
 """
@@ -39,8 +40,16 @@ from fusemerge.progress import silence_library_progress
     "train step; checked before any work starts.",
 )
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repos private.")
+@click.option(
+    "--baseline",
+    is_flag=True,
+    help="Also train the CLM-only baseline: the pivot fine-tuned on the same data with the same training, "
+    "no fusion (OUTPUT/<pivot>-finetune). Not pushed, not merged.",
+)
 @exit_2_on_user_error
-def fuse(recipe: Path, steps: str, quiet: bool, push_to_hub: str | None, private: bool) -> None:
+def fuse(
+    recipe: Path, steps: str, quiet: bool, push_to_hub: str | None, private: bool, baseline: bool
+) -> None:
     """Fuse chat models of different tokenizers as the RECIPE says (FuseChat).
 
     \b
@@ -53,7 +62,8 @@ def fuse(recipe: Path, steps: str, quiet: bool, push_to_hub: str | None, private
 
     Each source gives one fused target (the pivot trained on its MinCE targets); the command then
     prints where they are and writes OUTPUT/merge.yml, to be run with `fusemerge merge` (printed).
-    An interrupted run, rerun with the same command, continues where it stopped.
+    An interrupted run, rerun with the same command, continues where it stopped. --baseline adds the
+    paper's baseline; a recipe with `fusion: {function: none}` (no sources needed) is that fine-tune alone.
 
     \b
     --push-to-hub, for the pivot org/openchat_3.5 and the sources org/Solar, org/Mixtral:
@@ -72,4 +82,5 @@ def fuse(recipe: Path, steps: str, quiet: bool, push_to_hub: str | None, private
         echo=click.echo,
         push_to_hub=push_to_hub,
         private=private,
+        baseline=baseline,
     )

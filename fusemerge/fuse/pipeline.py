@@ -12,6 +12,11 @@ run continues with the same command. The training stage opens the results with
 With `push_to_hub`, the finished targets are uploaded at the end (`hub_repo_ids` says where): one target
 goes to the repo id as given; several go to `<repo id>-<source name>` each; a namespace alone (`me/`)
 puts each under its folder name. The ids are checked before any work starts.
+
+A fine-tune recipe (`fusion.function: none`, or `lambda: 1`) has no teach or align work: it trains
+`<pivot>-finetune` on the data alone. With `baseline`, a fusion recipe also trains that fine-tune, its
+CLM-only baseline (`FuseRecipe.baseline`), beside its targets (same data, training and output). The run
+ends with one line saying how much disk it still holds, and where (`fusemerge.fuse.workdir.disk_line`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse import STEPS
 from fusemerge.fuse.recipe import FuseRecipe, load_fuse_recipe
-from fusemerge.fuse.workdir import FuseWorkDir
+from fusemerge.fuse.workdir import FuseWorkDir, disk_line
 
 
 def run_fuse(
@@ -34,6 +39,7 @@ def run_fuse(
     echo: Callable[[str], None] = print,
     push_to_hub: str | None = None,
     private: bool = False,
+    baseline: bool = False,
 ) -> dict[str, Path]:
     """Run the requested steps of the fuse recipe; returns the folders they made or checked.
 
@@ -48,6 +54,8 @@ def run_fuse(
         echo: where one-line status messages go.
         push_to_hub: upload the targets when trained (see `hub_repo_ids`); needs the train step.
         private: create the Hub repos private (an existing repo keeps its visibility).
+        baseline: also train the recipe's CLM-only baseline (`<pivot>-finetune`) after its targets; it is
+            not pushed and not part of the merge.
     """
     steps = [s.strip() for s in steps if s.strip()]
     unknown = [s for s in steps if s not in STEPS]
@@ -63,19 +71,33 @@ def run_fuse(
             key="--push-to-hub",
         )
     recipe = load_fuse_recipe(recipe_path)
+    if baseline and recipe.fine_tune:
+        raise FusemergeError(
+            "the recipe is a fine-tune already (fusion.function none or lambda 1): it is the baseline",
+            key="--baseline",
+        )
+    runs = [recipe, recipe.baseline()] if baseline else [recipe]
     repo_ids = hub_repo_ids(recipe, push_to_hub) if push_to_hub else {}
-    if "teach" not in steps:  # align and train read them: checked once, before any work
+    if "teach" not in steps and not recipe.fine_tune:  # align and train read them: checked once, first
         FuseWorkDir(recipe).require_teacher_stores()
     pivot_tokenizer, data = chat_data(recipe, echo=echo)
     folders: dict[str, Path] = {}
-    if "teach" in steps:
+    if recipe.fine_tune and ("teach" in steps or "align" in steps):
+        echo("teach, align: nothing to do for a fine-tune (no teachers: fusion.function none or lambda 1)")
+    elif "teach" in steps:
         folders.update(teach(recipe, data, progress=progress, echo=echo))
-    if "align" in steps:
+    if "align" in steps and not recipe.fine_tune:
         folders.update(align(recipe, data, pivot_tokenizer, progress=progress, echo=echo))
     if "train" in steps:
-        folders.update(train(recipe, data, progress=progress, echo=echo))
+        for run in runs:
+            folders.update(train(run, data, progress=progress, echo=echo))
     if repo_ids:
         push_targets(repo_ids, private=private, echo=echo)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        targets = [path for key, path in folders.items() if key.startswith("target/")]
+        echo(disk_line([FuseWorkDir(run) for run in runs], targets))
     return folders
 
 
@@ -224,14 +246,18 @@ def train(
     from fusemerge.fuse.train import train_target
 
     layout = FuseWorkDir(recipe)
-    inputs = open_fusion_inputs(recipe)
+    inputs = None if recipe.fine_tune else open_fusion_inputs(recipe)
     out: dict[str, Path] = {}
     for target in layout.targets:
-        aligned = {recipe.sources[i].model: inputs.sources[layout.source_names[i]] for i in target.members}
+        aligned = (
+            {recipe.sources[i].model: inputs.sources[layout.source_names[i]] for i in target.members}
+            if inputs
+            else {}
+        )
         out[target.key] = train_target(
             recipe,
             data,
-            pivot_store=inputs.pivot,
+            pivot_store=inputs.pivot if inputs else None,
             aligned=aligned,
             out=layout.target_folder(target),
             checkpoints=layout.checkpoints(target),
@@ -240,6 +266,9 @@ def train(
         )
     targets = list(out.values())
     if not PartialState().is_main_process:  # under a launcher: one process reports and writes merge.yml
+        return out
+    if recipe.fine_tune:
+        echo(f"fine-tune (the CLM-only baseline): {targets[0]}")
         return out
     echo("targets: " + ", ".join(str(t) for t in targets))
     if len(targets) < 2:
@@ -258,13 +287,28 @@ def write_merge_recipe(recipe: FuseRecipe, targets: list[Path]) -> Path:
 
     from fusemerge.checkpoint.layout import atomic_write_text
 
-    body = {
+    body: dict[str, Any] = {
         "merge_method": "variation_ratio",
         "base_model": recipe.pivot.model,
         "models": [{"model": str(t)} for t in targets],
     }
+    header = "# Written by `fusemerge fuse`: merge the fused targets (FuseChat's VaRM, the pivot as base).\n"
+    if any(_saved_dtype(t) == "float32" for t in targets):
+        # unset, the merge is written in the base's dtype: rounding it there would erase the targets' change
+        body["out_dtype"] = "float32"
+        header += "# out_dtype float32: the targets were saved in float32 (training.save_dtype).\n"
     path = FuseWorkDir(recipe).merge_recipe
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = "# Written by `fusemerge fuse`: merge the fused targets (FuseChat's VaRM, the pivot as base).\n"
     atomic_write_text(path, header + yaml.safe_dump(body, sort_keys=False))
     return path
+
+
+def _saved_dtype(target: Path) -> str | None:
+    """The dtype a target folder's config.json names (transformers writes `dtype`; older: `torch_dtype`)."""
+    import json
+
+    try:
+        config = json.loads((target / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return config.get("dtype") or config.get("torch_dtype")

@@ -228,8 +228,10 @@ def test_varm_merges_float32_targets_over_a_bfloat16_pivot(runs, tmp_path):
     merged = tmp_path / "merged"
     result = CliRunner().invoke(main, ["merge", str(runs["root"] / "out-a" / "merge.yml"), str(merged), "-q"])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    weights = load_file(merged / "model.safetensors")
+    weights = {k: v for f in sorted(merged.glob("*.safetensors")) for k, v in load_file(f).items()}
     assert weights.keys() == load_file(runs["pivot"] / "model.safetensors").keys()
+    assert {v.dtype for v in weights.values()} == {torch.float32}  # merge.yml: out_dtype float32
+    assert "out_dtype: float32" in (runs["root"] / "out-a" / "merge.yml").read_text()
 
 
 @pytest.mark.parametrize(
