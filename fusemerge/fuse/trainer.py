@@ -34,11 +34,7 @@ class FusionTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        # the Trainer prints each log as a dict of formatted strings; fusemerge prints one line
-        if self.pop_callback(ProgressCallback) is not None:
-            self.add_callback(ProgressLines())
-        if self.pop_callback(PrinterCallback) is not None:
-            self.add_callback(LogLines(echo))
+        one_line_logs(self, echo)
         # Releases without `loss_is_scaled_for_ga` (5.17, for one) skip the division by the accumulation
         # steps when the model's forward takes **kwargs; our loss never sees num_items_in_batch, so say no.
         self.model_accepts_loss_kwargs = False
@@ -118,6 +114,15 @@ def first_step_learns(schedule: Callable[[int], float], warmup: int) -> Callable
         return schedule(step + 1) if step < warmup else schedule(step)
 
     return factor
+
+
+def one_line_logs(trainer: Trainer, echo: Callable[[str], Any] = print) -> None:
+    """Make `trainer` print each log as one `log_line`, where transformers prints a dict of strings
+    (`{'loss': '1.761', ...}`): above its progress bar, or through `echo` without one."""
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ProgressLines())
+    if trainer.pop_callback(PrinterCallback) is not None:
+        trainer.add_callback(LogLines(echo))
 
 
 def log_line(step: int, steps: int, logs: Mapping[str, Any]) -> str:
