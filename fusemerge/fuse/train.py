@@ -49,8 +49,8 @@ from fusemerge.lm.chat_data import ChatData
 from fusemerge.lm.loading import FourBit, four_bit_config, load_causal_lm, load_tokenizer
 from fusemerge.lm.padding import pad_token_id
 
-# settings that change how a run is observed, not what it computes: free to change on a resume
-NOT_IDENTITY = {"save_steps", "logging_steps", "dataloader_workers"}
+# settings that change how a run is observed or saved, not what it trains: free to change on a resume
+NOT_IDENTITY = OBSERVING
 
 
 # ---------------------------------------------------------------- devices and models
