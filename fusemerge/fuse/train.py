@@ -339,9 +339,9 @@ def claim_checkpoints(checkpoints: Path, identity: dict[str, Any]) -> None:
         and not stamp_matches(checkpoints, identity, TRAIN_STAMP)
     ):
         raise FusemergeError(
-            f"these training checkpoints were made for other stores or data ({TRAIN_STAMP} differs"
-            f"{_differences(checkpoints / TRAIN_STAMP, identity)}); fusemerge leaves them as they are: "
-            "rerun the teach and align steps if the data changed, or give this recipe another work_dir",
+            f"training checkpoints here were made for other settings, stores or data ({TRAIN_STAMP} differs"
+            f"{_differences(checkpoints / TRAIN_STAMP, identity)}); fusemerge leaves them as they are: give "
+            "this recipe its own work_dir (or rerun teach and align if the data changed)",
             file=checkpoints,
         )
     checkpoints.mkdir(parents=True, exist_ok=True)
