@@ -293,7 +293,8 @@ def write_merge_recipe(recipe: FuseRecipe, targets: list[Path]) -> Path:
         "models": [{"model": str(t)} for t in targets],
     }
     header = "# Written by `fusemerge fuse`: merge the fused targets (FuseChat's VaRM, the pivot as base).\n"
-    if any(_saved_dtype(t) == "float32" for t in targets):
+    pivot_dtype = _saved_dtype(Path(recipe.pivot.model))  # None for a Hub id: then say float32 anyway
+    if pivot_dtype != "float32" and any(_saved_dtype(t) == "float32" for t in targets):
         # unset, the merge is written in the base's dtype: rounding it there would erase the targets' change
         body["out_dtype"] = "float32"
         header += "# out_dtype float32: the targets were saved in float32 (training.save_dtype).\n"
