@@ -1,4 +1,5 @@
-"""Model cards (README.md with Hub front matter) for merged and fused models (see ARCHITECTURE.md, "Data flows").
+"""Model cards (README.md with Hub front matter) for merged, fused and fine-tuned models (see ARCHITECTURE.md,
+"Data flows").
 
 A merge names all its inputs in `base_model` with `base_model_relation: merge`; a fused target is a
 fine-tune of its pivot (`base_model: pivot`), and its sources, which are teachers and not weights it
@@ -95,6 +96,47 @@ def fused_card(
         "",
         f"- pivot (base): `{pivot}`",
         *(f"- source: `{s}`" for s in sources),
+        "",
+        *_eval_lines(evaluation),
+        "## Recipe",
+        "",
+        "```yaml",
+        recipe_text.rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def finetune_card(
+    *,
+    pivot: str,
+    recipe_text: str,
+    extra_tags: list[str] | None = None,
+    evaluation: EvalReport | None = None,
+) -> str:
+    """The card of a plain fine-tune (`fusion.function: none` or `lambda: 1`): the fusion's baseline."""
+    front: dict[str, object] = {}
+    if hub_ids([pivot]):
+        front["base_model"] = pivot
+        front["base_model_relation"] = "finetune"
+    front["library_name"] = "transformers"
+    front["tags"] = ["fine-tune", "fusemerge", *(extra_tags or [])]
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        "# Fine-tuned model",
+        "",
+        f"This model is `{pivot}` fine-tuned with [fusemerge](https://github.com/fusemerge/fusemerge) on "
+        "chat data with the causal language-modelling loss alone: a plain fine-tune, no knowledge fusion "
+        "and no teacher models. It is the baseline of a fusion on the same data "
+        "([FuseChat](https://arxiv.org/abs/2408.07990)'s CLM-only run).",
+        "",
+        "## Models",
+        "",
+        f"- base: `{pivot}`",
         "",
         *_eval_lines(evaluation),
         "## Recipe",

@@ -13,7 +13,9 @@ harder predictions), so models of different tokenizers cannot be ranked by it. E
 the *same text* (each conversation rendered once, with one chat template: the first model's unless
 `chat_template` says otherwise, as FuseChat does with the pivot's) and the summed negative log-likelihood of
 its assistant tokens, in bits, is divided by the UTF-8 bytes of the assistant text those tokens cover. Nats
-per token and perplexity are reported too, for comparisons within one tokenizer.
+per token and perplexity are reported too, for comparisons within one tokenizer. An assistant turn's text
+includes the special token that ends it in the rendered text (`<|im_end|>` with ChatML, 10 bytes), as in
+fusion's training mask (`fusemerge.fuse.data.render_conversation`).
 
 Domains: a record's `domain` field (`domain_field`), else the file's stem, so one file per domain works.
 """

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusemerge.card import EVAL_BEGIN, fused_card, merge_card, with_eval_section
+from fusemerge.card import EVAL_BEGIN, finetune_card, fused_card, merge_card, with_eval_section
 from fusemerge.evaluate import EVAL_FILE, EvalReport, Score
 from fusemerge.hub import check_complete
 from fusemerge.offline.assets import build_random_model
@@ -90,6 +90,17 @@ def test_fused_card_names_pivot_as_base_and_sources_in_text():
         "## Recipe"
     )
     assert with_eval_section(with_table, _report()) == with_table  # refreshing replaces, never duplicates
+
+
+def test_finetune_card_is_a_plain_fine_tune_of_the_pivot_with_no_sources():
+    card = finetune_card(pivot="openchat/openchat_3.5", recipe_text="fusion: {function: none}\n")
+    front = _front_matter(card)
+    assert front["base_model"] == "openchat/openchat_3.5" and front["base_model_relation"] == "finetune"
+    assert "fine-tune" in front["tags"] and "fusechat" not in front["tags"]
+    assert "# Fine-tuned model" in card and "no knowledge fusion" in card
+    assert "source:" not in card and "towards the token distributions" not in card
+    with_table = with_eval_section(card, _report())
+    assert with_table.index("## Evaluation") < with_table.index("## Recipe")
 
 
 def test_eval_report_json_round_trip():

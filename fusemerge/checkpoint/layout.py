@@ -90,6 +90,31 @@ def remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def usual_file_mode(path: Path) -> None:
+    """Give a file the mode `open()` gives new files (0666 less the umask, e.g. 0644).
+
+    safetensors writes its files 0600, so without this a store's shards and a saved model's weights
+    would be private while every other file beside them is readable by the group and others.
+    """
+    try:
+        path.chmod(0o666 & ~_umask())
+    except OSError as exc:
+        raise FusemergeError(f"cannot set the file's mode: {exc.strerror}", file=path) from exc
+
+
+def usual_folder_modes(folder: Path, pattern: str = "*.safetensors") -> None:
+    """`usual_file_mode` for every file in `folder` (not below it) that matches `pattern`."""
+    for path in folder.glob(pattern):
+        if path.is_file():
+            usual_file_mode(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    os.umask(mask)
+    return mask
+
+
 def publish(tmp: Path, final: Path) -> None:
     """Give a completely written file or folder its final name in one rename."""
     os.replace(tmp, final)

@@ -10,7 +10,7 @@
    several times more of their own domain.
 3. `fuse` (the real pipeline: teacher top-K pass, token alignment, vocabulary mapping, MinCE, training):
    one target per specialist (pairwise, the paper), and the paper's baseline with the same data and
-   schedule but the CLM loss alone (`lambda: 1`).
+   schedule but the CLM loss alone (`fuse --baseline`: the recipe with `fusion.function: none`).
 4. `merge` of the two targets with `variation_ratio` (VaRM, the pivot as base) and with `linear`.
 5. `eval`: held-out bits per byte per domain for every model, printed as one table, saved as JSON and
    drawn as a PNG.
@@ -133,7 +133,7 @@ def _fuse(
     progress: bool,
     echo: Callable[[str], Any],
 ) -> tuple[dict[str, Path], Path, Path]:
-    """The FuseChat recipe and its CLM-only twin (same data, schedule and seed; `lambda: 1`)."""
+    """The FuseChat recipe, run with its CLM-only baseline (`--baseline`: same data, schedule and seed)."""
     from fusemerge.fuse.pipeline import run_fuse
     from fusemerge.fuse.recipe import load_fuse_recipe
     from fusemerge.fuse.workdir import FuseWorkDir
@@ -147,13 +147,11 @@ def _fuse(
         "work_dir": str(work),
     }
     fuse_recipe = _write_recipe(out / "fuse.yml", {**common, "output": str(out / "fused")})
-    clm = dict(common, fusion={**plan.fuse["fusion"], "sources": "all", "lambda": 1.0})
-    clm_recipe = _write_recipe(out / "clm-only.yml", {**clm, "output": str(out / "clm-only")})
-    made = run_fuse(fuse_recipe, progress=progress, echo=echo)
-    baseline = run_fuse(clm_recipe, steps=("train",), progress=progress, echo=echo)
-    plan = FuseWorkDir(load_fuse_recipe(fuse_recipe)).targets  # pairwise: one per source, in order
+    made = run_fuse(fuse_recipe, progress=progress, echo=echo, baseline=True)
+    recipe = load_fuse_recipe(fuse_recipe)
+    plan = FuseWorkDir(recipe).targets  # pairwise: one per source, in order
     targets = {domain: made[t.key] for domain, t in zip(specialists, plan, strict=True)}
-    clm_only = baseline[FuseWorkDir(load_fuse_recipe(clm_recipe)).targets[0].key]
+    clm_only = made[FuseWorkDir(recipe.baseline()).targets[0].key]
     return targets, clm_only, made["merge_recipe"]
 
 

@@ -65,6 +65,8 @@ def pretrain(
     """Train `plan` from random weights on `texts` and save it (safetensors + tokenizer) into `folder`."""
     from transformers import Trainer, TrainingArguments
 
+    from fusemerge.fuse.trainer import one_line_logs
+
     folder = Path(folder)
     identity = {"plan": asdict(plan), "texts": _digest(texts)}
     if _stamp(folder) == identity:
@@ -106,6 +108,7 @@ def pretrain(
         disable_tqdm=not progress,
     )
     trainer = Trainer(model=model, args=args, train_dataset=_Blocks(blocks))
+    one_line_logs(trainer, echo)
     result = trainer.train()
     echo(f"{plan.name}: final training loss {result.training_loss:.3f} nats/token")
     shutil.rmtree(folder, ignore_errors=True)

@@ -282,7 +282,8 @@ def _vocab_mapping(
         mapping = VocabMapping.load(path, source=source.profile, pivot=pivot.profile)
         if mapping.method != method:
             raise FusemergeError(
-                f"built with vocab '{mapping.method}', the recipe asks for '{method}'; delete it to rebuild",
+                f"built with vocab '{mapping.method}', the recipe asks for '{method}', perhaps by another "
+                "recipe: give this recipe its own work_dir",
                 file=path,
                 key="alignment.vocab",
             )
@@ -291,7 +292,10 @@ def _vocab_mapping(
             if meta.get(key) != want:
                 what = "other chat data" if key == "dataset_hash" else f"tokens '{meta.get(key)}'"
                 raise FusemergeError(
-                    f"this {method} mapping was counted on {what}; delete it to rebuild", file=path, key=key
+                    f"this {method} mapping was counted on {what}, perhaps by another recipe: give this recipe "
+                    "its own work_dir",
+                    file=path,
+                    key=key,
                 )
         return mapping
     params: dict[str, Any] = {}

@@ -8,6 +8,7 @@
     fusemerge fuse recipe.yml --push-to-hub me/OpenChat-3.5-7B   # ... then upload each target
     fusemerge fuse recipes/fusechat-3.0.yml --dry-run            # the plan: steps, models, data, what is done
     fusemerge fuse recipes/fusechat-3.0.yml --steps sample,score # implicit fusion (fusion.kind: implicit)
+    fusemerge fuse recipe.yml --baseline                         # ... and the CLM-only baseline beside them
 
 `fusemerge.cli` registers it. It holds no logic: `run_fuse` does the work.
 """
@@ -47,9 +48,21 @@ from fusemerge.progress import silence_library_progress
     "train step; checked before any work starts.",
 )
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repos private.")
+@click.option(
+    "--baseline",
+    is_flag=True,
+    help="Also train the CLM-only baseline: the pivot fine-tuned on the same data with the same training, "
+    "no fusion (OUTPUT/<pivot>-finetune). Not pushed, not merged.",
+)
 @exit_2_on_user_error
 def fuse(
-    recipe: Path, steps: str | None, dry_run: bool, quiet: bool, push_to_hub: str | None, private: bool
+    recipe: Path,
+    steps: str | None,
+    dry_run: bool,
+    quiet: bool,
+    push_to_hub: str | None,
+    private: bool,
+    baseline: bool,
 ) -> None:
     """Fuse chat models of different tokenizers as the RECIPE says (FuseChat).
 
@@ -63,7 +76,8 @@ def fuse(
 
     Each source gives one fused target (the pivot trained on its MinCE targets); the command then
     prints where they are and writes OUTPUT/merge.yml, to be run with `fusemerge merge` (printed).
-    An interrupted run, rerun with the same command, continues where it stopped.
+    An interrupted run, rerun with the same command, continues where it stopped. --baseline adds the
+    paper's baseline; a recipe with `fusion: {function: none}` (no sources needed) is that fine-tune alone.
 
     With `fusion: {kind: implicit}` (FuseChat-3.0) the sources answer the prompts, the answers are
     scored, and the pivot is trained on the best (SFT) then on preference pairs (DPO, WRPO).
@@ -86,4 +100,5 @@ def fuse(
         push_to_hub=push_to_hub,
         private=private,
         dry_run=dry_run,
+        baseline=baseline,
     )

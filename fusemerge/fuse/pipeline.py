@@ -16,6 +16,11 @@ run continues with the same command. The training stage opens the results with
 With `push_to_hub`, the finished targets are uploaded at the end (`hub_repo_ids` says where): one target
 goes to the repo id as given; several go to `<repo id>-<source name>` each; a namespace alone (`me/`)
 puts each under its folder name. The ids are checked before any work starts.
+
+A fine-tune recipe (`fusion.function: none`, or `lambda: 1`) has no teach or align work: it trains
+`<pivot>-finetune` on the data alone. With `baseline`, a fusion recipe also trains that fine-tune, its
+CLM-only baseline (`FuseRecipe.baseline`), beside its targets (same data, training and output). The run
+ends with one line saying how much disk it still holds, and where (`fusemerge.fuse.workdir.disk_line`).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse import checked_steps
 from fusemerge.fuse.recipe import FuseRecipe, load_fuse_recipe
-from fusemerge.fuse.workdir import FuseWorkDir
+from fusemerge.fuse.workdir import FuseWorkDir, disk_line
 
 
 def run_fuse(
@@ -39,6 +44,7 @@ def run_fuse(
     push_to_hub: str | None = None,
     private: bool = False,
     dry_run: bool = False,
+    baseline: bool = False,
 ) -> dict[str, Path]:
     """Run the requested steps of the fuse recipe; returns the folders they made or checked.
 
@@ -56,6 +62,8 @@ def run_fuse(
         push_to_hub: upload the targets when trained (see `hub_repo_ids`); needs the train step.
         private: create the Hub repos private (an existing repo keeps its visibility).
         dry_run: validate the recipe and print the plan (`fusemerge.fuse.plan`); nothing is loaded or run.
+        baseline: also train the recipe's CLM-only baseline (`<pivot>-finetune`) after its targets; it is
+            not pushed and not part of the merge.
     """
     if private and not push_to_hub:
         raise FusemergeError("--private only applies with --push-to-hub", key="--private")
@@ -66,6 +74,13 @@ def run_fuse(
         raise FusemergeError(
             f"the trained targets are what is pushed: add the {last} step (finished targets are skipped)",
             key="--push-to-hub",
+        )
+    if baseline and (recipe.fine_tune or recipe.fusion.kind == "implicit"):
+        raise FusemergeError(
+            "the recipe is a fine-tune already (fusion.function none or lambda 1): it is the baseline"
+            if recipe.fine_tune
+            else "--baseline is explicit fusion's CLM-only twin; an implicit recipe's SFT target is its baseline",
+            key="--baseline",
         )
     if dry_run:
         from fusemerge.fuse.plan import print_plan
@@ -80,19 +95,28 @@ def run_fuse(
         if implicit_ids:
             push_targets(implicit_ids, private=private, echo=echo)
         return done
+    runs = [recipe, recipe.baseline()] if baseline else [recipe]
     repo_ids = hub_repo_ids(recipe, push_to_hub) if push_to_hub else {}
-    if "teach" not in steps:  # align and train read them: checked once, before any work
+    if "teach" not in steps and not recipe.fine_tune:  # align and train read them: checked once, first
         FuseWorkDir(recipe).require_teacher_stores()
     pivot_tokenizer, data = chat_data(recipe, echo=echo)
     folders: dict[str, Path] = {}
-    if "teach" in steps:
+    if recipe.fine_tune and ("teach" in steps or "align" in steps):
+        echo("teach, align: nothing to do for a fine-tune (no teachers: fusion.function none or lambda 1)")
+    elif "teach" in steps:
         folders.update(teach(recipe, data, progress=progress, echo=echo))
-    if "align" in steps:
+    if "align" in steps and not recipe.fine_tune:
         folders.update(align(recipe, data, pivot_tokenizer, progress=progress, echo=echo))
     if "train" in steps:
-        folders.update(train(recipe, data, progress=progress, echo=echo))
+        for run in runs:
+            folders.update(train(run, data, progress=progress, echo=echo))
     if repo_ids:
         push_targets(repo_ids, private=private, echo=echo)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        targets = [path for key, path in folders.items() if key.startswith("target/")]
+        echo(disk_line([FuseWorkDir(run) for run in runs], targets))
     return folders
 
 
@@ -249,14 +273,18 @@ def train(
     from fusemerge.fuse.train import train_target
 
     layout = FuseWorkDir(recipe)
-    inputs = open_fusion_inputs(recipe)
+    inputs = None if recipe.fine_tune else open_fusion_inputs(recipe)
     out: dict[str, Path] = {}
     for target in layout.targets:
-        aligned = {recipe.sources[i].model: inputs.sources[layout.source_names[i]] for i in target.members}
+        aligned = (
+            {recipe.sources[i].model: inputs.sources[layout.source_names[i]] for i in target.members}
+            if inputs
+            else {}
+        )
         out[target.key] = train_target(
             recipe,
             data,
-            pivot_store=inputs.pivot,
+            pivot_store=inputs.pivot if inputs else None,
             aligned=aligned,
             out=layout.target_folder(target),
             checkpoints=layout.checkpoints(target),
@@ -265,6 +293,9 @@ def train(
         )
     targets = list(out.values())
     if not PartialState().is_main_process:  # under a launcher: one process reports and writes merge.yml
+        return out
+    if recipe.fine_tune:
+        echo(f"fine-tune (the CLM-only baseline): {targets[0]}")
         return out
     echo("targets: " + ", ".join(str(t) for t in targets))
     if len(targets) < 2:
@@ -283,13 +314,29 @@ def write_merge_recipe(recipe: FuseRecipe, targets: list[Path]) -> Path:
 
     from fusemerge.checkpoint.layout import atomic_write_text
 
-    body = {
+    body: dict[str, Any] = {
         "merge_method": "variation_ratio",
         "base_model": recipe.pivot.model,
         "models": [{"model": str(t)} for t in targets],
     }
+    header = "# Written by `fusemerge fuse`: merge the fused targets (FuseChat's VaRM, the pivot as base).\n"
+    pivot_dtype = _saved_dtype(Path(recipe.pivot.model))  # None for a Hub id: then say float32 anyway
+    if pivot_dtype != "float32" and any(_saved_dtype(t) == "float32" for t in targets):
+        # unset, the merge is written in the base's dtype: rounding it there would erase the targets' change
+        body["out_dtype"] = "float32"
+        header += "# out_dtype float32: the targets were saved in float32 (training.save_dtype).\n"
     path = FuseWorkDir(recipe).merge_recipe
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = "# Written by `fusemerge fuse`: merge the fused targets (FuseChat's VaRM, the pivot as base).\n"
     atomic_write_text(path, header + yaml.safe_dump(body, sort_keys=False))
     return path
+
+
+def _saved_dtype(target: Path) -> str | None:
+    """The dtype a target folder's config.json names (transformers writes `dtype`; older: `torch_dtype`)."""
+    import json
+
+    try:
+        config = json.loads((target / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return config.get("dtype") or config.get("torch_dtype")

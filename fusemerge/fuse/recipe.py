@@ -93,19 +93,41 @@ class AlignmentSpec(_Frozen):
         return self
 
 
+NO_FUSION = "none"  # fusion.function of a plain fine-tune: the CLM loss alone, no teachers
+
+
 class FusionSpec(_Frozen):
     """How teachers become a target (fusemerge.fuse.fusion) and how the student learns it (loss).
 
     `kind` picks the method: explicit (FuseChat 1.0/2.0, the keys below) or implicit (FuseChat-3.0, the
-    recipe's `implicit:` section; the other keys here are explicit-only).
+    recipe's `implicit:` section; the other keys here are explicit-only). `function: none` (or
+    `lambda: 1`) is a plain fine-tune of the pivot on the same data: the paper's CLM-only baseline, which
+    needs no sources and no teacher pass.
     """
 
     kind: Literal["explicit", "implicit"] = "explicit"
-    function: Literal["mince", "mince_token", "avgce"] = "mince"  # = fusion.FUSION_FUNCTIONS (tested)
+    # the registered fusion functions (fusion.FUSION_FUNCTIONS, tested) and `none`
+    function: Literal["mince", "mince_token", "avgce", "none"] = "mince"
     sources: Literal["pairwise", "all"] = "pairwise"  # pairwise: one target per source (FuseChat)
     loss: Literal["ce", "kl"] = "ce"
     lambda_: float = Field(0.9, alias="lambda", ge=0.0, le=1.0)
     temperature: float = Field(1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _none_is_clm_alone(self) -> FusionSpec:
+        if self.function == NO_FUSION and "lambda_" in self.model_fields_set and self.lambda_ != 1.0:
+            raise ValueError("function 'none' trains on the gold tokens alone: leave lambda unset or 1")
+        return self
+
+    @property
+    def fine_tune(self) -> bool:
+        """No fusion term: `function: none`, or `lambda: 1` (the fusion term has weight 0)."""
+        return self.function == NO_FUSION or self.lambda_ == 1.0
+
+    @property
+    def clm_weight(self) -> float:
+        """lambda as training uses it: 1 for a fine-tune."""
+        return 1.0 if self.fine_tune else self.lambda_
 
 
 class TrainingSpec(_Frozen):
@@ -125,6 +147,10 @@ class TrainingSpec(_Frozen):
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     lora_target_modules: str | list[str] = "all-linear"
     gradient_checkpointing: bool = False
+    # the saved target's dtype (fusemerge.fuse.save_dtype): auto keeps float32 where rounding to the
+    # pivot's dtype would erase more than 1% of the update; pivot, float32, bfloat16, float16 as named
+    save_dtype: Literal["auto", "pivot", "float32", "bfloat16", "float16"] = "auto"
+    keep_checkpoints: bool = False  # false: a target's Trainer checkpoints are removed once it is saved
     max_grad_norm: float = Field(1.0, ge=0.0)
     max_steps: PositiveInt | None = None  # stop after this many optimizer steps (smoke runs); else epochs
     save_steps: PositiveInt = 500  # checkpoint every N optimizer steps: the unit of resumption
@@ -178,7 +204,7 @@ _ABSENT = object()
 
 class FuseRecipe(_Frozen):
     pivot: ModelSpec
-    sources: list[ModelSpec] = Field(min_length=1)
+    sources: list[ModelSpec] = []  # at least one, unless the recipe is a fine-tune (fusion.function none)
     # explicit: the chat data; implicit: the prompts (absent when prepared data covers every stage)
     dataset: DatasetSpec | None = None
     chat_template: str = "pivot"  # "pivot", a built-in name (see fusemerge.lm.templates), or a .jinja file
@@ -234,6 +260,30 @@ class FuseRecipe(_Frozen):
                 raise ValueError(f"model '{src.model}' appears twice (pivot and sources must differ)")
             seen.append(src.model)
         return self
+
+    @model_validator(mode="after")
+    def _sources_to_fuse(self) -> FuseRecipe:
+        if not self.sources and not self.fusion.fine_tune:
+            raise ValueError(
+                "sources: fusion needs at least one source (a plain fine-tune: fusion.function none)"
+            )
+        return self
+
+    @property
+    def fine_tune(self) -> bool:
+        """A plain fine-tune of the pivot (`fusion.function: none` or `lambda: 1`): no teachers, no stores."""
+        return self.fusion.fine_tune
+
+    def baseline(self) -> FuseRecipe:
+        """This recipe's CLM-only twin (`fuse --baseline`): the same pivot, data, training and output,
+        `fusion.function: none`. Its YAML, for the card, is this recipe's with a first line saying so."""
+        note = "# fusemerge fuse --baseline: this recipe with fusion.function none (the CLM-only baseline)\n"
+        return self.model_copy(
+            update={
+                "fusion": FusionSpec(function=NO_FUSION, **{"lambda": 1.0}),
+                "raw_yaml": note + self.raw_yaml if self.raw_yaml else "",
+            }
+        )
 
     @property
     def models(self) -> list[tuple[str, ModelSpec]]:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from fusemerge.checkpoint.layout import publish, stale_tmp_siblings, tmp_sibling
+from fusemerge.checkpoint.layout import publish, stale_tmp_siblings, tmp_sibling, usual_file_mode
 from fusemerge.errors import FusemergeError
 
 STORE_FORMAT = "fusemerge-topk/1"
@@ -83,8 +83,8 @@ class TopKStore:
             differences = _differences(manifest, wanted)
             if differences:
                 raise FusemergeError(
-                    f"this top-K store was made for a different run ({'; '.join(differences)}); "
-                    "delete the folder or change work_dir to recompute it",
+                    f"this top-K store was made for other data or settings ({'; '.join(differences)}), "
+                    "perhaps by another recipe: give this recipe its own work_dir",
                     file=path,
                 )
             store = cls(path, manifest)
@@ -187,6 +187,7 @@ class TopKStore:
         # one metadata key only: safetensors writes a map's keys in an order that varies between processes,
         # and a resumed store must be byte-identical to an uninterrupted one
         save_file(tensors, str(tmp), metadata={"format": STORE_FORMAT})
+        usual_file_mode(tmp)  # safetensors writes 0600
         _fsync(tmp)
         publish(tmp, final)
         return final

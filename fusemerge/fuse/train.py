@@ -17,7 +17,10 @@ target is saved (`merge_and_unload`), so the merge stage always sees plain full 
 
 A target folder appears under its final name only when complete, with `fusemerge_target.json` saying what
 it was trained from; a rerun skips it. An interrupted training resumes from its last checkpoint under
-`checkpoints` (every `training.save_steps` optimizer steps, and at the end).
+`checkpoints` (every `training.save_steps` optimizer steps, and at the end). The weights are saved in the
+dtype `training.save_dtype` picks (`fusemerge.fuse.save_dtype`: by default float32 unless rounding to the
+pivot's dtype keeps the update within 1%), and the checkpoints are removed once the target is saved
+unless `training.keep_checkpoints`. A fine-tune (`fusion.function: none`) reads no store at all.
 """
 
 from __future__ import annotations
@@ -28,20 +31,26 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fusemerge.card import fused_card
-from fusemerge.checkpoint.layout import RECIPE_NAME, TARGET_STAMP, staged_folder
+from fusemerge.card import finetune_card, fused_card
+from fusemerge.checkpoint.layout import (
+    RECIPE_NAME,
+    TARGET_STAMP,
+    remove_path,
+    staged_folder,
+    usual_folder_modes,
+)
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.hf_compat import precision, training_arguments
 from fusemerge.fuse.recipe import FuseRecipe
 from fusemerge.fuse.store import TopKStore
 from fusemerge.fuse.trainer import FusionTrainer
-from fusemerge.fuse.workdir import FINAL_CHECKPOINT, TRAIN_STAMP
+from fusemerge.fuse.workdir import FINAL_CHECKPOINT, OBSERVING, TRAIN_STAMP
 from fusemerge.lm.chat_data import ChatData
 from fusemerge.lm.loading import FourBit, four_bit_config, load_causal_lm, load_tokenizer
 from fusemerge.lm.padding import pad_token_id
 
-# settings that change how a run is observed, not what it computes: free to change on a resume
-NOT_IDENTITY = {"save_steps", "logging_steps", "dataloader_workers"}
+# settings that change how a run is observed or saved, not what it trains: free to change on a resume
+NOT_IDENTITY = OBSERVING
 
 
 # ---------------------------------------------------------------- devices and models
@@ -105,22 +114,36 @@ def load_student(recipe: FuseRecipe, *, cuda: bool) -> Any:
 # ---------------------------------------------------------------- one target
 
 
-def target_identity(recipe: FuseRecipe, sources: list[str], stores: list[TopKStore]) -> dict[str, Any]:
-    """What a target depends on: a folder or checkpoint made for anything else is refused, never reused."""
-    return {
-        "pivot": recipe.pivot.model,
-        "sources": sources,
-        "stores": [s.identity for s in stores],
-        "fusion": recipe.fusion.model_dump(mode="json", by_alias=True),
-        "training": recipe.training.model_dump(mode="json", exclude=NOT_IDENTITY),
-    }
+def target_identity(
+    recipe: FuseRecipe, sources: list[str], stores: list[TopKStore], data: ChatData | None = None
+) -> dict[str, Any]:
+    """What a target's training depends on: checkpoints made for anything else are refused, never reused.
+
+    A fused target is bound to its data by its stores; a fine-tune, which reads none, by the data's
+    fingerprint. The target folder's stamp adds the save dtype (`saved_identity`).
+    """
+    identity: dict[str, Any] = {"pivot": recipe.pivot.model}
+    if recipe.fine_tune:
+        identity["fusion"] = {"function": "none"}
+        identity["data"] = data.fingerprint() if data is not None else None
+    else:
+        identity["sources"] = sources
+        identity["stores"] = [s.identity for s in stores]
+        identity["fusion"] = recipe.fusion.model_dump(mode="json", by_alias=True)
+    identity["training"] = recipe.training.model_dump(mode="json", exclude=OBSERVING)
+    return identity
+
+
+def saved_identity(recipe: FuseRecipe, identity: dict[str, Any]) -> dict[str, Any]:
+    """The target folder's stamp: the training's identity and the save dtype setting."""
+    return {**identity, "save_dtype": recipe.training.save_dtype}
 
 
 def train_target(
     recipe: FuseRecipe,
     data: ChatData,
     *,
-    pivot_store: str | Path | TopKStore,
+    pivot_store: str | Path | TopKStore | None,
     aligned: Mapping[str, str | Path | TopKStore],
     out: str | Path,
     checkpoints: str | Path,
@@ -132,8 +155,9 @@ def train_target(
     Args:
         recipe: the fuse recipe (pivot, fusion, training sections; its YAML goes into the card).
         data: the rendered sequences, the same that made the stores.
-        pivot_store: the pivot's own top-K store.
-        aligned: source model (as named in the recipe) -> its aligned store; one for pairwise fusion.
+        pivot_store: the pivot's own top-K store; None for a fine-tune.
+        aligned: source model (as named in the recipe) -> its aligned store; one for pairwise fusion,
+            none for a fine-tune.
         out: the target model folder (written under a temporary name, renamed when complete).
         checkpoints: where the Trainer checkpoints go (resumed from when present).
         progress: progress bars.
@@ -143,34 +167,47 @@ def train_target(
     from transformers.trainer_utils import get_last_checkpoint
 
     out, checkpoints = Path(out), Path(checkpoints)
-    stores = {"pivot": _open(pivot_store)} | {k: _open(v) for k, v in aligned.items()}
-    identity = target_identity(recipe, list(aligned), list(stores.values()))
-    if stamp_matches(out, identity):
+    stores = {} if recipe.fine_tune or pivot_store is None else {"pivot": _open(pivot_store)}
+    if stores:
+        stores |= {k: _open(v) for k, v in aligned.items()}
+    identity = target_identity(recipe, list(aligned), list(stores.values()), data)
+    stamp = saved_identity(recipe, identity)
+    if stamp_matches(out, stamp):
         echo(f"train {out.name}: target complete, skipped ({out})")
         return out
     if out.exists():
         raise FusemergeError(
-            f"folder exists and is not this target ({TARGET_STAMP} differs); delete it", file=out
+            f"holds another run's target ({TARGET_STAMP} differs{_differences(out / TARGET_STAMP, stamp)});"
+            " give this recipe another output",
+            file=out,
         )
     state = PartialState()
     if state.is_main_process:
         claim_checkpoints(checkpoints, identity)
     state.wait_for_everyone()
 
-    trainer = build_trainer(recipe, data, stores, checkpoints=checkpoints, progress=progress)
+    trainer = build_trainer(recipe, data, stores, checkpoints=checkpoints, progress=progress, echo=echo)
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    what = (
+        "fine-tune, CLM loss alone (no teachers)"
+        if recipe.fine_tune
+        else f"fusion {recipe.fusion.function} over {', '.join(aligned)}"
+    )
     echo(
         f"train {out.name}: {recipe.training.mode} on {trainer.args.device}, {len(data.sequences)} "
-        f"sequences, fusion {recipe.fusion.function} over {', '.join(aligned) or 'the pivot'}"
+        f"sequences, {what}; checkpoints in {checkpoints}"
         + (f"; resuming from {Path(last).name}" if last else "")
     )
     trainer.train(resume_from_checkpoint=last)
     staging = checkpoints / FINAL_CHECKPOINT
     trainer.save_model(str(staging))  # gathers ZeRO-3 / FSDP shards; adapters only for lora / qlora
     if state.is_main_process:
-        save_target(
-            recipe, staging, out, sources=list(aligned), identity=identity, tokenizer=trainer.processing_class
+        line = save_target(
+            recipe, staging, out, sources=list(aligned), identity=stamp, tokenizer=trainer.processing_class
         )
+        echo(f"train {out.name}: {line}")
+        if not recipe.training.keep_checkpoints:
+            remove_path(checkpoints)
         echo(f"train {out.name}: saved {out}")
     state.wait_for_everyone()
     return out
@@ -183,17 +220,19 @@ def build_trainer(
     *,
     checkpoints: Path,
     progress: bool = True,
+    echo: Callable[[str], Any] = print,
 ) -> FusionTrainer:
-    """The Trainer for one target: the student, the dataset, the collator over `stores` ("pivot" + sources)."""
+    """The Trainer for one target: the student, the dataset, the collator over `stores` ("pivot" + sources;
+    none for a fine-tune). Without progress bars the training log goes to `echo`, one line per log."""
     from fusemerge.fuse.collate import FusionCollator, FusionDataset
 
     cuda = has_cuda()
     spec = recipe.pivot
     tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
     pad = pad_token_id(tokenizer, fallback=tokenizer.eos_token_id or 0)
-    lambda_ = recipe.fusion.lambda_
+    lambda_ = recipe.fusion.clm_weight
     collator = FusionCollator(
-        stores["pivot"],
+        stores.get("pivot"),
         {k: v for k, v in stores.items() if k != "pivot"},
         function=recipe.fusion.function,
         temperature=recipe.fusion.temperature,
@@ -208,6 +247,7 @@ def build_trainer(
         processing_class=tokenizer,
         lambda_=lambda_,
         loss_kind=recipe.fusion.loss,
+        echo=echo,
     )
 
 
@@ -219,13 +259,16 @@ def save_target(
     sources: list[str],
     identity: dict,
     tokenizer: Any = None,
-) -> Path:
-    """The trained weights (adapters folded into float32 pivot weights) as a model folder in the pivot's
-    dtype, with tokenizer, config, card and stamp; it appears under `out` only when complete.
+) -> str:
+    """The trained weights (adapters folded into float32 pivot weights) as a model folder in the dtype
+    `training.save_dtype` picks, with tokenizer, config, card and stamp; it appears under `out` only when
+    complete. Returns the line that says which dtype and why (`fusemerge.fuse.save_dtype`).
 
     `tokenizer` is the pivot's, already loaded by the trainer (loaded here when not given)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fusemerge.fuse.save_dtype import choose_save_dtype
 
     pivot = recipe.pivot
     dtype = getattr(
@@ -242,29 +285,36 @@ def save_target(
 
         base = AutoModelForCausalLM.from_pretrained(pivot.model, dtype=torch.float32, **remote)
         model = PeftModel.from_pretrained(base, staging).merge_and_unload()
-    model = model.to(dtype)
+    choice = choose_save_dtype(
+        recipe.training.save_dtype, pivot=pivot.model, pivot_dtype=dtype, trained=model.state_dict()
+    )
+    model = model.to(choice.dtype)
     model.config.use_cache = True
     out.parent.mkdir(parents=True, exist_ok=True)
+    if recipe.fine_tune:
+        card = finetune_card(
+            pivot=pivot.model, recipe_text=recipe.raw_yaml, extra_tags=[f"{recipe.training.mode}-training"]
+        )
+    else:
+        card = fused_card(
+            pivot=pivot.model,
+            sources=sources,
+            recipe_text=recipe.raw_yaml,
+            extra_tags=[recipe.fusion.function, f"{recipe.training.mode}-training"],
+        )
     with staged_folder(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        usual_folder_modes(tmp)  # safetensors writes 0600
         (tokenizer or load_tokenizer(pivot.model, trust_remote_code=pivot.trust_remote_code)).save_pretrained(
             tmp
         )
-        (tmp / "README.md").write_text(
-            fused_card(
-                pivot=pivot.model,
-                sources=sources,
-                recipe_text=recipe.raw_yaml,
-                extra_tags=[recipe.fusion.function, f"{recipe.training.mode}-training"],
-            ),
-            encoding="utf-8",
-        )
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         if recipe.raw_yaml:
             (tmp / RECIPE_NAME).write_text(recipe.raw_yaml, encoding="utf-8")
         (tmp / TARGET_STAMP).write_text(
             json.dumps(identity, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
-    return out
+    return choice.line
 
 
 def _open(store: str | Path | TopKStore) -> TopKStore:
@@ -289,10 +339,38 @@ def claim_checkpoints(checkpoints: Path, identity: dict[str, Any]) -> None:
         and not stamp_matches(checkpoints, identity, TRAIN_STAMP)
     ):
         raise FusemergeError(
-            "training checkpoints here were made for other settings or stores; delete the folder to restart",
+            f"training checkpoints here were made for other settings, stores or data ({TRAIN_STAMP} differs"
+            f"{_differences(checkpoints / TRAIN_STAMP, identity)}); fusemerge leaves them as they are: give "
+            "this recipe its own work_dir (or rerun teach and align if the data changed)",
             file=checkpoints,
         )
     checkpoints.mkdir(parents=True, exist_ok=True)
     (checkpoints / TRAIN_STAMP).write_text(
         json.dumps(identity, indent=2, sort_keys=True) + "\n", encoding="utf-8"
     )
+
+
+def _differences(stamp: Path, identity: dict[str, Any]) -> str:
+    """`: in fusion.lambda (0.9 there, 0.7 here), ...`: the keys where a stamp and `identity` differ."""
+    try:
+        there = json.loads(stamp.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return ""
+    here = json.loads(json.dumps(identity))
+    keys = [
+        k for k in sorted(set(_flat(there)) | set(_flat(here))) if _flat(there).get(k) != _flat(here).get(k)
+    ]
+    if not keys:
+        return ""
+    shown = [f"{k} ({_flat(there).get(k)!r} there, {_flat(here).get(k)!r} here)" for k in keys[:3]]
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    return ": in " + ", ".join(shown) + more
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): value}

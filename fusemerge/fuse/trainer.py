@@ -9,10 +9,11 @@ sharding wrappers see an ordinary step.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 from transformers.trainer_pt_utils import nested_gather
 
 from fusemerge.fuse.loss import LossParts, fusion_loss
@@ -24,8 +25,16 @@ class FusionTrainer(Trainer):
     # compute_loss returns a per-micro-batch mean: the Trainer divides it by the accumulation steps
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args: Any, lambda_: float = 0.9, loss_kind: str = "ce", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        lambda_: float = 0.9,
+        loss_kind: str = "ce",
+        echo: Callable[[str], Any] = print,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        one_line_logs(self, echo)
         # Releases without `loss_is_scaled_for_ga` (5.17, for one) skip the division by the accumulation
         # steps when the model's forward takes **kwargs; our loss never sees num_items_in_batch, so say no.
         self.model_accepts_loss_kwargs = False
@@ -34,6 +43,20 @@ class FusionTrainer(Trainer):
         # (CLM, fusion) summed over the training micro-batches since the last log line, and their count
         self._terms: torch.Tensor | None = None
         self._batches = 0
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        """The recipe's schedule, with a warm-up whose first step learns (`first_step_learns`)."""
+        created = self.lr_scheduler is None
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        if created and warmup > 0 and isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            scheduler.lr_lambdas = [first_step_learns(f, warmup) for f in scheduler.lr_lambdas]
+            # LambdaLR set the learning rates of step 0 when it was made: set them again
+            groups = scheduler.optimizer.param_groups
+            for group, factor, base in zip(groups, scheduler.lr_lambdas, scheduler.base_lrs, strict=True):
+                group["lr"] = base * factor(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in groups]
+        return scheduler
 
     def compute_loss(
         self,
@@ -77,3 +100,53 @@ class FusionTrainer(Trainer):
             logs = {"loss": logs["loss"], "clm_loss": clm, "fusion_loss": fusion, **logs}
             self._terms, self._batches = None, 0
         super().log(logs, start_time)
+
+
+def first_step_learns(schedule: Callable[[int], float], warmup: int) -> Callable[[int], float]:
+    """A warm-up that starts above 0: step s < `warmup` takes the schedule's factor of step s + 1.
+
+    transformers' warm-ups give step 0 the factor 0 / warmup, so the first optimizer step moves nothing
+    (with `warmup_ratio: 0.03` of 25 steps the whole one-step warm-up is that step). Shifted by one, the
+    warm-up rises 1/warmup, 2/warmup, ... to the peak on its last step; the steps after it are unchanged.
+    """
+
+    def factor(step: int) -> float:
+        return schedule(step + 1) if step < warmup else schedule(step)
+
+    return factor
+
+
+def one_line_logs(trainer: Trainer, echo: Callable[[str], Any] = print) -> None:
+    """Make `trainer` print each log as one `log_line`, where transformers prints a dict of strings
+    (`{'loss': '1.761', ...}`): above its progress bar, or through `echo` without one."""
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ProgressLines())
+    if trainer.pop_callback(PrinterCallback) is not None:
+        trainer.add_callback(LogLines(echo))
+
+
+def log_line(step: int, steps: int, logs: Mapping[str, Any]) -> str:
+    """One Trainer log as `step 10/25: loss 1.761, clm_loss 1.7, ...` (4 significant digits, no total_flos)."""
+    parts = [
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items() if k != "total_flos"
+    ]
+    return f"step {step}/{steps}: " + ", ".join(parts)
+
+
+class LogLines(TrainerCallback):
+    """Without progress bars: each log as one `log_line` through `echo` (the main process only)."""
+
+    def __init__(self, echo: Callable[[str], Any] = print) -> None:
+        self.echo = echo
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if state.is_world_process_zero and logs:
+            self.echo(log_line(state.global_step, state.max_steps, logs))
+
+
+class ProgressLines(ProgressCallback):
+    """transformers' progress bar, with each log written above it as one `log_line`."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            self.training_bar.write(log_line(state.global_step, state.max_steps, logs))

@@ -11,9 +11,10 @@ Folders under the recipe's work_dir (default <output>/work):
     teacher/<model-name>/                    top-K store of the pivot and of every source (fusemerge.fuse.store)
     vocab/<source>-to-<pivot>.safetensors    each source's vocabulary mapping (fusemerge.fuse.aligned)
     aligned/<source>/                        each source's top-K in pivot positions and ids (fusemerge.fuse.aligned)
-    train/<target>/                          Trainer checkpoints of each target (fusemerge.fuse.train), with
+    train/<target>-<key>/                    Trainer checkpoints of each target (fusemerge.fuse.train), with
                                              fusemerge_train.json (what they were made for) and final/ (the
-                                             trained weights before they are folded into the target folder)
+                                             trained weights before they are folded into the target folder);
+                                             removed once the target is saved, unless training.keep_checkpoints
 
     implicit/                                implicit fusion (fusion.kind: implicit; fusemerge.fuse.implicit):
       samples/<model>/, scores/<model>/      every answering model's responses, then their scores
@@ -23,9 +24,15 @@ and under the recipe's output:
 
     <pivot>-<source>/      one fused target per source (pairwise fusion, the paper), a model folder
     <pivot>-fused/         or one target from all sources at once (`fusion.sources: all`, FuseLLM)
+    <pivot>-finetune/      or the plain fine-tune (`fusion.function: none`, or `fuse --baseline`)
     merge.yml              the next stage: `variation_ratio` over the targets with the pivot as base
     <pivot>-implicit-sft/  implicit fusion: the SFT target (the pivot trained on the best answers)
     <pivot>-implicit/      ... and the preference target trained from it (the final model)
+
+Sharing a work_dir: the stores depend only on the models, the data and the teacher and alignment
+settings, so recipes that differ in `fusion` or `training` share them (the teach step runs once). A train
+folder's `<key>` is a hash of everything its training depends on (`train_key`), so two such recipes never
+resume, or refuse, each other's checkpoints.
 
 Why one object: the teach, align and train steps, the training inputs, the Hub push and the demo all
 name these folders; each used to rebuild them (and the target names) on its own. A model's folder name
@@ -35,9 +42,11 @@ Which step makes a missing store is said here too, once, so every reader refuses
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.implicit.pairs import PREFERENCE_NAME, SFT_NAME
@@ -55,6 +64,9 @@ IMPLICIT_DIR = "implicit"
 SAMPLES_DIR = "samples"
 SCORES_DIR = "scores"
 IMPLICIT_TARGETS = {"sft": "implicit-sft", "preference": "implicit"}  # stage -> <pivot>-<suffix>
+FINE_TUNE_SUFFIX = "finetune"  # <pivot>-finetune: the plain fine-tune's target
+# training keys that change how a run is observed or saved, not what it trains: no part of the train key
+OBSERVING = {"save_steps", "logging_steps", "dataloader_workers", "save_dtype", "keep_checkpoints"}
 
 
 class Target(NamedTuple):
@@ -105,7 +117,10 @@ class FuseWorkDir:
 
     @property
     def targets(self) -> list[Target]:
-        """The target plan: pairwise = one target per source, `fusion.sources: all` = one for all."""
+        """The target plan: pairwise = one target per source, `fusion.sources: all` = one for all, and a
+        fine-tune one target from no source."""
+        if self.recipe.fine_tune:
+            return [Target(f"{self.pivot_name}-{FINE_TUNE_SUFFIX}", [])]
         if self.recipe.fusion.sources == "all":
             return [Target(f"{self.pivot_name}-fused", list(range(len(self.source_names))))]
         return [Target(f"{self.pivot_name}-{s}", [i]) for i, s in enumerate(self.source_names)]
@@ -115,8 +130,37 @@ class FuseWorkDir:
         return self.output / target.name
 
     def checkpoints(self, target: Target) -> Path:
-        """work_dir/train/<target>: the Trainer checkpoints the target resumes from."""
-        return self.root / TRAIN_DIR / target.name
+        """work_dir/train/<target>-<key>: the Trainer checkpoints the target resumes from."""
+        return self.root / TRAIN_DIR / f"{target.name}-{self.train_key(target)}"
+
+    def train_key(self, target: Target) -> str:
+        """10 hex digits of sha256 over what the target's training depends on, as the recipe says it.
+
+        The pivot, the data and chat template, the fusion and training settings (less `OBSERVING`) and,
+        for a fused target, its sources with their teacher and alignment settings. Recipes that differ in
+        any of these train in different folders; the stores' contents are checked by the folder's stamp.
+        """
+        recipe = self.recipe
+        what: dict[str, Any] = {
+            "pivot": recipe.pivot.model,
+            "dataset": recipe.dataset.model_dump(mode="json") if recipe.dataset is not None else None,
+            "chat_template": recipe.chat_template,
+            "training": recipe.training.model_dump(mode="json", exclude=OBSERVING),
+        }
+        if recipe.fusion.kind == "implicit" and recipe.implicit is not None:
+            what["implicit"] = recipe.implicit.model_dump(mode="json")
+        elif recipe.fine_tune:
+            what["fusion"] = {"function": "none"}
+        else:
+            what["fusion"] = recipe.fusion.model_dump(mode="json", by_alias=True)
+            what["sources"] = [
+                {"model": recipe.sources[i].model, **recipe.teacher_settings(recipe.sources[i])}
+                for i in target.members
+            ]
+            what["pivot_teacher"] = recipe.teacher_settings(recipe.pivot)
+            what["alignment"] = recipe.alignment.model_dump(mode="json")
+        text = json.dumps(what, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
 
     @property
     def merge_recipe(self) -> Path:
@@ -204,3 +248,39 @@ def _require(folder: Path, message: str) -> None:
 
 def _slug(spec: ModelSpec) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", spec.name).strip("-") or "model"
+
+
+def disk_line(layouts: list[FuseWorkDir], targets: list[Path]) -> str:
+    """`disk: ...`: what a run (a recipe, or a recipe and its baseline) holds on disk now, and where."""
+    outputs = sorted({str(layout.output) for layout in layouts})
+    parts = [
+        f"{_size(sum(_bytes(t) for t in targets))} in {len(targets)} target(s) under {', '.join(outputs)}"
+    ]
+    fused = [layout for layout in layouts if not layout.recipe.fine_tune]
+    if fused:
+        layout = fused[0]
+        stores = [*layout.teacher_stores, *layout.aligned_stores, *layout.mapping_files]
+        parts.append(f"{_size(sum(_bytes(p) for p in stores))} of top-K stores under {layout.root}")
+    kept = [
+        layout.checkpoints(t) for layout in layouts for t in layout.targets if layout.checkpoints(t).exists()
+    ]
+    if kept:
+        where = kept[0] if len(kept) == 1 else kept[0].parent
+        parts.append(f"{_size(sum(_bytes(p) for p in kept))} of checkpoints under {where}")
+    else:
+        parts.append("no checkpoints (training.keep_checkpoints: true keeps them)")
+    return "disk: " + "; ".join(parts)
+
+
+def _bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder (0 when missing)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"

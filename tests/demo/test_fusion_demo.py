@@ -119,13 +119,10 @@ def test_scaled_down_demo_runs_every_stage(tmp_path):
         assert f"fused with the {domain} specialist beats CLM-only on {domain}: {verdict} (" in text
     no_worse = bpb["VaRM merge"]["average"] <= 1.0001 * bpb["linear merge"]["average"]
     assert f"VaRM merge no worse than linear on average: {'yes' if no_worse else 'NO'} (" in text
-    # The CLM-only twin differs from the FuseChat recipe in the fusion weight alone.
-    import yaml
-
-    fuse = yaml.safe_load((tmp_path / "demo" / "fuse.yml").read_text())
-    clm = yaml.safe_load((tmp_path / "demo" / "clm-only.yml").read_text())
-    assert clm["fusion"]["lambda"] == 1.0 and fuse["fusion"]["lambda"] == 0.9
-    assert clm["training"] == fuse["training"] and clm["dataset"] == fuse["dataset"]
+    # The CLM-only baseline is the FuseChat recipe's own (`fuse --baseline`), carded as a fine-tune.
+    baseline = result.folders["pivot + CLM only (baseline)"]
+    assert baseline == tmp_path / "demo" / "fused" / "pivot-finetune"
+    assert "# Fine-tuned model" in (baseline / "README.md").read_text()
 
     # A rerun reuses every finished stage and gives the same numbers.
     again = run_fusion_demo(tmp_path / "demo", plan, progress=False, echo=lambda _: None)

@@ -102,15 +102,17 @@ def test_smollm2_pivot_with_a_source_of_another_tokenizer_learns(tmp_path_factor
             "max_steps": 6,
             "logging_steps": 1,
             "save_steps": 6,
+            "keep_checkpoints": True,
         },
         output=str(root / "fused"),
     )
     lines: list[str] = []
     folders = run_fuse(recipe, progress=False, echo=lines.append)
     target = folders["target/smollm2-135m-instruct-tiny-qwen3-source"]
-    state = json.loads(
-        (root / "fused" / "work" / "train" / target.name / "checkpoint-6" / "trainer_state.json").read_text()
+    (state_file,) = (root / "fused" / "work" / "train").glob(
+        f"{target.name}-*/checkpoint-6/trainer_state.json"
     )
+    state = json.loads(state_file.read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     print("SmolLM2 fusion loss per step:", losses)
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
@@ -147,6 +149,7 @@ def test_train_step_data_parallel_over_two_processes(tmp_path, tiny_models, chat
             "gradient_accumulation": 1,
             "max_steps": 2,
             "save_steps": 2,
+            "keep_checkpoints": True,
         },
         output=str(tmp_path / "fused"),
     )
@@ -166,11 +169,10 @@ def test_train_step_data_parallel_over_two_processes(tmp_path, tiny_models, chat
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     target = tmp_path / "fused" / "gpt2-source-mistral-source"
     assert (target / "model.safetensors").is_file() and (target / "fusemerge_target.json").is_file()
-    state = json.loads(
-        (
-            tmp_path / "fused" / "work" / "train" / target.name / "checkpoint-2" / "trainer_state.json"
-        ).read_text()
+    (state_file,) = (tmp_path / "fused" / "work" / "train").glob(
+        f"{target.name}-*/checkpoint-2/trainer_state.json"
     )
+    state = json.loads(state_file.read_text())
     assert state["global_step"] == 2
     assert "one target, nothing to merge" in done.stdout
     assert done.stdout.count(f"train {target.name}: lora on cpu") == 2, done.stdout  # one line per process

@@ -114,13 +114,15 @@ def test_lora_changes_only_adapters_and_the_folded_save_is_a_plain_model(setup):
 
     staging = setup["root"] / "ck-lora" / "final"
     trainer.save_model(str(staging))
-    out = save_target(
+    out = setup["root"] / "lora-target"
+    line = save_target(
         recipe,
         staging,
-        setup["root"] / "lora-target",
+        out,
         sources=["org/some-source"],
         identity=target_identity(recipe, ["src"], list(setup["stores"].values())),
     )
+    assert line.startswith("saved in float32")  # the pivot is float32
     folded = AutoModelForCausalLM.from_pretrained(out)
     names = list(folded.state_dict())
     assert not any("lora" in n or "base_layer" in n for n in names)
@@ -148,7 +150,7 @@ class _StopAfterFirstSave(TrainerCallback):
 def test_full_training_resumes_from_the_last_checkpoint_like_an_uninterrupted_run_and_skips_when_done(
     setup, monkeypatch
 ):
-    recipe = recipe_for(setup, mode="full")
+    recipe = recipe_for(setup, mode="full", keep_checkpoints=True)
     ck, out = setup["root"] / "ck-full", setup["root"] / "full-target"
     kwargs = {
         "pivot_store": setup["stores"]["pivot"],
@@ -200,8 +202,8 @@ def test_full_training_resumes_from_the_last_checkpoint_like_an_uninterrupted_ru
     lines.clear()
     train_target(recipe, setup["data"], echo=lines.append, **kwargs)
     assert lines == [f"train {out.name}: target complete, skipped ({out})"]
-    changed = recipe_for(setup, mode="full", learning_rate=1e-3)
-    with pytest.raises(FusemergeError, match="is not this target"):
+    changed = recipe_for(setup, mode="full", learning_rate=1e-3, keep_checkpoints=True)
+    with pytest.raises(FusemergeError, match="another run's target .* training.learning_rate"):
         train_target(changed, setup["data"], echo=lines.append, **kwargs)
 
 
@@ -269,7 +271,7 @@ def test_one_target_from_every_source_with_avgce_and_kl(setup, fuse_helpers):
     third = fuse_helpers.make_store(
         setup["root"] / "third", setup["data"], setup["tokenizer"], seed=3, aligned=True
     )
-    recipe = recipe_for(setup, mode="lora", max_steps=1)
+    recipe = recipe_for(setup, mode="lora", max_steps=1, keep_checkpoints=True)
     recipe = recipe.model_copy(
         update={
             "fusion": recipe.fusion.model_copy(update={"function": "avgce", "sources": "all", "loss": "kl"})

@@ -217,6 +217,7 @@ TRAINING = {
     "max_steps": 8,
     "logging_steps": 1,
     "save_steps": 8,
+    "keep_checkpoints": True,  # training_losses reads the last checkpoint's log
     "dtype": "bfloat16",
 }
 
@@ -363,7 +364,7 @@ def test_teacher_bfloat16_on_device_is_close_to_float32(device_fp32_run, device_
 
 def training_losses(run: dict, target: str) -> list[float]:
     steps = TRAINING["max_steps"]
-    state = run["work"] / "train" / target / f"checkpoint-{steps}" / "trainer_state.json"
+    (state,) = (run["work"] / "train").glob(f"{target}-*/checkpoint-{steps}/trainer_state.json")
     history = json.loads(state.read_text())["log_history"]
     return [h["loss"] for h in history if "loss" in h]
 

@@ -27,6 +27,7 @@ import numpy as np
 from rapidfuzz.distance import Levenshtein
 from rapidfuzz.process import cdist
 
+from fusemerge.checkpoint.layout import usual_file_mode
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.align.alignment import Alignment
 from fusemerge.fuse.align.dtw import mined_cost
@@ -76,6 +77,7 @@ class VocabMapping:
             "pivot_size": str(self.pivot_size),
         }
         save_file({"source_to_pivot": self.source_to_pivot.astype(np.int32)}, str(path), metadata=meta)
+        usual_file_mode(path)  # safetensors writes 0600
         return path
 
     @classmethod
