@@ -58,7 +58,7 @@ CHAT_SAMPLE = [
 
 
 # -- tiny models ------------------------------------------------------------------------------------
-def _tokenizer(vocab: int, added: list[str]):
+def bpe_tokenizer(vocab: int, added: list[str]):
     """A BPE tokenizer of `vocab` plain tokens (<unk>, <s>, </s>, _tok_3...) plus `added` ones."""
     from tokenizers import Tokenizer
     from transformers import LlamaTokenizerFast
@@ -73,7 +73,7 @@ def _tokenizer(vocab: int, added: list[str]):
     return tok
 
 
-def _picollama(folder: Path, seed: int, vocab: int = 64) -> Path:
+def picollama(folder: Path, seed: int, vocab: int = 64) -> Path:
     """mergekit's tests' `make_picollama`: Llama, hidden 32, intermediate 48, 16 heads, 2 layers, HF init."""
     from fusemerge.offline.assets import build_random_model
 
@@ -102,7 +102,7 @@ def build_models(root: Path) -> dict[str, Path]:
     from transformers import GPT2Config, GraniteConfig
 
     root.mkdir(parents=True, exist_ok=True)
-    models = {name: _picollama(root / name, seed) for seed, name in enumerate(("a", "b", "c"), start=1)}
+    models = {name: picollama(root / name, seed) for seed, name in enumerate(("a", "b", "c"), start=1)}
     for seed, (name, vocab, added) in enumerate(
         (
             ("tbase", 64, []),
@@ -112,12 +112,12 @@ def build_models(root: Path) -> dict[str, Path]:
         ),
         start=10,
     ):
-        models[name] = _picollama(root / name, seed, vocab)
-        _tokenizer(64, added).save_pretrained(models[name])
+        models[name] = picollama(root / name, seed, vocab)
+        bpe_tokenizer(64, added).save_pretrained(models[name])
     from tokenizers import AddedToken
 
-    models["tspecial"] = _picollama(root / "tspecial", 20, 65)
-    special = _tokenizer(64, [])
+    models["tspecial"] = picollama(root / "tspecial", 20, 65)
+    special = bpe_tokenizer(64, [])
     special.add_special_tokens(
         {
             "additional_special_tokens": [
