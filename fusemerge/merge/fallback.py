@@ -80,6 +80,7 @@ def run_with_mergekit(
                 quiet=not options.progress,
                 lora_merge_cache=lora_cache,
             )
+            _seed_like_mergekit(options.random_seed)
             if moe:
                 from mergekit.scripts.moe import build
 
@@ -92,6 +93,17 @@ def run_with_mergekit(
         mark_complete(out, fingerprint)
     echo(f"merged with mergekit into {out}")
     return out
+
+
+def _seed_like_mergekit(seed: int | None) -> None:
+    """Seed every generator as `mergekit-yaml/-moe --random-seed N` do (their `apply_global_options`):
+    mergekit's own `run_merge` and MoE `build` never read `MergeOptions.random_seed`, so without this
+    `gate_mode: random` gates (and DARE draws in slices) changed from run to run whatever the seed."""
+    if seed is None:
+        return
+    from transformers.trainer_utils import set_seed
+
+    set_seed(seed)
 
 
 def _card(source: RecipeFile, method: Any) -> str:
