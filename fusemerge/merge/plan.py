@@ -23,6 +23,7 @@ from fusemerge.merge.models import check_same_architecture, num_layers, open_mod
 from fusemerge.merge.parameters import check_parameter_names, layer_t, resolve
 from fusemerge.merge.recipe import LoadedRecipe
 from fusemerge.merge.routing import mergekit_reason
+from fusemerge.merge.vocabulary import vocabulary_reason
 
 # Read-ahead bound: a few tensors hide read latency; more would only raise the memory peak.
 DEFAULT_PREFETCH_BYTES = 256 * 1024 * 1024
@@ -241,7 +242,7 @@ def check_streaming_features(loaded: LoadedRecipe) -> None:
 
     That the recipe lists models at all is checked once, when it is parsed (`fusemerge.merge.recipe`).
     """
-    reason = mergekit_reason(loaded.recipe)
+    reason = mergekit_reason(loaded.recipe) or vocabulary_reason(loaded)
     if reason is not None:
         key, what = reason
         raise FusemergeError(
