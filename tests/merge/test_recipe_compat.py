@@ -87,6 +87,7 @@ def test_strict_turns_the_warning_into_an_error(trio, tmp_path):
         ("ram", "base_model: {c}\n"),
         ("arcee_fusion", "base_model: {a}\n"),
     ],
+    ids=["slerp", "model_stock", "karcher", "nearswap", "ram", "arcee_fusion"],
 )
 def test_mergekit_test_recipes_with_weights_run(method, params, trio, tmp_path):
     text = (
@@ -159,6 +160,7 @@ def test_unknown_keys_stay_errors(trio, tmp_path):
         # a value of the wrong type
         ("merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: [a, b]}}\n", 4),
     ],
+    ids=["missing-weight", "no-base", "listed-twice", "chat-template", "tokenizer-source", "bad-value"],
 )
 def test_every_recipe_error_names_file_and_line(text, line, trio, tmp_path):
     recipe = write(tmp_path, text, trio)
