@@ -6,7 +6,9 @@
 Builds a base and two fine-tuned variants (random weights; a variant is base + small noise) once in
 --workdir, warms the page cache, then for each method runs `fusemerge merge` and `mergekit-yaml` on the
 same recipe and prints one JSON line: wall seconds, peak RSS of each child, and the fusemerge/mergekit
-ratios. Absolute times depend on the machine; the ratios are the point.
+ratios. Absolute times depend on the machine; the ratios are the point. `floor_s` is the I/O floor of the
+same bytes (bench/io_floor.py: read the recipe's input files once from the warm page cache, write the
+output's shard sizes, fsync each as the merge does), `x_floor` fusemerge's time as a multiple of it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from io_floor import measure_floor
 
 RECIPES = {
     "linear": """merge_method: linear
@@ -227,7 +231,7 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--methods", default="linear,task_arithmetic,ties")
+    ap.add_argument("--methods", default="linear,task_arithmetic,ties,dare_ties,sce")
     ap.add_argument("--skip-mergekit", action="store_true", help="time fusemerge alone")
     ap.add_argument("--help-timing", action="store_true", help="also time `fusemerge --help`")
     args = ap.parse_args()
@@ -247,7 +251,12 @@ def main() -> None:
         f_wall, f_rss, f_code = run_child(
             "fusemerge.cli", ["merge", str(recipe), str(out_f), "--overwrite", "-q"], args.workdir
         )
+        out_sizes = [f.stat().st_size for f in sorted(out_f.glob("*.safetensors"))]
         shutil.rmtree(out_f, ignore_errors=True)
+        used = [p for p in paths.values() if str(p) in recipe.read_text()]
+        inputs = [f for p in used for f in sorted(p.glob("*.safetensors"))]
+        warm(paths)
+        floor = measure_floor(inputs, out_sizes, args.workdir / "floor")
         line: dict[str, object] = {
             "bench": "merge",
             "method": method,
@@ -255,6 +264,8 @@ def main() -> None:
             "fusemerge_s": round(f_wall, 2),
             "fusemerge_peak_rss_mb": round(f_rss),
             "fusemerge_ok": f_code == 0,
+            **floor,
+            "x_floor": round(f_wall / floor["floor_s"], 3),
         }
         if not args.skip_mergekit and method not in MERGEKIT_ONLY_UNSUPPORTED:
             warm(paths)

@@ -66,6 +66,11 @@ def main(verbose: bool) -> None:
     default=None,
     help="Seed of the random methods (DARE, DELLA); the same seed gives the same model. Default 0.",
 )
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="A parameter the method does not use is an error (default: ignored with a warning, as mergekit does).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option(
     "--push-to-hub", "push_to_hub", metavar="REPO_ID", help="Upload OUT to this Hub repo when done."
@@ -83,6 +88,7 @@ def merge(
     allow_nonfinite: bool,
     engine: str,
     random_seed: int | None,
+    strict: bool,
     quiet: bool,
     push_to_hub: str | None,
     private: bool,
@@ -114,6 +120,7 @@ def merge(
         progress=not quiet,
         engine=engine,
         random_seed=random_seed,
+        strict=strict,
     )
     run_merge(recipe, out, options, echo=click.echo)
     if push_to_hub and not options.dry_run:

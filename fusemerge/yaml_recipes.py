@@ -6,6 +6,7 @@ key`, never as a pydantic dump or a traceback.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -81,3 +82,29 @@ def line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
         else:
             return line
     return line
+
+
+_KEY_PART = re.compile(r"\[(\d+)\]|([^.\[\]]+)")
+
+
+def key_path(key: str) -> tuple[str | int, ...]:
+    """`models[0].parameters.weight` as the path ('models', 0, 'parameters', 'weight')."""
+    return tuple(int(index) if index else name for index, name in _KEY_PART.findall(key))
+
+
+def with_recipe_line(exc: FusemergeError, path: Path, text: str) -> FusemergeError:
+    """`exc` naming `path` and the line of its key, when it names a recipe key but no line.
+
+    Errors about the recipe are raised where the problem is found, often far from the YAML; this puts the
+    file:line on all of them in one place. CLI options (`--engine`) and other files are left as they are.
+    """
+    if exc.line is not None or not exc.key or exc.key.startswith("--"):
+        return exc
+    if exc.file is not None and Path(exc.file) != path:
+        return exc
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return exc
+    line = line_of(node, key_path(exc.key))
+    return FusemergeError(exc.message, file=path, line=line, key=exc.key, tensor=exc.tensor)

@@ -34,6 +34,45 @@ BUILTIN_TEMPLATES: dict[str, str] = {
         " + '<|end_of_turn|>' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ 'GPT4 Correct Assistant:' }}{% endif %}"
     ),
+    # mergekit 0.1.5's built-in names (`chat_template: llama3` ...): written here in fusemerge's own words,
+    # rendering the same text as the templates mergekit ships in mergekit/_data/chat_templates/ (odd
+    # whitespace included: exaone's indentation, alpaca's missing blank line before a final "### Response:"),
+    # so a recipe gives the same model either way (tests/merge/test_chat_template_names.py).
+    "llama3": (
+        "{% for m in messages %}{% if loop.first %}{{ bos_token }}{% endif %}"
+        "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + (m['content'] | trim) + '<|eot_id|>\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
+    "alpaca": (
+        "{% set system = messages | selectattr('role', 'equalto', 'system') | list %}"
+        "{{ (system | last).content | trim if system else '' }}{{ '\\n\\n' }}"
+        "{% set heads = {'user': '### Instruction:\\n', 'assistant': '### Response:\\n', "
+        "'user_context': '### Input:\\n'} %}"
+        "{% for m in messages %}{% if m['role'] in heads %}{{ heads[m['role']] + (m['content'] | trim) }}"
+        "{% if not loop.last %}{{ '\\n\\n' }}{% endif %}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}{{ '### Response:\\n' }}{% endif %}"
+    ),
+    "mistral": (
+        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        "{% set turns = messages[1:] %}{% else %}{% set turns = messages %}{% endif %}"
+        "{{ bos_token }}{% for m in turns %}"
+        "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('After the optional system "
+        "message, conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if m['role'] == 'user' %}"
+        "{{ ' [INST] ' + (system + '\\n\\n' if loop.first and system is defined else '') + m['content'] + ' [/INST]' }}"
+        "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + eos_token }}"
+        "{% else %}{{ raise_exception('Only user and assistant roles are supported, with the exception of an "
+        "initial optional system message!') }}{% endif %}{% endfor %}"
+    ),
+    "exaone": (
+        "{% for m in messages %}"
+        "{% if loop.first and m['role'] != 'system' %}{{ '        [|system|][|endofturn|]\\n\\n' }}{% endif %}"
+        "{{ '    [|' + m['role'] + '|]' + m['content'] + '\\n' }}"
+        "{{ '        \\n\\n' if m['role'] == 'user' else '        [|endofturn|]\\n\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '    [|assistant|]\\n' }}{% endif %}"
+    ),
 }
 
 

@@ -13,6 +13,7 @@ A streaming merge that was interrupted resumes where it stopped when rerun: fini
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from fusemerge.merge.plan import build_plan, describe
 from fusemerge.merge.recipe import LoadedRecipe, read_recipe
 from fusemerge.merge.routing import choose_engine
 from fusemerge.merge.side_files import plan_card, resolve_side_files, write_side_files
+from fusemerge.yaml_recipes import with_recipe_line
 
 LOG = logging.getLogger(__name__)
 
@@ -51,25 +53,46 @@ def run_merge(
     options = replace(options or MergeOptions(), **overrides)
     out = Path(out)
     source = read_recipe(recipe)
-    chosen, why = choose_engine(options.engine, source)
-    if chosen == "mergekit":
-        echo(f"engine: mergekit ({why})")
-        return run_with_mergekit(source, out, options, echo=echo)
-    if source.loaded is None:
-        raise FusemergeError(
-            "a MoE recipe (experts) needs --engine mergekit or auto", file=source.path, key="experts"
+
+    def warn(notice: FusemergeError) -> None:  # on stderr, beside the errors
+        print(
+            f"fusemerge: warning: {with_recipe_line(notice, source.path, source.text).one_line()}",
+            file=sys.stderr,
         )
-    return _run_streaming(source.loaded, out, options, why=why, echo=echo)
+
+    try:
+        chosen, why = choose_engine(options.engine, source)
+        if chosen == "mergekit":
+            echo(f"engine: mergekit ({why})")
+            return run_with_mergekit(source, out, options, echo=echo, echo_warning=warn)
+        if source.loaded is None:
+            raise FusemergeError(
+                "a MoE recipe (experts) needs --engine mergekit or auto", file=source.path, key="experts"
+            )
+        return _run_streaming(source.loaded, out, options, why=why, echo=echo, warn=warn)
+    except FusemergeError as exc:  # every recipe error names its file:line, wherever it was found
+        located = with_recipe_line(exc, source.path, source.text)
+        if located is exc:
+            raise
+        raise located from exc.__cause__
 
 
 def _run_streaming(
-    loaded: LoadedRecipe, out: Path, options: MergeOptions, *, why: str, echo: Callable[[str], Any]
+    loaded: LoadedRecipe,
+    out: Path,
+    options: MergeOptions,
+    *,
+    why: str,
+    echo: Callable[[str], Any],
+    warn: Callable[[FusemergeError], None],
 ) -> Path:
     plan = build_plan(
         loaded,
         out_shard_size=options.out_shard_size,
         allow_pickle=options.allow_pickle,
         random_seed=options.random_seed,
+        strict=options.strict,
+        warn=warn,
     )
     echo(f"engine: streaming ({why})")
     device = _check_device(options.device)

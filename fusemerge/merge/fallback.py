@@ -52,13 +52,19 @@ def require_mergekit() -> None:
 
 
 def run_with_mergekit(
-    source: RecipeFile, out: Path, options: MergeOptions, *, echo: Callable[[str], Any]
+    source: RecipeFile,
+    out: Path,
+    options: MergeOptions,
+    *,
+    echo: Callable[[str], Any],
+    echo_warning: Callable[[FusemergeError], None] | None = None,
 ) -> Path:
     """Validate the recipe whole, then run it through mergekit; returns `out`."""
     require_mergekit()
     path, text, moe = source.path, source.text, source.moe
     resolved = _resolve_references(source.data, path)
-    config, method = _validate(resolved, path, moe=moe)
+    warn = None if options.strict else echo_warning
+    config, method = _validate(resolved, path, moe=moe, strict=options.strict, warn=warn)
     _check_models(resolved, path)
     if options.dry_run:
         echo(_describe(path, resolved, out, moe=moe))
@@ -80,6 +86,7 @@ def run_with_mergekit(
                 quiet=not options.progress,
                 lora_merge_cache=lora_cache,
             )
+            _seed_like_mergekit(options.random_seed)
             if moe:
                 from mergekit.scripts.moe import build
 
@@ -92,6 +99,17 @@ def run_with_mergekit(
         mark_complete(out, fingerprint)
     echo(f"merged with mergekit into {out}")
     return out
+
+
+def _seed_like_mergekit(seed: int | None) -> None:
+    """Seed every generator as `mergekit-yaml/-moe --random-seed N` do (their `apply_global_options`):
+    mergekit's own `run_merge` and MoE `build` never read `MergeOptions.random_seed`, so without this
+    `gate_mode: random` gates (and DARE draws in slices) changed from run to run whatever the seed."""
+    if seed is None:
+        return
+    from transformers.trainer_utils import set_seed
+
+    set_seed(seed)
 
 
 def _card(source: RecipeFile, method: Any) -> str:
@@ -169,7 +187,14 @@ def _resolve_references(data: Any, path: Path) -> Any:
     return _walk_refs(data, resolve)
 
 
-def _validate(data: Any, path: Path, *, moe: bool) -> tuple[Any, Any]:
+def _validate(
+    data: Any,
+    path: Path,
+    *,
+    moe: bool,
+    strict: bool = False,
+    warn: Callable[[FusemergeError], None] | None = None,
+) -> tuple[Any, Any]:
     """(mergekit's validated config, its merge method or None for MoE), or a one-line error."""
     from pydantic import ValidationError
 
@@ -184,9 +209,24 @@ def _validate(data: Any, path: Path, *, moe: bool) -> tuple[Any, Any]:
     try:
         config = schema.model_validate(data)
     except (ValidationError, RuntimeError) as exc:
-        raise FusemergeError(f"mergekit refuses the recipe: {_first_line(exc)}", file=path) from None
+        key = _error_key(exc) if isinstance(exc, ValidationError) else None
+        raise FusemergeError(f"mergekit refuses the recipe: {_first_line(exc)}", file=path, key=key) from None
     _check_unknown_keys(data, path, moe=moe)
-    return config, None if moe else _check_method(config, data, path)
+    return config, None if moe else _check_method(config, data, path, strict=strict, warn=warn)
+
+
+def _error_key(exc: Any) -> str | None:
+    """The recipe key of a pydantic error (`slices[0].sources`), for its line."""
+    errors = exc.errors()
+    if not errors:
+        return None
+    key = ""
+    for part in errors[0]["loc"]:
+        if isinstance(part, int):
+            key += f"[{part}]"
+        elif "[" not in str(part) and not str(part).startswith("function"):
+            key += f".{part}" if key else str(part)
+    return key or None
 
 
 def _check_unknown_keys(data: dict[str, Any], path: Path, *, moe: bool) -> None:
@@ -234,7 +274,14 @@ def _known(node: Any, cls: Any, where: str, path: Path) -> None:
             )
 
 
-def _check_method(config: Any, data: dict[str, Any], path: Path) -> Any:
+def _check_method(
+    config: Any,
+    data: dict[str, Any],
+    path: Path,
+    *,
+    strict: bool = False,
+    warn: Callable[[FusemergeError], None] | None = None,
+) -> Any:
     from mergekit import merge_methods
 
     try:
@@ -248,7 +295,7 @@ def _check_method(config: Any, data: dict[str, Any], path: Path) -> Any:
         ) from None
     known = {p.name for p in method.spec.parameters}
     for where, scope in _parameter_scopes(data):
-        check_parameter_names(config.merge_method, known, where, scope, file=path)
+        check_parameter_names(config.merge_method, known, where, scope, file=path, strict=strict, warn=warn)
     return method
 
 

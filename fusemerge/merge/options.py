@@ -29,6 +29,8 @@ class MergeOptions:
             uses what only mergekit does (slices, modules, tokenizer surgery, MoE).
         random_seed: seed of the random methods (DARE, DELLA); the same seed gives the same model
             (None: the streaming engine's default, 0; mergekit's own default in the fallback).
+        strict: a parameter the merge method does not use is an error (by default it is ignored with a
+            warning naming its file:line, as mergekit ignores it).
     """
 
     dry_run: bool = False
@@ -40,3 +42,4 @@ class MergeOptions:
     progress: bool = True
     engine: str = "auto"
     random_seed: int | None = None
+    strict: bool = False

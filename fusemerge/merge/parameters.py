@@ -10,7 +10,7 @@ the tensor name (or absent, or '*') wins. Per-model settings take precedence ove
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -97,30 +97,59 @@ def resolve(
     tensor_name: str,
     t: float,
     model: str | None = None,
+    wheres: Sequence[str] | None = None,
+    missing_key: str | None = None,
 ) -> Any:
-    """The first scope (highest precedence first) that yields a value wins; else the default."""
-    for scope in scopes:
+    """The first scope (highest precedence first) that yields a value wins; else the default.
+
+    `wheres`: each scope's key in the recipe (`models[0].parameters`), so that a bad value's error names
+    its own line; `missing_key`: the key a missing required parameter is reported at.
+    """
+    for i, scope in enumerate(scopes):
         if scope is not None and name in scope:
-            value = evaluate_setting(tensor_name, scope[name], t, param, name=name)
+            try:
+                value = evaluate_setting(tensor_name, scope[name], t, param, name=name)
+            except FusemergeError as exc:
+                if wheres is None:
+                    raise
+                raise FusemergeError(exc.message, key=f"{wheres[i]}.{name}", tensor=tensor_name) from None
             if value is not None:
                 return value
     if param.required:
         where = f" for model '{model}'" if model else ""
         raise FusemergeError(
-            f"required parameter '{name}' is not set{where}", key=f"parameters.{name}", tensor=tensor_name
+            f"required parameter '{name}' is not set{where}",
+            key=missing_key or f"parameters.{name}",
+            tensor=tensor_name,
         )
     return param.default
 
 
 def check_parameter_names(
-    method: str, known: Iterable[str], where: str, scope: Mapping[str, Any] | None, *, file: Any
+    method: str,
+    known: Iterable[str],
+    where: str,
+    scope: Mapping[str, Any] | None,
+    *,
+    file: Any,
+    strict: bool = False,
+    warn: Callable[[FusemergeError], None] | None = None,
 ) -> None:
-    """Refuse a parameter the method does not take (both engines: a typo is never silently ignored)."""
+    """A parameter the method does not take is ignored with a warning, as mergekit ignores it (its own
+    test recipes give every method a `weight`); with `strict` it is an error. Both engines."""
     names = set(known)
+    takes = ", ".join(sorted(names)) or "none"
     for name in scope or {}:
-        if name not in names:
+        if name in names:
+            continue
+        if strict or warn is None:
             raise FusemergeError(
-                f"unknown parameter for '{method}' (it takes: {', '.join(sorted(names)) or 'none'})",
+                f"not used by '{method}' (it takes: {takes}); without --strict it is ignored, as mergekit does",
                 file=file,
                 key=f"{where}.{name}",
             )
+        warn(
+            FusemergeError(
+                f"not used by '{method}'; ignored, as mergekit does", file=file, key=f"{where}.{name}"
+            )
+        )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from fusemerge.merge.models import check_same_architecture, num_layers, open_mod
 from fusemerge.merge.parameters import check_parameter_names, layer_t, resolve
 from fusemerge.merge.recipe import LoadedRecipe
 from fusemerge.merge.routing import mergekit_reason
+from fusemerge.merge.vocabulary import vocabulary_reason
 
 # Read-ahead bound: a few tensors hide read latency; more would only raise the memory peak.
 DEFAULT_PREFETCH_BYTES = 256 * 1024 * 1024
@@ -148,7 +150,11 @@ def build_plan(
     out_shard_size: int,
     allow_pickle: bool = False,
     random_seed: int | None = None,
+    strict: bool = False,
+    warn: Callable[[FusemergeError], None] | None = None,
 ) -> MergePlan:
+    """The whole merge, checked and planned before any tensor is read. A parameter the method does not
+    use goes to `warn` (ignored, as mergekit ignores it), or is an error with `strict`."""
     recipe = loaded.recipe
     check_streaming_features(loaded)
     try:
@@ -158,7 +164,7 @@ def build_plan(
     base_ref, input_refs = _arrange_inputs(loaded, method)
     work_dtype = code_for_name(recipe.dtype, key="dtype") if recipe.dtype else None
     out_dtype = code_for_name(recipe.out_dtype, key="out_dtype") if recipe.out_dtype else None
-    _check_parameter_names(loaded, method)
+    _check_parameter_names(loaded, method, strict=strict, warn=warn)
 
     folders = open_models(
         recipe.referenced_models(), recipe_dir=loaded.path.parent, allow_pickle=allow_pickle
@@ -174,6 +180,7 @@ def build_plan(
     )
     layers = num_layers(reference)
     model_params = {m.model: m.parameters for m in recipe.models or []}
+    model_keys = {m.model: f"models[{i}]" for i, m in enumerate(recipe.models or [])}
 
     tasks: list[TensorTask] = []
     ordered = sorted(reference.tensors.values(), key=lambda i: (str(i.file), i.start))
@@ -185,13 +192,20 @@ def build_plan(
             tasks.append(TensorTask(info.name, info.shape, info.dtype, None, [], None, copy_from=info))
             continue
         shared = {
-            name: resolve(name, p, [recipe.parameters], tensor_name=info.name, t=t)
+            name: resolve(name, p, [recipe.parameters], tensor_name=info.name, t=t, wheres=["parameters"])
             for name, p in method.shared.items()
         }
         per_model = {
             name: [
                 resolve(
-                    name, p, [model_params.get(ref), recipe.parameters], tensor_name=info.name, t=t, model=ref
+                    name,
+                    p,
+                    [model_params.get(ref), recipe.parameters],
+                    tensor_name=info.name,
+                    t=t,
+                    model=ref,
+                    wheres=[f"{model_keys.get(ref, 'base_model')}.parameters", "parameters"],
+                    missing_key=f"{model_keys.get(ref, 'base_model')}.parameters.{name}",
                 )
                 for ref in input_refs
             ]
@@ -228,7 +242,7 @@ def check_streaming_features(loaded: LoadedRecipe) -> None:
 
     That the recipe lists models at all is checked once, when it is parsed (`fusemerge.merge.recipe`).
     """
-    reason = mergekit_reason(loaded.recipe)
+    reason = mergekit_reason(loaded.recipe) or vocabulary_reason(loaded)
     if reason is not None:
         key, what = reason
         raise FusemergeError(
@@ -271,14 +285,20 @@ def _arrange_inputs(loaded: LoadedRecipe, method: MergeMethod) -> tuple[str | No
     return base, inputs
 
 
-def _check_parameter_names(loaded: LoadedRecipe, method: MergeMethod) -> None:
+def _check_parameter_names(
+    loaded: LoadedRecipe,
+    method: MergeMethod,
+    *,
+    strict: bool,
+    warn: Callable[[FusemergeError], None] | None,
+) -> None:
     known = set(method.shared) | set(method.per_model)
     recipe = loaded.recipe
     scopes = [("parameters", recipe.parameters)] + [
         (f"models[{i}].parameters", m.parameters) for i, m in enumerate(recipe.models or [])
     ]
     for where, scope in scopes:
-        check_parameter_names(method.name, known, where, scope, file=loaded.path)
+        check_parameter_names(method.name, known, where, scope, file=loaded.path, strict=strict, warn=warn)
         if where != "parameters":
             for name in scope or {}:
                 if name in method.shared and name not in method.per_model:

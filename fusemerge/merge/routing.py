@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fusemerge.errors import FusemergeError
 from fusemerge.merge.recipe import MergeRecipe, RecipeFile
+from fusemerge.merge.vocabulary import vocabulary_reason
 
 ENGINES = ("auto", "streaming", "mergekit")
 
@@ -30,13 +31,13 @@ def choose_engine(engine: str, source: RecipeFile) -> tuple[str, str]:
     """(engine that runs, why), for the CLI to say."""
     if engine not in ENGINES:
         raise FusemergeError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})", key="--engine")
+    if engine == "mergekit":
+        return "mergekit", "asked for with --engine mergekit"
     reason = (
         ("experts", "mergekit-moe's experts format")
         if source.loaded is None
-        else mergekit_reason(source.loaded.recipe)
+        else mergekit_reason(source.loaded.recipe) or vocabulary_reason(source.loaded)
     )
-    if engine == "mergekit":
-        return "mergekit", "asked for with --engine mergekit"
     if reason is None:
         return "streaming", "the recipe uses only what the streaming engine does"
     if engine == "streaming":

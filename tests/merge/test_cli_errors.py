@@ -48,10 +48,17 @@ def test_unknown_key_names_key_and_line(write_recipe, llama_fp32, tmp_path):
     assert "key 'out_dtyp'" in line and f"{recipe}:7" in line and "unknown key" in line
 
 
-def test_unknown_parameter(write_recipe, llama_fp32, tmp_path):
+def test_unused_parameter_warns_and_strict_refuses(write_recipe, llama_fp32, tmp_path):
+    # mergekit ignores a parameter the method does not take: one warning line, or an error with --strict
     recipe = write_recipe(_linear(llama_fp32["ft1"], llama_fp32["ft2"], "parameters: {densty: 0.5}\n"))
-    line = _one_line_error(_run(str(recipe), str(tmp_path / "out")))
-    assert "parameters.densty" in line
+    result = _run(str(recipe), str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert warnings == [
+        f"fusemerge: warning: {recipe}:7, key 'parameters.densty': not used by 'linear'; ignored, as mergekit does"
+    ]
+    line = _one_line_error(_run(str(recipe), str(tmp_path / "out2"), "--strict"))
+    assert f"{recipe}:7, key 'parameters.densty'" in line
 
 
 def test_missing_model_folder(write_recipe, llama_fp32, tmp_path):

@@ -120,7 +120,7 @@ def test_missing_mergekit_says_how_to_install(llama_fp32, tmp_path, write_recipe
     ("edit", "message"),
     [
         (("passthrough", "passthru"), "unknown merge method 'passthru'"),
-        (("dtype: float32", "parameters: {scale: 2, t: 0.5}\ndtype: float32"), "unknown parameter"),
+        (("dtype: float32", "parameters: {scale: 2, t: 0.5}\ndtype: float32"), "not used by 'passthrough'"),
         (
             ("layer_range: [1, 2]", "layer_range: [1, 2]\n        model_typo: 1"),
             r"key 'slices\[1\]\.sources\[0\]\.model_typo'",
@@ -131,7 +131,7 @@ def test_missing_mergekit_says_how_to_install(llama_fp32, tmp_path, write_recipe
 def test_fallback_recipe_checked_before_any_work(llama_fp32, tmp_path, write_recipe, edit, message):
     text = FRANKEN.format(**_refs(llama_fp32)).replace(*edit)
     with pytest.raises(FusemergeError, match=message):
-        run_merge(write_recipe(text), tmp_path / "out", echo=lambda _: None)
+        run_merge(write_recipe(text), tmp_path / "out", echo=lambda _: None, strict=True)
     assert not (tmp_path / "out").exists()
 
 

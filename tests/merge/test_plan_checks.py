@@ -8,8 +8,8 @@ from fusemerge.errors import FusemergeError
 from fusemerge.merge.api import run_merge
 
 
-def _dry(recipe, tmp_path):
-    run_merge(recipe, tmp_path / "out", dry_run=True, echo=lambda _: None)
+def _dry(recipe, tmp_path, **options):
+    run_merge(recipe, tmp_path / "out", dry_run=True, echo=lambda _: None, **options)
 
 
 def test_zero_sum_linear_weights_fail_at_plan_time(llama_fp32, tmp_path, write_recipe):
@@ -37,8 +37,9 @@ def test_models_of_different_architectures_fail_at_plan_time(
     ("params", "match"),
     [
         ("{select_topk: lots}", "expected float"),
-        ("{select_top_k: 0.5}", "unknown parameter"),
-        ("{t: 0.5}", "unknown parameter"),
+        # unused parameters are errors under --strict (tests/merge/test_recipe_compat.py: warnings without)
+        ("{select_top_k: 0.5}", "not used by 'sce'"),
+        ("{t: 0.5}", "not used by 'sce'"),
     ],
 )
 def test_bad_parameters_fail_at_plan_time(params, match, llama_fp32, tmp_path, write_recipe):
@@ -48,4 +49,4 @@ def test_bad_parameters_fail_at_plan_time(params, match, llama_fp32, tmp_path, w
         f"  - model: {refs['ft2']}\nparameters: {params}\n"
     )
     with pytest.raises(FusemergeError, match=match):
-        _dry(recipe, tmp_path)
+        _dry(recipe, tmp_path, strict=True)
