@@ -47,7 +47,7 @@ from fusemerge.checkpoint.layout import (
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.implicit.sample import read_jsonl, shard_name
 from fusemerge.fuse.implicit.spec import PairsSpec
-from fusemerge.progress import bar
+from fusemerge.progress import progress_bar as bar
 
 SFT_NAME = "sft.jsonl"
 PREFERENCE_NAME = "preference.jsonl"

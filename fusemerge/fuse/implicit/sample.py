@@ -43,7 +43,7 @@ from fusemerge.fuse.implicit.generate import (
 )
 from fusemerge.fuse.implicit.prompts import PromptRecord, PromptSet
 from fusemerge.fuse.implicit.spec import SamplingSpec
-from fusemerge.progress import bar
+from fusemerge.progress import progress_bar as bar
 
 SHARD_PATTERN = "shard-*.jsonl"
 FORMAT_VERSION = 1

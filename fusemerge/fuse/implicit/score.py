@@ -33,7 +33,7 @@ from fusemerge.fuse.implicit.sample import (
 )
 from fusemerge.fuse.implicit.scorers import SCORERS, ScoreItem, ScorerContext, ScoreResult
 from fusemerge.fuse.implicit.spec import ScoringSpec
-from fusemerge.progress import bar
+from fusemerge.progress import progress_bar as bar
 
 
 def scorer_of(domain: str, *, spec: ScoringSpec) -> str:

@@ -37,7 +37,7 @@ from fusemerge.fuse.implicit.target import (
     save_target,
     trl_config,
 )
-from fusemerge.progress import bar
+from fusemerge.progress import progress_bar as bar
 
 
 def sft_identity(*, recipe: ImplicitRecipe, template: str, max_length: int, data: str) -> dict[str, Any]:
