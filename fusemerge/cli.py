@@ -259,7 +259,7 @@ def demo(out: Path | None, merge_only: bool, implicit: bool, quiet: bool) -> Non
 
     \b
     --implicit: implicit fusion instead, on arithmetic a program checks: a weak pivot
-    and an addition and a subtraction specialist answer prompts, math_answer scores them, the pivot is
+    and an addition and a multiplication specialist answer prompts, math_answer scores them, the pivot is
     fine-tuned on the best answers (SFT) and then on right-vs-wrong pairs (DPO, WRPO); held-out
     accuracy of every model, and exit status 3 unless each SFT + preference target beats the pivot and
     the SFT-only target.

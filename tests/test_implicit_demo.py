@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from fusemerge.demo.arithmetic import DOMAINS, ArithmeticPlan, ArithmeticSplit, build_arithmetic, problems
+from fusemerge.demo.arithmetic import DOMAINS, WORDINGS, ArithmeticPlan, build_arithmetic, facts, gold
 from fusemerge.demo.implicit import ImplicitDemoPlan, run_implicit_demo, source_label
 from fusemerge.demo.pretrain import ModelPlan
 from fusemerge.demo.report import implicit_check_lines, implicit_claims
@@ -25,37 +25,31 @@ from fusemerge.fuse.implicit.scorers import SCORERS, ScoreItem, ScoreResult
 LOSSES = ("dpo", "wrpo")
 
 
-def test_problem_parts_are_disjoint_and_stable(tmp_path):
-    plan = ArithmeticPlan(split=ArithmeticSplit(heldout=5, fusion=7, pivot=3, specialist=11))
+def test_held_out_prompts_are_facts_the_pipeline_never_asked_in_that_wording(tmp_path):
+    plan = ArithmeticPlan(specialist_texts=300, pivot_texts=100)
     a = build_arithmetic(tmp_path / "a", plan)
     b = build_arithmetic(tmp_path / "b", plan)
     assert a.fusion_file.read_text() == b.fusion_file.read_text()
     assert a.heldout_file.read_text() == b.heldout_file.read_text()
     fusion = [json.loads(line) for line in a.fusion_file.read_text().splitlines()]
     heldout = [json.loads(line) for line in a.heldout_file.read_text().splitlines()]
-    assert sorted(r["domain"] for r in fusion) == sorted(DOMAINS * plan.split.fusion)
-    assert sorted(r["domain"] for r in heldout) == sorted(DOMAINS * plan.split.heldout)
-    for r in fusion + heldout:  # prompts only, with a gold answer the scorer can check
+    every = {(d, x, y) for d in DOMAINS for x, y in facts(plan.largest)}
+    assert sorted((r["domain"], *map(int, r["prompt_id"].split("-")[1:3])) for r in fusion) == sorted(every)
+    assert len(heldout) == len(every) * (len(WORDINGS) - 1)
+    for r in fusion + heldout:  # prompts only, with the gold answer the scorer checks
         assert [m["role"] for m in r["messages"]] == ["user"]
-        _, x, y = r["prompt_id"].split("-")
-        assert int(r["answer"]) == (int(x) + int(y) if r["domain"] == "addition" else int(x) - int(y))
-    ids = {
-        "fusion": {r["prompt_id"] for r in fusion},
-        "heldout": {r["prompt_id"] for r in heldout},
-    }
-    assert not ids["fusion"] & ids["heldout"]
-    # every pre-training text is a problem of neither prompt file
-    for part in ("pivot", "specialist"):
-        for text in a.pretraining_texts(part):
-            assert not any(
-                f" {p.split('-')[1]} " in text and f" {p.split('-')[2]}" in text for p in ids["heldout"]
-            )
-
-
-def test_subtraction_never_goes_below_zero_and_a_split_too_large_is_refused(tmp_path):
-    assert all(a >= b for a, b in problems("subtraction"))
-    with pytest.raises(ValueError, match="subtraction domain"):
-        build_arithmetic(tmp_path, ArithmeticPlan(split=ArithmeticSplit(5000, 1, 1, 1)))
+        domain, x, y = r["prompt_id"].split("-")[:3]
+        assert r["answer"] == str(gold(domain, int(x), int(y)))
+    asked = {r["messages"][0]["content"] for r in fusion}
+    assert not asked & {r["messages"][0]["content"] for r in heldout}
+    assert not {r["prompt_id"] for r in fusion} & {r["prompt_id"] for r in heldout}
+    # the pivot's texts hold its share of each table's facts, the specialists' texts their whole table
+    for domain in DOMAINS:
+        assert len(a.pivot_facts[domain]) == round(plan.pivot_share * len(facts(plan.largest)))
+        pivot_answers = {t.split("Assistant: ")[1].strip() for t in a.texts["pivot"][domain]}
+        assert pivot_answers <= {str(gold(domain, x, y)) for x, y in a.pivot_facts[domain]}
+        answers = {t.split("Assistant: ")[1].strip() for t in a.texts["specialist"][domain]}
+        assert answers == {str(gold(domain, x, y)) for x, y in facts(plan.largest)}
 
 
 def _result(pivot: float, sft: float, dpo: float, wrpo: float) -> ImplicitResult:
@@ -114,7 +108,7 @@ def test_scaled_down_demo_runs_every_stage(tmp_path, even_length_scorer):
 
     base = ImplicitDemoPlan()
     plan = ImplicitDemoPlan(
-        data=ArithmeticPlan(split=ArithmeticSplit(heldout=6, fusion=12, pivot=8, specialist=16)),
+        data=ArithmeticPlan(largest=3, specialist_texts=40, pivot_texts=20),
         pivot=tiny("pivot", base.pivot.tokenizer, base.pivot.architecture, 1),
         sources=tuple((d, tiny(p.name, p.tokenizer, p.architecture, p.seed)) for d, p in base.sources),
     )
