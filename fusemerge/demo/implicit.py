@@ -96,10 +96,10 @@ class ImplicitDemoPlan:
     training: dict[str, Any] = field(
         default_factory=lambda: {
             "mode": "full",
-            "learning_rate": 1.0e-3,
+            "learning_rate": 3.0e-4,
             "lr_scheduler": "cosine",
             "warmup_ratio": 0.03,
-            "epochs": 20,
+            "epochs": 5,
             "batch_size": 8,
             "gradient_accumulation": 1,
             "dtype": "float32",
@@ -366,7 +366,7 @@ def _evaluate(
     context = ScorerContext(scoring, progress=progress)
     table: dict[str, dict[str, float]] = {}
     for i, (label, model) in enumerate(models.items()):
-        name = f"{i:02d}-{model.name}"
+        name = f"{i:02d}-{model.name}-{_made_from(model)}"
         samples, scores = folder / "samples" / name, folder / "scores" / name
         run_sample(
             model=SampleModel(name=label, model=str(model)),
@@ -375,7 +375,7 @@ def _evaluate(
             folder=samples,
             progress=progress,
             echo=echo,
-            rebuild=True,  # a retrained model is a new model: its old answers are not its answers
+            rebuild=True,
         )
         run_score(
             name=label,
@@ -396,3 +396,20 @@ def _evaluate(
         row["average"] = sum(row.values()) / len(DOMAINS)
         table[label] = row
     return table
+
+
+def _made_from(model: Path) -> str:
+    """12 hex digits of the model's stamp (what it was trained from), for its evaluation folder's name.
+
+    The sample manifest's model fingerprint does not see retrained weights of the same shapes and sizes,
+    so a target retrained with other settings would otherwise be "evaluated" by its predecessor's answers.
+    """
+    import hashlib
+
+    from fusemerge.checkpoint.layout import TARGET_STAMP
+    from fusemerge.demo.pretrain import STAMP
+
+    for stamp in (TARGET_STAMP, STAMP):
+        if (model / stamp).is_file():
+            return hashlib.sha256((model / stamp).read_bytes()).hexdigest()[:12]
+    return "unstamped"
