@@ -66,37 +66,38 @@ def merge_card(
     return "\n".join(lines)
 
 
-def fused_card(
+def _target_card(
     *,
     pivot: str,
-    sources: list[str],
+    tags: list[str],
+    title: str,
+    text: str,
+    models: list[str],
+    sections: list[str],
     recipe_text: str,
-    extra_tags: list[str] | None = None,
-    evaluation: EvalReport | None = None,
+    evaluation: EvalReport | None,
 ) -> str:
-    """The card of one fused target: a fine-tune of the pivot, distilled from the sources' distributions."""
+    """What every trained target's card shares: a fine-tune of the pivot (front matter, models, recipe)."""
     front: dict[str, object] = {}
     if hub_ids([pivot]):
         front["base_model"] = pivot
         front["base_model_relation"] = "finetune"
     front["library_name"] = "transformers"
-    front["tags"] = ["fusechat", "knowledge-fusion", "fusemerge", *(extra_tags or [])]
+    front["tags"] = tags
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).rstrip(),
         "---",
         "",
-        "# Fused model",
+        f"# {title}",
         "",
-        f"This model is `{pivot}` fine-tuned with [fusemerge](https://github.com/fusemerge/fusemerge) by "
-        "knowledge fusion ([FuseChat](https://arxiv.org/abs/2408.07990)): it was trained on chat data "
-        "towards the token distributions of the source models below, aligned to its own tokenizer.",
+        text,
         "",
         "## Models",
         "",
-        f"- pivot (base): `{pivot}`",
-        *(f"- source: `{s}`" for s in sources),
+        *models,
         "",
+        *sections,
         *_eval_lines(evaluation),
         "## Recipe",
         "",
@@ -106,6 +107,29 @@ def fused_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def fused_card(
+    *,
+    pivot: str,
+    sources: list[str],
+    recipe_text: str,
+    extra_tags: list[str] | None = None,
+    evaluation: EvalReport | None = None,
+) -> str:
+    """The card of one fused target: a fine-tune of the pivot, distilled from the sources' distributions."""
+    return _target_card(
+        pivot=pivot,
+        tags=["fusechat", "knowledge-fusion", "fusemerge", *(extra_tags or [])],
+        title="Fused model",
+        text=f"This model is `{pivot}` fine-tuned with [fusemerge](https://github.com/fusemerge/fusemerge) by "
+        "knowledge fusion ([FuseChat](https://arxiv.org/abs/2408.07990)): it was trained on chat data "
+        "towards the token distributions of the source models below, aligned to its own tokenizer.",
+        models=[f"- pivot (base): `{pivot}`", *(f"- source: `{s}`" for s in sources)],
+        sections=[],
+        recipe_text=recipe_text,
+        evaluation=evaluation,
+    )
 
 
 def finetune_card(
@@ -116,37 +140,53 @@ def finetune_card(
     evaluation: EvalReport | None = None,
 ) -> str:
     """The card of a plain fine-tune (`fusion.function: none` or `lambda: 1`): the fusion's baseline."""
-    front: dict[str, object] = {}
-    if hub_ids([pivot]):
-        front["base_model"] = pivot
-        front["base_model_relation"] = "finetune"
-    front["library_name"] = "transformers"
-    front["tags"] = ["fine-tune", "fusemerge", *(extra_tags or [])]
-    lines = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False).rstrip(),
-        "---",
-        "",
-        "# Fine-tuned model",
-        "",
-        f"This model is `{pivot}` fine-tuned with [fusemerge](https://github.com/fusemerge/fusemerge) on "
+    return _target_card(
+        pivot=pivot,
+        tags=["fine-tune", "fusemerge", *(extra_tags or [])],
+        title="Fine-tuned model",
+        text=f"This model is `{pivot}` fine-tuned with [fusemerge](https://github.com/fusemerge/fusemerge) on "
         "chat data with the causal language-modelling loss alone: a plain fine-tune, no knowledge fusion "
         "and no teacher models. It is the baseline of a fusion on the same data "
         "([FuseChat](https://arxiv.org/abs/2408.07990)'s CLM-only run).",
-        "",
-        "## Models",
-        "",
-        f"- base: `{pivot}`",
-        "",
-        *_eval_lines(evaluation),
-        "## Recipe",
-        "",
-        "```yaml",
-        recipe_text.rstrip(),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+        models=[f"- base: `{pivot}`"],
+        sections=[],
+        recipe_text=recipe_text,
+        evaluation=evaluation,
+    )
+
+
+def implicit_card(
+    *,
+    pivot: str,
+    sources: list[str],
+    stages: list[str],
+    data: list[str],
+    recipe_text: str,
+    tags: list[str],
+) -> str:
+    """The card of an implicit-fusion target: a fine-tune of the pivot on the sources' best answers.
+
+    Args:
+        pivot: the model the target was trained from (its `base_model`).
+        sources: the models whose responses it learned from (teachers, not weights it contains).
+        stages: the training stages it went through, in order ("SFT", "preference (wrpo)").
+        data: the training data files, named in the text.
+        recipe_text: the recipe YAML, copied verbatim.
+        tags: extra Hub tags (loss, training mode).
+    """
+    return _target_card(
+        pivot=pivot,
+        tags=["fusechat", "implicit-fusion", "fusemerge", *tags],
+        title="Fused model",
+        text=f"This model is `{pivot}` fine-tuned with [fusemerge](https://github.com/fusemerge/fusemerge) by "
+        "implicit model fusion ([FuseChat-3.0](https://arxiv.org/abs/2503.04222), "
+        "[WRPO](https://arxiv.org/abs/2412.03187)): the source models below answered the prompts, the answers "
+        f"were scored, and the pivot learned from the best of them by {' then '.join(stages)}.",
+        models=[f"- pivot (base): `{pivot}`", *(f"- source: `{s}`" for s in sources)],
+        sections=["## Data", "", *(f"- `{d}`" for d in data), ""],
+        recipe_text=recipe_text,
+        evaluation=None,
+    )
 
 
 def eval_section(report: EvalReport) -> str:

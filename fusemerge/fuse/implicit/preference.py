@@ -26,13 +26,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fusemerge.card import implicit_card
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.implicit.datasets import PreferencePair
 from fusemerge.fuse.implicit.losses import TARGET_LOSSES, TRL_LOSS_TYPES
 from fusemerge.fuse.implicit.target import (
     ImplicitRecipe,
     Student,
-    implicit_card,
     model_dtype,
     read_stamp,
     save_target,

@@ -26,12 +26,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fusemerge.card import implicit_card
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.implicit.datasets import SftRecord
 from fusemerge.fuse.implicit.target import (
     ImplicitRecipe,
     Student,
-    implicit_card,
     model_dtype,
     save_target,
     train_stage,

@@ -20,9 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
-
-from fusemerge.card import hub_ids
 from fusemerge.checkpoint.layout import RECIPE_NAME, TARGET_STAMP, remove_path, staged_folder
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.implicit.spec import ImplicitSpec
@@ -112,62 +109,6 @@ def read_stamp(*, folder: Path) -> dict[str, Any] | None:
         return json.loads((folder / TARGET_STAMP).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def implicit_card(
-    *,
-    pivot: str,
-    sources: list[str],
-    stages: list[str],
-    data: list[str],
-    recipe_text: str,
-    tags: list[str],
-) -> str:
-    """The model card of an implicit-fusion target: a fine-tune of the pivot on the sources' best answers.
-
-    Args:
-        pivot: the model the target was trained from (its `base_model`).
-        sources: the models whose responses it learned from (teachers, not weights it contains).
-        stages: the training stages it went through, in order ("SFT", "preference (wrpo)").
-        data: the training data files, named in the text.
-        recipe_text: the recipe YAML, copied verbatim.
-        tags: extra Hub tags (loss, training mode).
-    """
-    front: dict[str, object] = {}
-    if hub_ids([pivot]):
-        front["base_model"] = pivot
-        front["base_model_relation"] = "finetune"
-    front["library_name"] = "transformers"
-    front["tags"] = ["fusechat", "implicit-fusion", "fusemerge", *tags]
-    lines = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False).rstrip(),
-        "---",
-        "",
-        "# Fused model",
-        "",
-        f"This model is `{pivot}` fine-tuned with [fusemerge](https://github.com/fusemerge/fusemerge) by "
-        "implicit model fusion ([FuseChat-3.0](https://arxiv.org/abs/2503.04222), "
-        "[WRPO](https://arxiv.org/abs/2412.03187)): the source models below answered the prompts, the answers "
-        f"were scored, and the pivot learned from the best of them by {' then '.join(stages)}.",
-        "",
-        "## Models",
-        "",
-        f"- pivot (base): `{pivot}`",
-        *(f"- source: `{s}`" for s in sources),
-        "",
-        "## Data",
-        "",
-        *(f"- `{d}`" for d in data),
-        "",
-        "## Recipe",
-        "",
-        "```yaml",
-        recipe_text.rstrip(),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def save_target(
