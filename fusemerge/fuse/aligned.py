@@ -70,7 +70,9 @@ from fusemerge.progress import progress_bar
 LOG = logging.getLogger(__name__)
 ALIGNED_FORMAT = 2  # 2: same-end rule for offsets. Bump when the transfer rules change: older aligned stores are then refused
 ALIGNMENT_CACHE = 2**23  # aligned index pairs kept between the stats pass and the transfer (~70 MB)
-CHUNK = 256  # sequences per worker task (and per batched dtw call); chunks never cross a store shard
+CHUNK = 256  # most sequences per worker task (and per batched dtw call); chunks never cross a store shard
+TASKS_PER_WORKER = 8  # at least this many chunks per worker where the corpus allows: an even load
+MIN_CHUNK = 16  # fewer sequences per task and the per-task overhead shows
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,9 @@ def run_align(
     name = Path(aligned_dir).name
     mapping_path = Path(mapping_file)
     mapping = _load_mapping(mapping_path, vocab, tokens, pivot, source, data_hash, echo)
-    chunks = _chunks(n, pivot.store.shard_size)
+    width = max(1, min(workers or default_workers(), n))
+    chunks = _chunks(n, pivot.store.shard_size, _chunk_size(n, width))
+    width = max(1, min(width, len(chunks)))
     pending: list[int] = []
     store: TopKStore | None = None
     if mapping is not None:
@@ -198,8 +202,6 @@ def run_align(
             store.finalize()
             echo(f"align {name}: store complete, skipped ({store.path})")
             return AlignReport(store, 0, 0, 0, time.perf_counter() - begin)
-    width = workers or default_workers()
-    width = max(1, min(width, len(chunks)))
     job = _Job(tokens, _SideSpec.of(source), _SideSpec.of(pivot), ALIGNMENT_CACHE // width)
     with OwnedPool(width, _WorkerState, (job,), start_method=start_method) as pool:
         if mapping is None:
@@ -236,12 +238,19 @@ def _aligned_store(
     return TopKStore.create_or_resume(folder, identity, n_sequences=n, shard_size=pivot.store.shard_size)
 
 
-def _chunks(n: int, shard_size: int) -> list[tuple[int, range]]:
-    """(shard, sequences) of every chunk, in corpus order: at most CHUNK sequences, inside one shard."""
+def _chunk_size(n: int, workers: int) -> int:
+    """Sequences per task: CHUNK, or smaller so that every worker gets TASKS_PER_WORKER of them."""
+    if workers == 1:
+        return CHUNK
+    return max(MIN_CHUNK, min(CHUNK, -(-n // (workers * TASKS_PER_WORKER))))
+
+
+def _chunks(n: int, shard_size: int, size: int) -> list[tuple[int, range]]:
+    """(shard, sequences) of every chunk, in corpus order: at most `size` sequences, inside one shard."""
     out = []
     for shard, first in enumerate(range(0, n, shard_size)):
         last = min(n, first + shard_size)
-        out += [(shard, range(a, min(last, a + CHUNK))) for a in range(first, last, CHUNK)]
+        out += [(shard, range(a, min(last, a + size))) for a in range(first, last, size)]
     return out
 
 

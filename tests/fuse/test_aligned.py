@@ -315,7 +315,9 @@ def test_several_workers_write_what_one_worker_writes(
     import fusemerge.fuse.aligned as aligned_module
     from fusemerge.fuse.collate import FusionCollator, FusionDataset
 
-    monkeypatch.setattr(aligned_module, "CHUNK", 2)  # 12 sequences, shards of 3: 8 chunks, 2 per shard
+    # 12 sequences in shards of 3: one worker takes chunks of 2, three workers chunks of 1 (12 tasks)
+    monkeypatch.setattr(aligned_module, "CHUNK", 2)
+    monkeypatch.setattr(aligned_module, "MIN_CHUNK", 1)
     _, work, _ = fused
     pivot_tok, data = pivot_view
     source_tok = load_tokenizer(str(tiny_models["mistral"]))
