@@ -62,18 +62,19 @@ MFU_TABLE: dict[str, dict[str, Any]] = {
         "source": "assumption (40% of the device's peak; not measured)",
     },
 }
-# Achieved FLOP/s on a CPU, where there is no peak to take a fraction of: bench/mfu_bench.py --size tiny
-# on this project's CI-class machine (2 shared cores, float32, under load). A CPU run of a real model is
-# far slower than this per core count; the estimate says it is an order of magnitude only.
+# Achieved FLOP/s on a CPU, where there is no peak to take a fraction of: bench/mfu_bench.py --size small
+# (4 layers, hidden 512, float32), 2026-12-01, on 2 CPU cores shared with other jobs (load average ~15),
+# so wall-clock rates several times below what 2 free cores give: an order of magnitude, stated as such.
 CPU_TFLOPS: dict[str, Any] = {
-    "teacher": 0.02,
-    "full": 0.01,
-    "lora": 0.01,
-    "source": "measured on 2 shared CPU cores with a tiny model (bench/mfu_bench.py); order of magnitude only",
+    "teacher": 0.012,
+    "full": 0.015,
+    "lora": 0.009,
+    "source": "measured by bench/mfu_bench.py --size small on 2 shared, loaded CPU cores; order of magnitude",
 }
-# The align step is CPU work without FLOPs: pivot tokens per second per worker, dtw + stats, measured by
-# bench/align_bench.py on real chat (2 shared cores, under load).
-ALIGN_TOKENS_PER_S_PER_WORKER = 20_000.0
+# The align step is CPU work without FLOPs: pivot tokens per CPU-second of one worker, dtw + stats,
+# mistral -> qwen3 tokenizers on chat-length sequences (bench/align_bench.py --workers 2, 2026-12-01: 112k
+# pivot tokens in 3.4 CPU-s; the wall clock was 4x that on the loaded machine). Workers scale it.
+ALIGN_TOKENS_PER_S_PER_WORKER = 30_000.0
 
 
 @dataclass(frozen=True)

@@ -338,7 +338,7 @@ def estimate_lines(recipe: FuseRecipe, steps: Sequence[str]) -> list[str]:
             lines.append(
                 f"  align {spec.name}: {tokens:,} pivot tokens on {workers} CPU workers, {_human(seconds)} "
                 f"({ALIGN_TOKENS_PER_S_PER_WORKER:,.0f} tokens/s per worker, measured by bench/align_bench.py "
-                "on a shared 2-core machine; dtw + stats)"
+                "per CPU-second, dtw + stats; free cores assumed)"
             )
             if "align" in steps:
                 total += seconds
