@@ -218,10 +218,16 @@ def test_an_interrupted_align_resumes_to_an_identical_store(fused, pivot_view, t
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline
         time.sleep(0.02)
+    workers = _children(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(list(out.glob("shard-*.safetensors")))
     assert 1 <= done < 4, "the kill must land mid-way"
+    assert len(workers) == 2 or not Path("/proc").is_dir(), workers
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in workers):  # the workers die with their parent (PR_SET_PDEATHSIG)
+        assert time.monotonic() < deadline, [pid for pid in workers if _running(pid)]
+        time.sleep(0.05)
     pivot_tok, data = pivot_view
     lines: list[str] = []
     run_align(
@@ -363,3 +369,26 @@ def _metadata(out: Path) -> dict:
 
     with safe_open(str(out / "mapping.safetensors"), framework="numpy") as f:
         return dict(f.metadata())
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()  # state, ppid, ...
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of `pid` (Linux /proc; empty elsewhere)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*") if Path("/proc").is_dir() else []:
+        fields = _stat(int(entry.name))
+        if fields is not None and fields[1] == str(pid) and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
