@@ -203,6 +203,9 @@ def run_align(
             echo(f"align {name}: store complete, skipped ({store.path})")
             return AlignReport(store, 0, 0, 0, time.perf_counter() - begin)
     job = _Job(tokens, _SideSpec.of(source), _SideSpec.of(pivot), ALIGNMENT_CACHE // width)
+    if width > 1 and n:
+        # load the compiled aligner (numba's cache: ~0.2 CPU-s) here, once, for forked workers to inherit
+        align_batch(tokens, [(source.tokenize(0, data.sequences[0]), pivot.tokenize(0, data.sequences[0]))])
     with OwnedPool(width, _WorkerState, (job,), start_method=start_method) as pool:
         if mapping is None:
             mapping = _count_and_build(
