@@ -3,6 +3,8 @@
     PYTHONPATH=. python bench/align_bench.py            # 1,000 chatterbot conversations, two pairs
     PYTHONPATH=. python bench/align_bench.py --conversations 200 --python-subset 20
 
+    PYTHONPATH=. python bench/align_bench.py --workers 16   # run_align: the speedup of 16 workers over 1
+
 Prints one JSON line per measurement. Tokenization is done up front and not timed: the aligners get
 token strings (dtw) or offset mappings (offsets), as the teacher pass hands them over. The pure-Python DP
 is the reference's recurrence written plainly (a double loop calling rapidfuzz's C Levenshtein per cell);
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 from rapidfuzz.distance import Levenshtein
@@ -71,12 +74,135 @@ def conversations(count: int) -> list[str]:
     return ["\n".join(m["content"] for m in c["messages"]) for c in convs[:count]]
 
 
+def fake_teacher_store(folder: Path, name: str, tokenizer, data, seed: int):
+    """A complete teacher store for `data` as `tokenizer` reads it: random top-10 rows (what align
+    does with them costs the same as with a model's), the identity the align step checks."""
+    from fusemerge.fuse.store import TopKStore
+    from fusemerge.fuse.teacher import tokenizer_hash
+    from fusemerge.lm.tokens import ChatTokenizer
+
+    rng = np.random.default_rng(seed)
+    chat = ChatTokenizer(tokenizer)
+    identity = {
+        "kind": "teacher",
+        "positions": "model",
+        "vocab": "model",
+        "model": name,
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "dataset_hash": data.fingerprint(),
+        "top_k": 10,
+    }
+    store = TopKStore.create_or_resume(folder, identity, n_sequences=len(data.sequences), shard_size=256)
+    for shard in range(store.n_shards):
+        ids, lps, ces = [], [], []
+        for i in store.shard_sequences(shard):
+            rows = len(chat(data.sequences[i])[0])
+            ids.append(rng.integers(0, len(tokenizer), (rows, 10)).astype(np.int32))
+            lps.append(np.sort(np.log(rng.dirichlet(np.ones(10), rows)), axis=1)[:, ::-1].astype(np.float16))
+            ces.append(float(rng.uniform(1, 3)))
+        store.write_shard(shard, ids, lps, ces)
+    store.finalize()
+    return store
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def workers_speedup(conversations: int, workers: int, tokens: str, vocab: str, join: int = 10) -> dict:
+    """`run_align` end to end (tokenize, count, build the mapping, transfer, write) with 1 and with
+    `workers` workers on real chat: the speedup, and whether every file came out the same."""
+    import tempfile
+
+    from fusemerge.fuse.aligned import run_align
+    from fusemerge.fuse.data import build_chat_data
+    from fusemerge.fuse.recipe import DatasetSpec
+
+    convs = chatterbot_conversations("english")
+    for language in ("spanish", "german", "portuguese", "italian", "russian", "chinese"):
+        if len(convs) >= conversations:
+            break
+        convs += chatterbot_conversations(language)
+    convs = (convs * -(-conversations // len(convs)))[:conversations]  # the corpus again where it ends
+    source_tok, pivot_tok = load_shipped_tokenizer("mistral"), load_shipped_tokenizer("qwen3")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        jsonl = root / "chat.jsonl"
+        # `join` real conversations per record: chat-set lengths (hundreds of tokens), not 40-token exchanges
+        records = [
+            {"messages": [m for c in convs[k : k + join] for m in c["messages"]]}
+            for k in range(0, len(convs), join)
+        ]
+        jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+        data = build_chat_data(DatasetSpec(path=str(jsonl)), pivot_tok)
+        pivot = fake_teacher_store(root / "pivot", "pivot", pivot_tok, data, 0)
+        source = fake_teacher_store(root / "source", "source", source_tok, data, 1)
+        seconds, cpu, files = {}, {}, {}
+        for w in (1, workers):
+            out = root / f"w{w}"
+            before = _cpu_seconds()
+            start = time.perf_counter()
+            run_align(
+                source_tok,
+                pivot_tok,
+                data,
+                source_store=source.path,
+                pivot_store=pivot.path,
+                aligned_dir=out / "aligned",
+                mapping_file=out / "map.safetensors",
+                tokens=tokens,
+                vocab=vocab,
+                workers=w,
+                progress=False,
+                echo=lambda _: None,
+            )
+            seconds[w] = time.perf_counter() - start
+            cpu[w] = _cpu_seconds() - before
+            files[w] = {p.name: p.read_bytes() for p in sorted((out / "aligned").iterdir())}
+        pivot_tokens = pivot.n_tokens()
+    return {
+        "method": "run_align_workers",
+        "tokens": tokens,
+        "vocab": vocab,
+        "sequences": len(data.sequences),
+        "conversations_per_sequence": join,
+        "pivot_tokens": pivot_tokens,
+        "workers": workers,
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "seconds_1_worker": round(seconds[1], 2),
+        f"seconds_{workers}_workers": round(seconds[workers], 2),
+        "pivot_tokens_per_s_per_worker_1": round(pivot_tokens / seconds[1]),
+        "cpu_seconds_1_worker": round(cpu[1], 2),
+        f"cpu_seconds_{workers}_workers": round(cpu[workers], 2),  # parent + workers: the parallel overhead
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "speedup": round(seconds[1] / seconds[workers], 2),
+        "speedup_per_worker": round(seconds[1] / seconds[workers] / workers, 2),
+        "same_store_as_1_worker": files[1] == files[workers],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conversations", type=int, default=1000)
     parser.add_argument("--python-subset", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--workers", type=int, default=None, help="only: run_align with 1 vs this many workers (the speedup)"
+    )
+    parser.add_argument("--tokens", default="dtw", help="with --workers: alignment.tokens")
+    parser.add_argument("--vocab", default="stats", help="with --workers: alignment.vocab")
+    parser.add_argument("--join", type=int, default=10, help="with --workers: conversations per sequence")
     args = parser.parse_args()
+    if args.workers:
+        print(
+            json.dumps(workers_speedup(args.conversations, args.workers, args.tokens, args.vocab, args.join)),
+            flush=True,
+        )
+        return
     texts = conversations(args.conversations)
     names = {n for pair in PAIRS for n in pair}
     toks = {n: load_shipped_tokenizer(n) for n in names}

@@ -28,6 +28,12 @@ The vocabulary mapping is built before any shard: for `stats` that is a first pa
 counting co-aligned (pivot id, source id) pairs; its file records the dataset and alignment method it was
 counted with. A file that does not match (other tokenizers, method or corpus) is refused, not rebuilt over.
 Shards are the unit of resumption, as in the teacher pass; a complete aligned store is skipped.
+
+Workers (`alignment.workers`, default every core this process may use): the corpus is cut into chunks
+of at most `CHUNK` sequences inside store shards; chunk c is counted and transferred by worker c mod W
+(`fusemerge.fuse.align.workers.OwnedPool`), which keeps its own alignments from the count for the
+transfer. The co-alignment counts of the chunks are summed in chunk order, and each shard is written by
+this process from its chunks in sequence order, so every file is byte-identical to one worker's.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from fusemerge.fuse.align import (
     same_start_alignment,
     transfer_topk,
 )
+from fusemerge.fuse.align.workers import OwnedPool, default_workers
 from fusemerge.fuse.store import TopKStore
 from fusemerge.fuse.teacher import tokenizer_hash
 from fusemerge.lm.chat_data import ChatData
@@ -63,7 +70,9 @@ from fusemerge.progress import progress_bar
 LOG = logging.getLogger(__name__)
 ALIGNED_FORMAT = 2  # 2: same-end rule for offsets. Bump when the transfer rules change: older aligned stores are then refused
 ALIGNMENT_CACHE = 2**23  # aligned index pairs kept between the stats pass and the transfer (~70 MB)
-COUNT_BLOCK = 512  # sequences aligned per batched call in the co-alignment count
+CHUNK = 256  # most sequences per worker task (and per batched dtw call); chunks never cross a store shard
+TASKS_PER_WORKER = 8  # at least this many chunks per worker where the corpus allows: an even load
+MIN_CHUNK = 16  # fewer sequences per task and the per-task overhead shows
 
 
 @dataclass(frozen=True)
@@ -84,25 +93,31 @@ class AlignReport:
 class _Side:
     """One model's view of the data: its tokenizer, profile and teacher store, checked against each other."""
 
-    def __init__(self, role: str, tokenizer: Any, store: TopKStore, data_hash: str) -> None:
+    def __init__(
+        self, role: str, tokenizer: Any, store: TopKStore, profile: TokenizerProfile | None = None
+    ) -> None:
         self.role = role
         self.tokenizer = tokenizer
         self.store = store
         self.chat = ChatTokenizer(tokenizer)
-        self.profile = TokenizerProfile.from_tokenizer(tokenizer)
+        self.profile = profile or TokenizerProfile.from_tokenizer(tokenizer)
+
+    def check(self, data_hash: str) -> None:
+        """Refuse a store made from other data or with another tokenizer (once, in the parent)."""
+        store = self.store
         ident = store.identity
         if ident.get("kind", "teacher") != "teacher":
             raise FusemergeError(
-                f"the {role} store is not a teacher store ({ident.get('kind')})", file=store.path
+                f"the {self.role} store is not a teacher store ({ident.get('kind')})", file=store.path
             )
         if ident.get("dataset_hash") != data_hash:
             raise FusemergeError(
-                f"the {role} teacher store was made from other chat data than the recipe's; rerun the teach step",
+                f"the {self.role} teacher store was made from other chat data than the recipe's; rerun the teach step",
                 file=store.path,
             )
-        if ident.get("tokenizer_hash") != tokenizer_hash(tokenizer):
+        if ident.get("tokenizer_hash") != tokenizer_hash(self.tokenizer):
             raise FusemergeError(
-                f"the {role} teacher store was made with another tokenizer than "
+                f"the {self.role} teacher store was made with another tokenizer than "
                 f"{self.profile.name}; rerun the teach step",
                 file=store.path,
             )
@@ -137,8 +152,10 @@ def run_align(
     mapping_file: str | Path,
     tokens: str = "dtw",
     vocab: str = "stats",
+    workers: int | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    start_method: str | None = None,
 ) -> AlignReport:
     """Fill (or finish) the aligned store of one source; a complete matching store is skipped.
 
@@ -149,16 +166,20 @@ def run_align(
         aligned_dir: the aligned store folder (created, resumed or skipped).
         mapping_file: the vocabulary mapping file (built if missing, else loaded and checked).
         tokens: token alignment method (`alignment.tokens`: dtw | offsets).
-        vocab: vocabulary mapping method (`alignment.vocab`: exact | mined | stats).
+        vocab: vocabulary mapping method (`alignment.vocab`: exact | mined | stats | prefix).
+        workers: worker processes (`alignment.workers`); None: every core this process may use.
         progress: a tqdm bar over sequences with ETA.
         echo: where one-line status messages go.
+        start_method: multiprocessing start method of the workers (default: fork on Linux, else spawn).
     """
     import time
 
     begin = time.perf_counter()
     data_hash = data.fingerprint()
-    pivot = _Side("pivot", pivot_tokenizer, TopKStore.open(pivot_store), data_hash)
-    source = _Side("source", source_tokenizer, TopKStore.open(source_store), data_hash)
+    pivot = _Side("pivot", pivot_tokenizer, TopKStore.open(pivot_store))
+    source = _Side("source", source_tokenizer, TopKStore.open(source_store))
+    pivot.check(data_hash)
+    source.check(data_hash)
     n = len(data.sequences)
     for side in (pivot, source):
         if side.store.n_sequences != n:
@@ -167,54 +188,43 @@ def run_align(
                 file=side.store.path,
             )
     name = Path(aligned_dir).name
-    cache: dict[int, Alignment] = {}
-    mapping = _vocab_mapping(
-        Path(mapping_file), vocab, tokens, pivot, source, data, data_hash, cache, progress, echo
-    )
-    identity = aligned_identity(source.store.identity, pivot.store.identity, tokens, mapping)
-    store = TopKStore.create_or_resume(
-        aligned_dir, identity, n_sequences=n, shard_size=pivot.store.shard_size
-    )
-    pending = store.pending_shards()
-    if not pending:
-        store.finalize()
-        echo(f"align {name}: store complete, skipped ({store.path})")
-        return AlignReport(store, 0, 0, 0, time.perf_counter() - begin)
-    echo(f"align {name}: {len(pending)} of {store.n_shards} shards to compute ({tokens}, {vocab})")
-    total = sum(len(store.shard_sequences(j)) for j in pending)
-    positions = from_teacher = 0
-    with progress_bar(total, f"align {name}", enabled=progress) as bar:
-        for shard in pending:
-            ids, lps, ces = [], [], []
-            members = list(store.shard_sequences(shard))
-            texts = {
-                i: (source.tokenize(i, data.sequences[i]), pivot.tokenize(i, data.sequences[i]))
-                for i in members
-            }
-            missing = [i for i in members if i not in cache]
-            # One batched call per shard: per-call overhead, not the DP, dominates short chat turns.
-            cache.update(zip(missing, align_batch(tokens, [texts[i] for i in missing]), strict=True))
-            for i in members:
-                s, p = texts[i]
-                alignment = cache.pop(i)
-                src = source.store.sequence(i)
-                moved = transfer_topk(
-                    alignment,
-                    src.ids,
-                    src.logprobs,
-                    mapping,
-                    p.ids,
-                    pivot_pieces=pivot.pieces(p.ids),
-                    source_pieces=source.pieces(s.ids),
-                    **_span_ends(tokens, s, p),
-                )
-                ids.append(moved.ids.astype(np.int32))
-                lps.append(moved.logprobs.astype(np.float16))
-                ces.append(src.metric_ce)
-                positions += len(p.ids)
-                from_teacher += int(moved.from_teacher.sum())
-                bar.update(1)
-            store.write_shard(shard, ids, lps, ces)
+    mapping_path = Path(mapping_file)
+    mapping = _load_mapping(mapping_path, vocab, tokens, pivot, source, data_hash, echo)
+    width = max(1, min(workers or default_workers(), n))
+    chunks = _chunks(n, pivot.store.shard_size, _chunk_size(n, width))
+    width = max(1, min(width, len(chunks)))
+    pending: list[int] = []
+    store: TopKStore | None = None
+    if mapping is not None:
+        store = _aligned_store(aligned_dir, source, pivot, tokens, mapping, n)
+        pending = store.pending_shards()
+        if not pending:
+            store.finalize()
+            echo(f"align {name}: store complete, skipped ({store.path})")
+            return AlignReport(store, 0, 0, 0, time.perf_counter() - begin)
+    job = _Job(tokens, _SideSpec.of(source), _SideSpec.of(pivot), ALIGNMENT_CACHE // width)
+    if width > 1 and n:
+        # load the compiled aligner (numba's cache: ~0.2 CPU-s) here, once, for forked workers to inherit
+        align_batch(tokens, [(source.tokenize(0, data.sequences[0]), pivot.tokenize(0, data.sequences[0]))])
+    with OwnedPool(width, _WorkerState, (job,), start_method=start_method) as pool:
+        if mapping is None:
+            mapping = _count_and_build(
+                pool, chunks, mapping_path, vocab, tokens, data, data_hash, source, pivot, progress, echo
+            )
+            store = _aligned_store(aligned_dir, source, pivot, tokens, mapping, n)
+            pending = store.pending_shards()
+        assert store is not None
+        if not pending:
+            store.finalize()
+            echo(f"align {name}: store complete, skipped ({store.path})")
+            return AlignReport(store, 0, 0, 0, time.perf_counter() - begin)
+        echo(
+            f"align {name}: {len(pending)} of {store.n_shards} shards to compute ({tokens}, {vocab}"
+            + (f", {width} workers)" if width > 1 else ")")
+        )
+        total, positions, from_teacher = _transfer(
+            pool, chunks, pending, store, mapping, data, name, progress
+        )
     store.finalize()
     report = AlignReport(store, total, positions, from_teacher, time.perf_counter() - begin)
     echo(
@@ -222,6 +232,178 @@ def run_align(
         f"{100 * report.teacher_fraction:.1f}% with a teacher distribution ({report.seconds:.1f} s)"
     )
     return report
+
+
+def _aligned_store(
+    folder: str | Path, source: _Side, pivot: _Side, tokens: str, mapping: VocabMapping, n: int
+) -> TopKStore:
+    identity = aligned_identity(source.store.identity, pivot.store.identity, tokens, mapping)
+    return TopKStore.create_or_resume(folder, identity, n_sequences=n, shard_size=pivot.store.shard_size)
+
+
+def _chunk_size(n: int, workers: int) -> int:
+    """Sequences per task: CHUNK, or smaller so that every worker gets TASKS_PER_WORKER of them."""
+    if workers == 1:
+        return CHUNK
+    return max(MIN_CHUNK, min(CHUNK, -(-n // (workers * TASKS_PER_WORKER))))
+
+
+def _chunks(n: int, shard_size: int, size: int) -> list[tuple[int, range]]:
+    """(shard, sequences) of every chunk, in corpus order: at most `size` sequences, inside one shard."""
+    out = []
+    for shard, first in enumerate(range(0, n, shard_size)):
+        last = min(n, first + shard_size)
+        out += [(shard, range(a, min(last, a + size))) for a in range(first, last, size)]
+    return out
+
+
+def _transfer(
+    pool: OwnedPool,
+    chunks: list[tuple[int, range]],
+    pending: list[int],
+    store: TopKStore,
+    mapping: VocabMapping,
+    data: ChatData,
+    name: str,
+    progress: bool,
+) -> tuple[int, int, int]:
+    """Every pending shard's chunks through the workers; each shard written once all of its chunks are in.
+
+    Returns (sequences, pivot positions, positions with a teacher distribution)."""
+    todo = set(pending)
+    mine = [c for c, (shard, _) in enumerate(chunks) if shard in todo]
+    left = {shard: sum(1 for c in mine if chunks[c][0] == shard) for shard in pending}
+    done: dict[int, tuple] = {}
+    total = sum(len(chunks[c][1]) for c in mine)
+    positions = from_teacher = 0
+    width = pool.workers
+    list(pool.run(_use_mapping, [mapping] * width, owners=list(range(width))))
+    payloads = [(list(chunks[c][1]), [data.sequences[i] for i in chunks[c][1]]) for c in mine]
+    with progress_bar(total, f"align {name}", enabled=progress) as bar:
+        for k, result in pool.run(_transfer_chunk, payloads, owners=[c % width for c in mine]):
+            c = mine[k]
+            shard = chunks[c][0]
+            done[c] = result
+            positions += result[3]
+            from_teacher += result[4]
+            bar.update(len(chunks[c][1]))
+            left[shard] -= 1
+            if left[shard] == 0:
+                parts = [done.pop(j) for j in mine if chunks[j][0] == shard]  # sequence order
+                store.write_shard(
+                    shard,
+                    [a for part in parts for a in part[0]],
+                    [a for part in parts for a in part[1]],
+                    [ce for part in parts for ce in part[2]],
+                )
+    return total, positions, from_teacher
+
+
+# ---------------------------------------------------------------- what runs in the workers
+
+
+@dataclass(frozen=True)
+class _SideSpec:
+    """One side as a worker rebuilds it: picklable (the store travels as its path, not its arrays)."""
+
+    role: str
+    tokenizer: Any
+    profile: TokenizerProfile
+    store: Path
+
+    @classmethod
+    def of(cls, side: _Side) -> _SideSpec:
+        return cls(side.role, side.tokenizer, side.profile, side.store.path)
+
+    def side(self) -> _Side:
+        return _Side(self.role, self.tokenizer, TopKStore.open(self.store), self.profile)
+
+
+@dataclass(frozen=True)
+class _Job:
+    tokens: str
+    source: _SideSpec
+    pivot: _SideSpec
+    cache_budget: int  # aligned index pairs this worker keeps from the count for the transfer
+
+
+class _WorkerState:
+    """A worker's sides, its alignment cache and (for the transfer) the vocabulary mapping."""
+
+    def __init__(self, job: _Job) -> None:
+        self.tokens = job.tokens
+        self.source = job.source.side()
+        self.pivot = job.pivot.side()
+        self.budget = job.cache_budget
+        self.kept = 0
+        self.cache: dict[int, Alignment] = {}
+        self.mapping: VocabMapping | None = None
+
+    def texts(self, indices: list[int], seqs: list[Any]) -> list[tuple[TokenizedText, TokenizedText]]:
+        return [
+            (self.source.tokenize(i, seq), self.pivot.tokenize(i, seq))
+            for i, seq in zip(indices, seqs, strict=True)
+        ]
+
+
+def _count_chunk(state: _WorkerState, payload: tuple[str, list[int], list[Any]]) -> tuple[np.ndarray, ...]:
+    """The co-aligned (pivot id, source id) pairs of one chunk, counted: (pivot ids, source ids, counts)."""
+    method, indices, seqs = payload
+    counts = CoAlignmentCounts(len(state.source.profile), len(state.pivot.profile))
+    pairs = state.texts(indices, seqs)
+    for i, (s, p), alignment in zip(indices, pairs, align_batch(state.tokens, pairs), strict=True):
+        if method == "prefix":
+            counts.add(s.ids, p.ids, same_start_alignment(s.offsets, p.offsets))
+        else:
+            counts.add(s.ids, p.ids, alignment)
+        if state.kept + len(alignment.indices) <= state.budget:  # spare the transfer a second dtw
+            state.cache[i] = alignment
+            state.kept += len(alignment.indices)
+    return counts.pairs()
+
+
+def _use_mapping(state: _WorkerState, mapping: VocabMapping) -> None:
+    state.mapping = mapping
+
+
+def _transfer_chunk(state: _WorkerState, payload: tuple[list[int], list[Any]]) -> tuple:
+    """One chunk moved onto the pivot: (ids, logprobs, metric_ce per sequence, positions, from teacher)."""
+    indices, seqs = payload
+    assert state.mapping is not None
+    texts = dict(zip(indices, state.texts(indices, seqs), strict=True))
+    missing = [i for i in indices if i not in state.cache]
+    # One batched call per chunk: per-call overhead, not the DP, dominates short chat turns.
+    state.cache.update(zip(missing, align_batch(state.tokens, [texts[i] for i in missing]), strict=True))
+    ids, lps, ces = [], [], []
+    positions = from_teacher = 0
+    for i in indices:
+        s, p = texts[i]
+        alignment = state.cache.pop(i)
+        moved, ce = _transfer_one(state, i, alignment, s, p)
+        ids.append(moved.ids.astype(np.int32))
+        lps.append(moved.logprobs.astype(np.float16))
+        ces.append(ce)
+        positions += len(p.ids)
+        from_teacher += int(moved.from_teacher.sum())
+    return ids, lps, ces, positions, from_teacher
+
+
+def _transfer_one(
+    state: _WorkerState, i: int, alignment: Alignment, s: TokenizedText, p: TokenizedText
+) -> tuple[Any, float]:
+    """Sequence i's source rows moved onto its pivot positions, and the source's metric_ce."""
+    src = state.source.store.sequence(i)
+    moved = transfer_topk(
+        alignment,
+        src.ids,
+        src.logprobs,
+        state.mapping,
+        p.ids,
+        pivot_pieces=state.pivot.pieces(p.ids),
+        source_pieces=state.source.pieces(s.ids),
+        **_span_ends(state.tokens, s, p),
+    )
+    return moved, src.metric_ce
 
 
 def _span_ends(tokens: str, source: TokenizedText, pivot: TokenizedText) -> dict[str, np.ndarray]:
@@ -263,21 +445,23 @@ def aligned_identity(
 # ---------------------------------------------------------------- the vocabulary mapping
 
 
-def _vocab_mapping(
+def _provenance(method: str, tokens: str, data_hash: str) -> dict[str, str]:
+    counted = method in ("stats", "prefix")  # built from the corpus: bound to it
+    return {"tokens": tokens, "dataset_hash": data_hash} if counted else {}
+
+
+def _load_mapping(
     path: Path,
     method: str,
     tokens: str,
     pivot: _Side,
     source: _Side,
-    data: ChatData,
     data_hash: str,
-    cache: dict[int, Alignment],
-    progress: bool,
     echo: Callable[[str], None],
-) -> VocabMapping:
-    """Load the mapping file and check it was built for this pair (and corpus), or build and save it."""
-    counted = method in ("stats", "prefix")  # built from the corpus: bound to it
-    provenance = {"tokens": tokens, "dataset_hash": data_hash} if counted else {}
+) -> VocabMapping | None:
+    """The mapping file, checked to be built for this pair (and corpus); a method that needs no corpus
+    is built and saved here; None when a counted one must first be counted (`_count_and_build`)."""
+    provenance = _provenance(method, tokens, data_hash)
     if path.is_file():
         mapping = VocabMapping.load(path, source=source.profile, pivot=pivot.profile)
         if mapping.method != method:
@@ -298,36 +482,55 @@ def _vocab_mapping(
                     key=key,
                 )
         return mapping
-    params: dict[str, Any] = {}
     if method == "prefix" and tokens != "offsets":
         raise FusemergeError(
             "vocab 'prefix' needs character spans: use tokens: offsets", key="alignment.vocab"
         )
-    if counted:
-        counts = CoAlignmentCounts(len(source.profile), len(pivot.profile))
-        kept = 0
-        with progress_bar(len(data.sequences), "count co-alignments", enabled=progress) as bar:
-            for start in range(0, len(data.sequences), COUNT_BLOCK):
-                block = range(start, min(len(data.sequences), start + COUNT_BLOCK))
-                pairs = [
-                    (source.tokenize(i, data.sequences[i]), pivot.tokenize(i, data.sequences[i]))
-                    for i in block
-                ]
-                for i, (s, p), alignment in zip(block, pairs, align_batch(tokens, pairs), strict=True):
-                    if method == "prefix":
-                        counts.add(s.ids, p.ids, same_start_alignment(s.offsets, p.offsets))
-                    else:
-                        counts.add(s.ids, p.ids, alignment)
-                    if kept + len(alignment.indices) <= ALIGNMENT_CACHE:  # spare the transfer a second dtw
-                        cache[i] = alignment
-                        kept += len(alignment.indices)
-                bar.update(len(block))
-        params["counts"] = counts
-    mapping = build_vocab_mapping(method, source.profile, pivot.profile, **params)
+    if provenance:
+        return None
+    mapping = _save_mapping(path, build_vocab_mapping(method, source.profile, pivot.profile), provenance)
+    echo(f"vocab {path.name}: {method}, {100 * mapping.coverage:.1f}% of source ids mapped")
+    return mapping
+
+
+def _count_and_build(
+    pool: OwnedPool,
+    chunks: list[tuple[int, range]],
+    path: Path,
+    method: str,
+    tokens: str,
+    data: ChatData,
+    data_hash: str,
+    source: _Side,
+    pivot: _Side,
+    progress: bool,
+    echo: Callable[[str], None],
+) -> VocabMapping:
+    """A counted mapping (`stats`, `prefix`): co-alignments counted per chunk by the workers, summed here
+    in chunk order (integer sums: the totals do not depend on the split), then built and saved."""
+    counts = CoAlignmentCounts(len(source.profile), len(pivot.profile))
+    payloads = [(method, list(seqs), [data.sequences[i] for i in seqs]) for _, seqs in chunks]
+    ready: dict[int, tuple[np.ndarray, ...]] = {}
+    following = 0
+    with progress_bar(len(data.sequences), "count co-alignments", enabled=progress) as bar:
+        for c, pairs in pool.run(
+            _count_chunk, payloads, owners=[c % pool.workers for c in range(len(chunks))]
+        ):
+            ready[c] = pairs
+            bar.update(len(chunks[c][1]))
+            while following in ready:
+                counts.add_counts(*ready.pop(following))
+                following += 1
+    mapping = build_vocab_mapping(method, source.profile, pivot.profile, counts=counts)
+    mapping = _save_mapping(path, mapping, _provenance(method, tokens, data_hash))
+    echo(f"vocab {path.name}: {method}, {100 * mapping.coverage:.1f}% of source ids mapped")
+    return mapping
+
+
+def _save_mapping(path: Path, mapping: VocabMapping, provenance: dict[str, str]) -> VocabMapping:
     tmp = tmp_sibling(path)
     mapping.save(tmp, provenance=provenance)
     publish(tmp, path)
-    echo(f"vocab {path.name}: {method}, {100 * mapping.coverage:.1f}% of source ids mapped")
     return mapping
 
 

@@ -256,6 +256,7 @@ def align(
             mapping_file=mapping,
             tokens=recipe.alignment.tokens,
             vocab=recipe.alignment.vocab,
+            workers=recipe.alignment.workers,
             progress=progress,
             echo=echo,
         )

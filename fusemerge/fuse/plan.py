@@ -9,11 +9,17 @@ the dataset's size, and where the outputs go. Why a separate pass: a recipe for 
 downloads and GPU time away from its first real error, and a user wants to know before that what would
 run, what is already finished and what still has to be fetched.
 
-Nothing here loads a tokenizer, a config or a weight, and nothing touches the network: a model is a
-local folder, in the local Hugging Face cache (`huggingface_hub.try_to_load_from_cache`, which only reads
-the disk), or "to download", never an error. The dataset's records are counted without tokenizing (its
-sequence count after splitting at max_length needs the pivot's tokenizer, so the real run reports it).
-The on-disk status reads only manifests and stamps, the same files the steps themselves check.
+Nothing here loads a weight, and nothing touches the network: a model is a local folder, in the local
+Hugging Face cache (`huggingface_hub.try_to_load_from_cache`, which only reads the disk), or "to
+download", never an error. The dataset's records are counted without tokenizing. The on-disk status reads
+only manifests and stamps, the same files the steps themselves check.
+
+The time estimate (explicit recipes) is the one exception to "nothing loaded": where the pivot and the
+data are on this disk, the pivot's tokenizer renders and counts the dataset exactly as the teach step
+will, and each model's config.json (read as JSON) gives its FLOPs per token (`fusemerge.fuse.flops`);
+per step it prints tokens, FLOPs and the time on the detected device at the MFU of
+`fusemerge.fuse.flops.MFU_TABLE`, saying whether that MFU was measured or is an assumption. Where the
+pivot or the data are not local it says it cannot count, and nothing is imported for it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fusemerge.checkpoint.layout import TARGET_STAMP, read_state
+from fusemerge.errors import FusemergeError
+from fusemerge.fuse.flops import (
+    ALIGN_TOKENS_PER_S_PER_WORKER,
+    Kind,
+    ModelShape,
+    estimate_seconds,
+    step_flops,
+)
 from fusemerge.fuse.implicit.pipeline import DATA_STEPS
 from fusemerge.fuse.implicit.spec import DataFileSpec, ImplicitSpec
 from fusemerge.fuse.recipe import FuseRecipe, ModelSpec
@@ -29,6 +43,7 @@ from fusemerge.fuse.store import MANIFEST
 from fusemerge.fuse.workdir import FuseWorkDir
 
 DONE, TODO = "done", "to do"
+COUNTED = "estimate: "  # the first line of an estimate that tokenized the data
 
 
 def model_location(model: str) -> str:
@@ -68,13 +83,16 @@ def count_records(path: str, split: str | None = None, limit: int | None = None)
     return f"{n:,} records"
 
 
-def fuse_plan(recipe: FuseRecipe, *, steps: Sequence[str], push_to_hub: str | None = None) -> list[str]:
+def fuse_plan(
+    recipe: FuseRecipe, *, steps: Sequence[str], push_to_hub: str | None = None, estimate: bool = True
+) -> list[str]:
     """The plan as lines of text (see the module docstring).
 
     Args:
         recipe: a validated fuse recipe.
         steps: the steps that would run (`fusemerge.fuse.checked_steps`).
         push_to_hub: the `--push-to-hub` repo id, if any.
+        estimate: the time estimate of an explicit recipe (`estimate_lines`).
     """
     layout = FuseWorkDir(recipe)
     kind = recipe.fusion.kind
@@ -90,10 +108,17 @@ def fuse_plan(recipe: FuseRecipe, *, steps: Sequence[str], push_to_hub: str | No
         lines += _implicit_steps(recipe, layout, steps)
     else:
         lines += _explicit_steps(recipe, layout, steps)
+        if estimate:
+            lines += estimate_lines(recipe, steps)
     lines.append(f"work dir: {layout.root}")
     if push_to_hub:
         lines.append(f"push to the Hub: {push_to_hub}")
-    lines.append("dry run: nothing was loaded or run")
+    if any(line.startswith(COUNTED) and "cannot count" not in line for line in lines):
+        lines.append(
+            "dry run: no weights were loaded, nothing was run (the pivot's tokenizer counted the data)"
+        )
+    else:
+        lines.append("dry run: nothing was loaded or run")
     return lines
 
 
@@ -201,3 +226,143 @@ def _implicit_steps(recipe: FuseRecipe, layout: FuseWorkDir, steps: Sequence[str
 
 def _prepared(spec: ImplicitSpec, stage: str) -> DataFileSpec | None:
     return spec.sft_data if stage == "sft" else spec.preference_data
+
+
+# ---------------------------------------------------------------- the time estimate (explicit recipes)
+
+
+def local_folder(model: str) -> Path | None:
+    """The model's files on this disk: its folder, or its snapshot in the local HF cache; else None."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError
+
+    if Path(model).is_dir():
+        return Path(model)
+    try:
+        cached = try_to_load_from_cache(model, "config.json")
+    except HFValidationError:
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def model_shape(model: str) -> ModelShape | None:
+    """The model's shape from its config.json (read as JSON, nothing imported), or None."""
+    import json
+    from types import SimpleNamespace
+
+    folder = local_folder(model)
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = config.get("text_config", config)
+        return ModelShape.from_config(SimpleNamespace(**config))
+    except (ValueError, TypeError, KeyError, ZeroDivisionError):
+        return None
+
+
+def detected_device() -> tuple[str, int]:
+    """(device name, GPU count): the first CUDA device's name, or "cpu"."""
+    try:
+        import torch
+    except ImportError:
+        return "cpu", 0
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0), torch.cuda.device_count()
+    return "cpu", 0
+
+
+def _human(seconds: float | None) -> str:
+    if seconds is None:
+        return "time unknown"
+    if seconds < 120:
+        return f"~{seconds:.0f} s"
+    if seconds < 7200:
+        return f"~{seconds / 60:.0f} min"
+    return f"~{seconds / 3600:.1f} h"
+
+
+def estimate_lines(recipe: FuseRecipe, steps: Sequence[str]) -> list[str]:
+    """Per step: tokens, FLOPs and the estimated time on the detected device (module docstring)."""
+    ds = recipe.dataset
+    pivot = local_folder(recipe.pivot.model)
+    if ds is None:
+        return []
+    if pivot is None or not Path(ds.path).exists():
+        what = "the pivot is not on this disk" if pivot is None else f"{ds.path} is not there"
+        return [f"estimate: cannot count the dataset's tokens ({what}); the real run counts them"]
+    from fusemerge.fuse.align.workers import default_workers
+    from fusemerge.fuse.data import build_chat_data
+    from fusemerge.lm.loading import load_tokenizer
+    from fusemerge.lm.tokens import ChatTokenizer
+
+    try:
+        tokenizer = load_tokenizer(str(pivot), trust_remote_code=recipe.pivot.trust_remote_code)
+        data = build_chat_data(ds, tokenizer, recipe.chat_template, warn=lambda _: None)
+    except FusemergeError as exc:  # the real run stops there too; a plan says so and goes on
+        return [f"estimate: cannot count the dataset's tokens: {exc.one_line()}"]
+    chat = ChatTokenizer(tokenizer)
+    lengths = [len(chat(seq)[0]) for seq in data.sequences]
+    tokens = sum(lengths)
+    device, gpus = detected_device()
+    where = (
+        device if device == "cpu" else f"{device}, 1 of {gpus} GPUs (accelerate launch divides the GPU steps)"
+    )
+    lines = [f"{COUNTED}{len(lengths):,} sequences, {tokens:,} pivot tokens; device: {where}"]
+    total = 0.0
+    known = True
+
+    def step(label: str, name: str, flops: float | None, kind: Kind) -> None:
+        nonlocal total, known
+        if flops is None:
+            lines.append(f"  {label}: FLOPs unknown (no local config.json)")
+            known = False
+            return
+        guess = estimate_seconds(flops, kind, device)
+        lines.append(f"  {label}: {flops:.2e} FLOPs, {_human(guess.seconds)} ({guess.basis})")
+        if guess.seconds is None:
+            known = False
+        elif name in steps:
+            total += guess.seconds
+
+    if not recipe.fine_tune:
+        for role, spec in recipe.models:
+            shape = model_shape(spec.model)
+            note = "" if role == "pivot" else " (its own tokenizer's count differs; the pivot's is used)"
+            flops = None if shape is None else step_flops(shape, lengths, "teacher")
+            step(f"teach {spec.name}: {tokens:,} tokens{note}", "teach", flops, "teacher")
+        workers = recipe.alignment.workers or default_workers()
+        rate = ALIGN_TOKENS_PER_S_PER_WORKER * workers
+        for spec in recipe.sources:
+            seconds = tokens / rate
+            lines.append(
+                f"  align {spec.name}: {tokens:,} pivot tokens on {workers} CPU workers, {_human(seconds)} "
+                f"({ALIGN_TOKENS_PER_S_PER_WORKER:,.0f} tokens/s per worker, measured by bench/align_bench.py "
+                "per CPU-second, dtw + stats; free cores assumed)"
+            )
+            if "align" in steps:
+                total += seconds
+    training = recipe.training
+    shape = model_shape(recipe.pivot.model)
+    epochs = training.epochs
+    if training.max_steps:
+        per_step = training.batch_size * training.gradient_accumulation
+        epochs = min(epochs, training.max_steps * per_step / max(1, len(lengths)))
+    kind: Kind = "full" if training.mode == "full" else "lora"
+    for target in FuseWorkDir(recipe).targets:
+        flops = None
+        if shape is not None:
+            once = step_flops(
+                shape, lengths, kind, lora_r=training.lora_r, checkpointing=training.gradient_checkpointing
+            )
+            flops = once * epochs
+        step(
+            f"train {target.name}: {epochs:g} epochs of {tokens:,} tokens ({training.mode})",
+            "train",
+            flops,
+            kind,
+        )
+    lines.append(
+        f"  total of the requested steps: {_human(total)}" + ("" if known else " (without the unknown ones)")
+    )
+    return lines

@@ -85,6 +85,8 @@ class TeacherSpec(_Frozen):
 class AlignmentSpec(_Frozen):
     tokens: Literal["dtw", "offsets"] = "dtw"
     vocab: Literal["exact", "mined", "stats", "prefix"] = "stats"
+    # worker processes of the align step; unset: every core the process may use (its CPU affinity)
+    workers: PositiveInt | None = None
 
     @model_validator(mode="after")
     def _prefix_needs_spans(self) -> AlignmentSpec:

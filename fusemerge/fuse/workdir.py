@@ -158,7 +158,8 @@ class FuseWorkDir:
                 for i in target.members
             ]
             what["pivot_teacher"] = recipe.teacher_settings(recipe.pivot)
-            what["alignment"] = recipe.alignment.model_dump(mode="json")
+            # workers change how fast, not what: results are byte-identical for any count
+            what["alignment"] = recipe.alignment.model_dump(mode="json", exclude={"workers"})
         text = json.dumps(what, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
 

@@ -198,7 +198,8 @@ def slow_write(self, *args, **kwargs):  # give the parent time to kill us betwee
 TopKStore.write_shard = slow_write
 pivot_tok, data = chat_data(load_fuse_recipe(recipe_path), echo=lambda _: None)
 run_align(load_tokenizer(source_model), pivot_tok, data, source_store=f"{work}/teacher/gpt2-source",
-          pivot_store=f"{work}/teacher/qwen-pivot", aligned_dir=out, mapping_file=mapping, progress=False)
+          pivot_store=f"{work}/teacher/qwen-pivot", aligned_dir=out, mapping_file=mapping, progress=False,
+          workers=2)  # the parent writes every shard; its workers die with it
 """
 
 
@@ -217,10 +218,16 @@ def test_an_interrupted_align_resumes_to_an_identical_store(fused, pivot_view, t
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline
         time.sleep(0.02)
+    workers = _children(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(list(out.glob("shard-*.safetensors")))
     assert 1 <= done < 4, "the kill must land mid-way"
+    assert len(workers) == 2 or not Path("/proc").is_dir(), workers
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in workers):  # the workers die with their parent (PR_SET_PDEATHSIG)
+        assert time.monotonic() < deadline, [pid for pid in workers if _running(pid)]
+        time.sleep(0.05)
     pivot_tok, data = pivot_view
     lines: list[str] = []
     run_align(
@@ -231,6 +238,7 @@ def test_an_interrupted_align_resumes_to_an_identical_store(fused, pivot_view, t
         pivot_store=work / "teacher" / "qwen-pivot",
         aligned_dir=out,
         mapping_file=mapping,
+        workers=3,
         progress=False,
         echo=lines.append,
     )
@@ -299,3 +307,88 @@ def test_align_alone_needs_the_teacher_stores(tmp_path, tiny_models, chat_jsonl,
     )
     with pytest.raises(FusemergeError, match="no pivot teacher store"):
         open_fusion_inputs(recipe)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "vocab", "start_method"),
+    [("dtw", "stats", "fork"), ("offsets", "prefix", "fork"), ("dtw", "mined", "spawn")],
+)
+def test_several_workers_write_what_one_worker_writes(
+    fused, pivot_view, tiny_models, tmp_path, monkeypatch, tokens, vocab, start_method
+):
+    """Aligned stores, mapping files and the fused targets read from them: byte for byte the same with 1
+    and 3 workers, with chunks smaller than a shard (so a shard is assembled from several workers)."""
+    import fusemerge.fuse.aligned as aligned_module
+    from fusemerge.fuse.collate import FusionCollator, FusionDataset
+
+    # 12 sequences in shards of 3: one worker takes chunks of 2, three workers chunks of 1 (12 tasks)
+    monkeypatch.setattr(aligned_module, "CHUNK", 2)
+    monkeypatch.setattr(aligned_module, "MIN_CHUNK", 1)
+    _, work, _ = fused
+    pivot_tok, data = pivot_view
+    source_tok = load_tokenizer(str(tiny_models["mistral"]))
+    runs = {}
+    for workers in (1, 3):
+        out = tmp_path / f"w{workers}"
+        lines: list[str] = []
+        report = run_align(
+            source_tok,
+            pivot_tok,
+            data,
+            source_store=work / "teacher" / "mistral-source",
+            pivot_store=work / "teacher" / "qwen-pivot",
+            aligned_dir=out / "aligned",
+            mapping_file=out / "mapping.safetensors",
+            tokens=tokens,
+            vocab=vocab,
+            workers=workers,
+            start_method=start_method,
+            progress=False,
+            echo=lines.append,
+        )
+        assert report.sequences == len(data.sequences)
+        assert ("3 workers" in "\n".join(lines)) == (workers == 3)
+        collate = FusionCollator(
+            TopKStore.open(work / "teacher" / "qwen-pivot"), {"mistral": report.store}, function="mince"
+        )
+        dataset = FusionDataset(data, pivot_tok)
+        targets = [collate.target(i, dataset[i]["input_ids"]) for i in range(len(dataset))]
+        table = VocabMapping.load(out / "mapping.safetensors").source_to_pivot
+        runs[workers] = (_files(out / "aligned"), (table.tobytes(), _metadata(out)), targets)
+    one, three = runs[1], runs[3]
+    assert one[0] == three[0] and len(one[0]) == 5  # 4 shards and the manifest
+    # the mapping's table byte for byte, and its metadata; not the file's bytes: safetensors writes the
+    # metadata in hash-map order, which differs from one save to the next even in one process
+    assert one[1] == three[1]
+    for (ids1, p1), (ids3, p3) in zip(one[2], three[2], strict=True):
+        assert ids1.tobytes() == ids3.tobytes() and p1.tobytes() == p3.tobytes()
+
+
+def _metadata(out: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(out / "mapping.safetensors"), framework="numpy") as f:
+        return dict(f.metadata())
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()  # state, ppid, ...
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of `pid` (Linux /proc; empty elsewhere)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*") if Path("/proc").is_dir() else []:
+        fields = _stat(int(entry.name))
+        if fields is not None and fields[1] == str(pid) and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"

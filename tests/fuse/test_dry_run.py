@@ -103,7 +103,8 @@ def test_dry_run_of_an_explicit_recipe_with_local_and_hub_models(tmp_path, tiny_
     pivot_store.mkdir(parents=True)
     (pivot_store / "manifest.json").write_text("{}")  # a finished teacher store of the pivot
     result, output = dry_run(recipe, "--steps", "align,train", cwd=tmp_path, cache=cache)
-    assert result == {"code": 0, "loaded": []}, output
+    # the pivot and the data are local: its tokenizer counts the tokens (no weights: no safetensors read)
+    assert result["code"] == 0 and "accelerate" not in result["loaded"], output
     for line in (
         f"pivot: {tiny_models['qwen']} (local folder)",
         "source2: org/cached-source (in the local HF cache)",
@@ -149,3 +150,73 @@ def test_dry_run_of_an_implicit_recipe_with_local_models(tmp_path, tiny_models):
         str(tmp_path / "out" / "qwen-pivot-implicit"),
     ):
         assert line in output, output
+
+
+def test_the_estimate_counts_the_pivots_tokens_and_flops(tmp_path, tiny_models):
+    """Tokens as the teach step will count them, FLOPs by fusemerge.fuse.flops, a time and its basis."""
+    from fusemerge.fuse.flops import ModelShape, step_flops
+    from fusemerge.fuse.pipeline import chat_data
+    from fusemerge.fuse.plan import estimate_lines
+    from fusemerge.fuse.recipe import load_fuse_recipe
+    from fusemerge.lm.tokens import ChatTokenizer
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"q {i} " * i},
+                        {"role": "assistant", "content": "a"},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(1, 9)
+        )
+    )
+    body = {
+        "pivot": str(tiny_models["qwen"]),
+        "sources": [str(tiny_models["gpt2"]), "org/remote-source"],
+        "dataset": {"path": str(data)},
+        "alignment": {"workers": 3},
+        "training": {"mode": "full", "epochs": 2},
+        "output": str(tmp_path / "out"),
+    }
+    path = tmp_path / "explicit.yml"
+    path.write_text(yaml.safe_dump(body))
+    recipe = load_fuse_recipe(path)
+    lines = estimate_lines(recipe, ["teach", "align", "train"])
+    tokenizer, chat = chat_data(recipe, echo=lambda _: None)
+    lengths = [len(ChatTokenizer(tokenizer)(s)[0]) for s in chat.sequences]
+    tokens = sum(lengths)
+    text = "\n".join(lines)
+    assert lines[0].startswith(f"estimate: 8 sequences, {tokens:,} pivot tokens; device: ")
+    config = json.loads((tiny_models["qwen"] / "config.json").read_text())
+    from types import SimpleNamespace
+
+    shape = ModelShape.from_config(SimpleNamespace(**config))
+    teach = step_flops(shape, lengths, "teacher")
+    assert f"teach qwen-pivot: {tokens:,} tokens: {teach:.2e} FLOPs" in text
+    assert "teach remote-source" in text and "FLOPs unknown (no local config.json)" in text
+    assert f"align gpt2-source: {tokens:,} pivot tokens on 3 CPU workers" in text
+    assert f"{2 * step_flops(shape, lengths, 'full'):.2e} FLOPs" in text  # 2 epochs, full fine-tune
+    assert "assumption" in text or "measured" in text
+    assert (
+        lines[-1].startswith("  total of the requested steps: ~") and "without the unknown ones" in lines[-1]
+    )
+
+
+def test_the_estimate_says_when_it_cannot_count(tmp_path):
+    from fusemerge.fuse.plan import estimate_lines
+    from fusemerge.fuse.recipe import load_fuse_recipe
+
+    path = tmp_path / "r.yml"
+    path.write_text(
+        yaml.safe_dump(
+            {"pivot": "org/remote", "sources": ["org/s"], "dataset": {"path": "x.jsonl"}, "output": "o"}
+        )
+    )
+    assert estimate_lines(load_fuse_recipe(path), ["teach"]) == [
+        "estimate: cannot count the dataset's tokens (the pivot is not on this disk); the real run counts them"
+    ]

@@ -231,7 +231,7 @@ class CoAlignmentCounts:
         self.pivot_size = pivot_size
         self._keys = np.zeros(0, dtype=np.int64)
         self._counts = np.zeros(0, dtype=np.int64)
-        self._buffer: list[np.ndarray] = []
+        self._buffer: list[tuple[np.ndarray, np.ndarray | None]] = []  # (keys, counts; None: ones)
         self._buffered = 0
         self._flush_every = flush_every
 
@@ -241,7 +241,18 @@ class CoAlignmentCounts:
         pivot_ids = np.asarray(pivot_ids, dtype=np.int64)
         rows = np.repeat(pivot_ids, alignment.counts)
         keys = rows * self.source_size + source_ids[alignment.indices]
-        self._buffer.append(keys)
+        self._buffer.append((keys, None))
+        self._buffered += len(keys)
+        if self._buffered >= self._flush_every:
+            self._flush()
+
+    def add_counts(self, pivot_ids: np.ndarray, source_ids: np.ndarray, counts: np.ndarray) -> None:
+        """Add pairs counted elsewhere (another align worker's `pairs()`): counts of one pair add up, so
+        the totals do not depend on how the corpus was split or in which order the parts arrive."""
+        keys = np.asarray(pivot_ids, dtype=np.int64) * self.source_size + np.asarray(
+            source_ids, dtype=np.int64
+        )
+        self._buffer.append((keys, np.asarray(counts, dtype=np.int64)))
         self._buffered += len(keys)
         if self._buffered >= self._flush_every:
             self._flush()
@@ -249,10 +260,12 @@ class CoAlignmentCounts:
     def _flush(self) -> None:
         if not self._buffer:
             return
-        keys = np.concatenate([self._keys, *self._buffer])
-        weights = np.concatenate([self._counts, np.ones(self._buffered, dtype=np.int64)])
+        keys = np.concatenate([self._keys, *(k for k, _ in self._buffer)])
+        weights = np.concatenate(
+            [self._counts, *(np.ones(len(k), dtype=np.int64) if c is None else c for k, c in self._buffer)]
+        )
         self._keys, inverse = np.unique(keys, return_inverse=True)
-        self._counts = np.bincount(inverse, weights=weights).astype(np.int64)
+        self._counts = np.bincount(inverse, weights=weights).astype(np.int64)  # exact below 2**53
         self._buffer, self._buffered = [], 0
 
     def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
