@@ -14,12 +14,16 @@ Per sequence, both tokenizers read the pivot-rendered text exactly as the teache
 (`ChatTokenizer`, checked against the stores' tokenizer hash, dataset hash and row counts), the tokens are
 aligned with `alignment.tokens` (dtw | offsets) and the source's top-K rows are moved onto pivot positions
 and ids with `transfer_topk` (its rules, in `fusemerge.fuse.align.transfer`: one-to-one takes the row,
-one-to-many takes the matching piece, otherwise the one-hot of the next gold pivot token).
+one-to-many takes the matching piece, otherwise the one-hot of the next gold pivot token; with
+`alignment.spans: chain`, the default, also the chain-rule rules for spans the two tokenizers cut
+differently).
 
 The aligned store is a `TopKStore` with the pivot store's shard plan, so sequence i has exactly as many
 rows as the pivot's sequence i. Its identity is the source store's identity with `kind: aligned`,
 `positions: pivot`, `vocab: pivot`, plus the pivot's model and tokenizer hash, the token alignment method,
-the vocabulary mapping method and the sha256 of its table. Rows: `ids` int32 in the pivot vocabulary,
+the vocabulary mapping method and the sha256 of its table, the span rules (`alignment_spans`) and the
+transfer rules' version (`aligned_format`): a store of an older version is rebuilt, since no recipe can
+ask for it; one made with other settings is refused (another recipe in the same work_dir). Rows: `ids` int32 in the pivot vocabulary,
 best first, -1 for an empty slot (fewer than K distinct pivot ids, or the last position, which has no next
 token); `logprobs` float16, -inf in empty slots, not renormalised (dropped ids leave the sum below 1);
 `metric_ce` = the source's own metric_ce of the sequence (what FuseChat's MinCE compares).
@@ -41,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from fusemerge.checkpoint.layout import publish, tmp_sibling
+from fusemerge.checkpoint.layout import publish, remove_path, tmp_sibling
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.align import (
     Alignment,
@@ -54,14 +58,19 @@ from fusemerge.fuse.align import (
     same_start_alignment,
     transfer_topk,
 )
-from fusemerge.fuse.store import TopKStore
+from fusemerge.fuse.align.offsets import byte_spans
+from fusemerge.fuse.align.transfer import SpanText
+from fusemerge.fuse.align.vocab import FirstPiece
+from fusemerge.fuse.store import MANIFEST, TopKStore
 from fusemerge.fuse.teacher import tokenizer_hash
 from fusemerge.lm.chat_data import ChatData
 from fusemerge.lm.tokens import ChatTokenizer
 from fusemerge.progress import progress_bar
 
 LOG = logging.getLogger(__name__)
-ALIGNED_FORMAT = 2  # 2: same-end rule for offsets. Bump when the transfer rules change: older aligned stores are then refused
+# 2: same-end rule for offsets; 3: `alignment_spans` (exact | chain). Bump when the transfer rules change:
+# older aligned stores are then rebuilt
+ALIGNED_FORMAT = 3
 ALIGNMENT_CACHE = 2**23  # aligned index pairs kept between the stats pass and the transfer (~70 MB)
 COUNT_BLOCK = 512  # sequences aligned per batched call in the co-alignment count
 
@@ -137,6 +146,7 @@ def run_align(
     mapping_file: str | Path,
     tokens: str = "dtw",
     vocab: str = "stats",
+    spans: str = "chain",
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> AlignReport:
@@ -149,7 +159,8 @@ def run_align(
         aligned_dir: the aligned store folder (created, resumed or skipped).
         mapping_file: the vocabulary mapping file (built if missing, else loaded and checked).
         tokens: token alignment method (`alignment.tokens`: dtw | offsets).
-        vocab: vocabulary mapping method (`alignment.vocab`: exact | mined | stats).
+        vocab: vocabulary mapping method (`alignment.vocab`: exact | mined | stats | prefix).
+        spans: span rules (`alignment.spans`: exact | chain, `fusemerge.fuse.align.transfer`).
         progress: a tqdm bar over sequences with ETA.
         echo: where one-line status messages go.
     """
@@ -171,7 +182,8 @@ def run_align(
     mapping = _vocab_mapping(
         Path(mapping_file), vocab, tokens, pivot, source, data, data_hash, cache, progress, echo
     )
-    identity = aligned_identity(source.store.identity, pivot.store.identity, tokens, mapping)
+    identity = aligned_identity(source.store.identity, pivot.store.identity, tokens, mapping, spans)
+    _drop_older_format(Path(aligned_dir), echo)
     store = TopKStore.create_or_resume(
         aligned_dir, identity, n_sequences=n, shard_size=pivot.store.shard_size
     )
@@ -180,7 +192,8 @@ def run_align(
         store.finalize()
         echo(f"align {name}: store complete, skipped ({store.path})")
         return AlignReport(store, 0, 0, 0, time.perf_counter() - begin)
-    echo(f"align {name}: {len(pending)} of {store.n_shards} shards to compute ({tokens}, {vocab})")
+    echo(f"align {name}: {len(pending)} of {store.n_shards} shards to compute ({tokens}, {vocab}, {spans})")
+    first_piece = FirstPiece(pivot.profile) if spans == "chain" and tokens == "offsets" else None
     total = sum(len(store.shard_sequences(j)) for j in pending)
     positions = from_teacher = 0
     with progress_bar(total, f"align {name}", enabled=progress) as bar:
@@ -207,6 +220,8 @@ def run_align(
                     pivot_pieces=pivot.pieces(p.ids),
                     source_pieces=source.pieces(s.ids),
                     **_span_ends(tokens, s, p),
+                    spans=spans,
+                    span_text=_span_text(s, p, source.profile, first_piece),
                 )
                 ids.append(moved.ids.astype(np.int32))
                 lps.append(moved.logprobs.astype(np.float16))
@@ -234,13 +249,50 @@ def _span_ends(tokens: str, source: TokenizedText, pivot: TokenizedText) -> dict
     return {"source_ends": _ends(source.offsets), "pivot_ends": _ends(pivot.offsets)}
 
 
+def _span_text(
+    source: TokenizedText, pivot: TokenizedText, profile: TokenizerProfile, first_piece: FirstPiece | None
+) -> SpanText | None:
+    """Byte spans of both sides for the span rules of `spans: chain` (offsets only; None elsewhere)."""
+    if first_piece is None or pivot.text is None:
+        return None
+    s, p = byte_spans(source), byte_spans(pivot)
+    if s is None or p is None:
+        return None
+    text = pivot.text.encode("utf-8", "surrogatepass").decode("latin-1")
+    return SpanText(text, source.ids, s[0], s[1], p[0], p[1], profile.pieces, first_piece)
+
+
+def _drop_older_format(folder: Path, echo: Callable[[str], None]) -> None:
+    """Remove an aligned store made under older transfer rules (`aligned_format`): derived data that no
+    recipe can ask for any more, so it is rebuilt rather than refused."""
+    import json
+
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        identity = json.loads(manifest.read_text(encoding="utf-8")).get("identity", {})
+    except (OSError, ValueError):
+        return  # not readable: TopKStore refuses it with its own message
+    if identity.get("kind") == "aligned" and identity.get("aligned_format", 0) < ALIGNED_FORMAT:
+        echo(
+            f"align {folder.name}: store made by older transfer rules (format "
+            f"{identity.get('aligned_format', 1)}), rebuilt"
+        )
+        remove_path(folder)
+
+
 def _ends(offsets: np.ndarray) -> np.ndarray:
     ends = np.asarray(offsets, dtype=np.int64)[:, 1]
     return np.maximum.accumulate(ends) if len(ends) else ends
 
 
 def aligned_identity(
-    source_identity: dict[str, Any], pivot_identity: dict[str, Any], tokens: str, mapping: VocabMapping
+    source_identity: dict[str, Any],
+    pivot_identity: dict[str, Any],
+    tokens: str,
+    mapping: VocabMapping,
+    spans: str = "chain",
 ) -> dict[str, Any]:
     """The source store's identity, re-labelled as pivot positions and vocabulary, plus what moved it."""
     table = np.ascontiguousarray(mapping.source_to_pivot, dtype=np.int64)
@@ -255,6 +307,7 @@ def aligned_identity(
         "pivot_tokenizer_hash": pivot_identity["tokenizer_hash"],
         "pivot_vocab_size": mapping.pivot_size,
         "alignment_tokens": tokens,
+        "alignment_spans": spans,
         "vocab_mapping": mapping.method,
         "vocab_mapping_sha256": hashlib.sha256(table.tobytes()).hexdigest(),
     }

@@ -256,6 +256,7 @@ def align(
             mapping_file=mapping,
             tokens=recipe.alignment.tokens,
             vocab=recipe.alignment.vocab,
+            spans=recipe.alignment.spans,
             progress=progress,
             echo=echo,
         )

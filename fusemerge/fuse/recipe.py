@@ -85,6 +85,8 @@ class TeacherSpec(_Frozen):
 class AlignmentSpec(_Frozen):
     tokens: Literal["dtw", "offsets"] = "dtw"
     vocab: Literal["exact", "mined", "stats", "prefix"] = "stats"
+    # span rules (fusemerge.fuse.align.transfer.SPAN_RULES): chain covers what exact leaves one-hot
+    spans: Literal["exact", "chain"] = "chain"
 
     @model_validator(mode="after")
     def _prefix_needs_spans(self) -> AlignmentSpec:

@@ -15,11 +15,27 @@ The rules, after the FuseChat reference (`transform_step_logits`):
   (source "(self" vs pivot "(": "," instead of "self"), a confidently wrong target. MinED cannot tell,
   which is why the paper's rule takes any one-to-one pair; spans can, so they do.
 Log-probs are kept as the source gave them (not renormalised): dropped ids leave the sum below 1.
+
+`spans: chain` (the default; `exact` is the rules above alone) covers what those rules leave uncovered
+where both tokenizers' spans allow it, by the chain rule P(a b) = P(a) P(b | a) on the teacher's own
+top-K, as TRL's GOLD trainer merges the probabilities of an alignment group
+(`GOLDTrainer._merge_probabilities_with_alignment_groups`, https://huggingface.co/docs/trl/main/en/gold_trainer):
+- n-to-1, a pivot token covering several source tokens: the distribution at its last piece, which
+  predicts what follows the same text (dtw: where no piece matched; offsets: the piece ending with it).
+- 1-to-n, one source token covering several pivot tokens (offsets only): a pivot token ending inside
+  source token s_i has consumed c, a prefix of it. Row i-1 of the teacher predicted s_i; its candidates
+  that start with c give P(next pivot token = x | c) = sum P(v) over the candidates v continuing c with
+  x / sum P(v) over all candidates starting with c (x: the pivot piece the rest of v starts with).
+  Candidates equal to c leave mass for a token no row predicts, so the row sums to less than 1.
+- A next pivot token that several source tokens spell (offsets only): its entry in the row before it
+  takes the teacher's chain-rule probability of that text, the product of each piece's probability in
+  the row before the piece (GOLD's merge for a teacher group), in place of the first piece's alone,
+  which overstates it; where a piece is not in its row's top-K the row is left as it was.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +50,26 @@ class TransferredTopK:
     ids: np.ndarray  # int64 [m, K]
     logprobs: np.ndarray  # float32 [m, K]
     from_teacher: np.ndarray  # bool [m]: False where the next-gold one-hot was used
+
+
+SPAN_RULES = ("exact", "chain")  # the recipe's `alignment.spans`
+
+
+@dataclass(frozen=True)
+class SpanText:
+    """What the span rules of `spans: chain` read about one sequence pair (`tokens: offsets` only).
+
+    Byte bounds come from `fusemerge.fuse.align.offsets.byte_spans` (NaN: a token without width).
+    """
+
+    text: str  # the text's UTF-8 bytes, one latin-1 character per byte, as canonical pieces are
+    source_ids: np.ndarray  # int [n] the source's own tokens
+    source_start: np.ndarray  # float [n]
+    source_end: np.ndarray  # float [n]
+    pivot_start: np.ndarray  # float [m]
+    pivot_end: np.ndarray  # float [m]
+    source_vocab: Sequence[str | None]  # canonical piece of every source id (`TokenizerProfile.pieces`)
+    first_piece: Callable[[str], int]  # pivot id a text starts with (`fusemerge.fuse.align.vocab.FirstPiece`)
 
 
 def choose_source_positions(
@@ -82,6 +118,16 @@ def same_end(chosen: np.ndarray, source_ends: np.ndarray, pivot_ends: np.ndarray
     return np.where(ok, chosen, -1)
 
 
+def last_pieces(alignment: Alignment, chosen: np.ndarray) -> np.ndarray:
+    """`chosen` with the last aligned source position wherever several are aligned and none was chosen
+    (n-to-1: the distribution that predicts what follows the whole pivot token)."""
+    counts = alignment.counts
+    fill = (chosen < 0) & (counts > 1)
+    out = chosen.copy()
+    out[fill] = alignment.indices[alignment.indptr[1:][fill] - 1]
+    return out
+
+
 def transfer_topk(
     alignment: Alignment,
     source_ids: np.ndarray,
@@ -93,6 +139,8 @@ def transfer_topk(
     source_pieces: Sequence[str | None] | None = None,
     source_ends: np.ndarray | None = None,
     pivot_ends: np.ndarray | None = None,
+    spans: str = "chain",
+    span_text: SpanText | None = None,
 ) -> TransferredTopK:
     """Move a source sequence's top-K onto the pivot sequence.
 
@@ -104,7 +152,12 @@ def transfer_topk(
         pivot_ids: int [m] the pivot's own token ids (the gold sequence) for the one-hot fallback.
         pivot_pieces, source_pieces: token pieces for the one-to-many rule (`choose_source_positions`).
         source_ends, pivot_ends: where each token's span ends; given both, the same-end rule applies.
+        spans: `exact` (the rules above) or `chain` (also the span rules of this module's docstring).
+        span_text: byte spans and pieces for the 1-to-n and chain-rule parts of `chain`; without it,
+            `chain` adds the n-to-1 rule alone.
     """
+    if spans not in SPAN_RULES:
+        raise ValueError(f"spans must be one of {SPAN_RULES}, got {spans!r}")
     source_ids = np.asarray(source_ids, dtype=np.int64)
     source_logprobs = np.asarray(source_logprobs, dtype=np.float32)
     pivot_ids = np.asarray(pivot_ids, dtype=np.int64)
@@ -117,13 +170,20 @@ def transfer_topk(
     if pivot_ids.shape != (m,):
         raise ValueError(f"{len(pivot_ids)} pivot ids for {m} pivot positions")
     chosen = choose_source_positions(alignment, pivot_pieces=pivot_pieces, source_pieces=source_pieces)
+    if spans == "chain":
+        chosen = last_pieces(alignment, chosen)
     if source_ends is not None and pivot_ends is not None:
         chosen = same_end(chosen, source_ends, pivot_ends)
     rows = np.where(chosen >= 0, chosen, 0)
     ids = _map(mapping, source_ids[rows])
     lp = np.where((chosen[:, None] >= 0) & (ids >= 0), source_logprobs[rows], -np.inf).astype(np.float32)
+    chain = spans == "chain" and span_text is not None and k > 0
+    if chain:
+        _chain_next_token(ids, lp, chosen, source_ids, source_logprobs, pivot_ids, span_text)
     ids = np.where(np.isfinite(lp), ids, -1)
     ids, lp = _max_per_id(ids, lp)
+    if chain:
+        _inside_source_token(ids, lp, source_ids, source_logprobs, span_text)
     from_teacher = ids[:, 0] >= 0 if k else np.zeros(m, dtype=bool)
     fallback = np.flatnonzero(~from_teacher)
     nxt = fallback[fallback + 1 < m]
@@ -133,6 +193,85 @@ def transfer_topk(
         ids[nxt, 0] = pivot_ids[nxt + 1]
         lp[nxt, 0] = 0.0
     return TransferredTopK(ids, lp, from_teacher)
+
+
+def _whole(x: float) -> bool:
+    return bool(np.isfinite(x)) and float(x).is_integer()
+
+
+def _chain_next_token(
+    ids: np.ndarray,
+    lp: np.ndarray,
+    chosen: np.ndarray,
+    source_ids: np.ndarray,
+    source_logprobs: np.ndarray,
+    pivot_ids: np.ndarray,
+    span: SpanText,
+) -> None:
+    """In place, before the per-id maximum: where the next pivot token is spelt by source tokens
+    r+1..b (b > r+1) after the chosen row r, the candidate s_{r+1} of row r becomes that pivot token,
+    with the chain-rule log-probability sum_k log P(s_k | row k-1) (GOLD's merge of a teacher group)."""
+    s_start, s_end, p_start, p_end = span.source_start, span.source_end, span.pivot_start, span.pivot_end
+    n = len(s_end)
+    for j in np.flatnonzero(chosen[:-1] >= 0).tolist():
+        r = int(chosen[j])
+        a, e = p_start[j + 1], p_end[j + 1]
+        if not (_whole(a) and _whole(e)) or r + 2 >= n or s_end[r] != a or s_start[r + 1] != a:
+            continue
+        b = r + 1
+        while b < n and _whole(s_end[b]) and s_end[b] < e:
+            b += 1
+        if b == r + 1 or b >= n or s_end[b] != e:
+            continue  # one source token (the usual rule) or no common end
+        total = 0.0
+        for t in range(r + 1, b + 1):
+            hit = np.flatnonzero(source_ids[t - 1] == span.source_ids[t])
+            if len(hit) == 0 or not np.isfinite(source_logprobs[t - 1, hit[0]]):
+                break
+            total += float(source_logprobs[t - 1, hit[0]])
+        else:
+            first = np.flatnonzero(source_ids[r] == span.source_ids[r + 1])
+            if len(first):
+                ids[j, first[0]] = pivot_ids[j + 1]
+                lp[j, first[0]] = total
+
+
+def _inside_source_token(
+    ids: np.ndarray, lp: np.ndarray, source_ids: np.ndarray, source_logprobs: np.ndarray, span: SpanText
+) -> None:
+    """In place, on rows still without a teacher distribution: a pivot token ending inside source token
+    s_i takes P(next pivot token | the consumed prefix c of s_i) from row i-1's candidates (the 1-to-n
+    rule of the module docstring). Collisions on one pivot id add up: they are one event here."""
+    s_start, s_end, p_end = span.source_start, span.source_end, span.pivot_end
+    finite_ends = np.where(np.isnan(s_end), -np.inf, s_end)
+    reach = np.maximum.accumulate(finite_ends) if len(finite_ends) else finite_ends
+    vocab, k = span.source_vocab, ids.shape[1]
+    for j in np.flatnonzero(ids[:, 0] < 0).tolist():
+        e = p_end[j]
+        if not _whole(e):
+            continue
+        i = int(np.searchsorted(reach, e, side="right"))  # first source token reaching past e
+        if i < 1 or i >= len(s_end) or not (_whole(s_start[i]) and s_start[i] < e < s_end[i]):
+            continue
+        c = span.text[int(s_start[i]) : int(e)]
+        den = -np.inf
+        num: dict[int, float] = {}
+        for v, lv in zip(source_ids[i - 1].tolist(), source_logprobs[i - 1].tolist(), strict=True):
+            piece = vocab[v] if 0 <= v < len(vocab) else None
+            if piece is None or not np.isfinite(lv) or not piece.startswith(c):
+                continue
+            den = np.logaddexp(den, lv)
+            x = span.first_piece(piece[len(c) :]) if len(piece) > len(c) else -1
+            if x >= 0:
+                num[x] = float(np.logaddexp(num.get(x, -np.inf), lv))
+        if not num:
+            continue
+        best = sorted(num.items(), key=lambda item: -item[1])[:k]
+        ids[j] = -1
+        lp[j] = -np.inf
+        for q, (x, lx) in enumerate(best):
+            ids[j, q] = x
+            lp[j, q] = lx - den
 
 
 def _map(mapping: np.ndarray | object, ids: np.ndarray) -> np.ndarray:
