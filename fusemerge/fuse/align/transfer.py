@@ -35,6 +35,7 @@ top-K, as TRL's GOLD trainer merges the probabilities of an alignment group
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -195,8 +196,22 @@ def transfer_topk(
     return TransferredTopK(ids, lp, from_teacher)
 
 
-def _whole(x: float) -> bool:
-    return bool(np.isfinite(x)) and float(x).is_integer()
+def _whole(x: np.ndarray) -> np.ndarray:
+    """Whole-byte bounds (NaN, a token without width, and a shared multibyte character's share: no)."""
+    return x == np.floor(x)
+
+
+def _reach(ends: np.ndarray) -> np.ndarray:
+    """How far the tokens up to each one reach (ascending; tokens without width add nothing)."""
+    finite = np.where(np.isnan(ends), -np.inf, ends)
+    return np.maximum.accumulate(finite) if len(finite) else finite
+
+
+def _logaddexp(a: float, b: float) -> float:
+    if a == -math.inf:
+        return b
+    top = max(a, b)
+    return top + math.log1p(math.exp(-abs(a - b)))
 
 
 def _chain_next_token(
@@ -212,28 +227,30 @@ def _chain_next_token(
     r+1..b (b > r+1) after the chosen row r, the candidate s_{r+1} of row r becomes that pivot token,
     with the chain-rule log-probability sum_k log P(s_k | row k-1) (GOLD's merge of a teacher group)."""
     s_start, s_end, p_start, p_end = span.source_start, span.source_end, span.pivot_start, span.pivot_end
-    n = len(s_end)
-    for j in np.flatnonzero(chosen[:-1] >= 0).tolist():
-        r = int(chosen[j])
-        a, e = p_start[j + 1], p_end[j + 1]
-        if not (_whole(a) and _whole(e)) or r + 2 >= n or s_end[r] != a or s_start[r + 1] != a:
-            continue
-        b = r + 1
-        while b < n and _whole(s_end[b]) and s_end[b] < e:
-            b += 1
-        if b == r + 1 or b >= n or s_end[b] != e:
-            continue  # one source token (the usual rule) or no common end
+    n, m = len(s_end), len(chosen)
+    if m < 2 or n < 3:
+        return
+    r = chosen[:-1]
+    a, e = p_start[1:], p_end[1:]  # the next pivot token's bytes
+    rr = np.where(r >= 0, r, 0)
+    r1 = np.minimum(rr + 1, n - 1)
+    b = np.searchsorted(_reach(s_end), e, side="left")  # first source token reaching e
+    bb = np.minimum(b, n - 1)
+    widthless = np.concatenate([[0], np.cumsum(np.isnan(s_end))])
+    ok = (r >= 0) & _whole(a) & _whole(e) & (rr + 2 < n) & (s_end[rr] == a) & (s_start[r1] == a)
+    ok &= (b < n) & (s_end[bb] == e) & (b >= rr + 2) & (widthless[bb + 1] == widthless[r1])
+    for j in np.flatnonzero(ok).tolist():
+        first, last = int(r[j]) + 1, int(b[j])
         total = 0.0
-        for t in range(r + 1, b + 1):
+        for t in range(first, last + 1):
             hit = np.flatnonzero(source_ids[t - 1] == span.source_ids[t])
             if len(hit) == 0 or not np.isfinite(source_logprobs[t - 1, hit[0]]):
                 break
             total += float(source_logprobs[t - 1, hit[0]])
         else:
-            first = np.flatnonzero(source_ids[r] == span.source_ids[r + 1])
-            if len(first):
-                ids[j, first[0]] = pivot_ids[j + 1]
-                lp[j, first[0]] = total
+            slot = np.flatnonzero(source_ids[first - 1] == span.source_ids[first])[0]
+            ids[j, slot] = pivot_ids[j + 1]
+            lp[j, slot] = total
 
 
 def _inside_source_token(
@@ -242,28 +259,27 @@ def _inside_source_token(
     """In place, on rows still without a teacher distribution: a pivot token ending inside source token
     s_i takes P(next pivot token | the consumed prefix c of s_i) from row i-1's candidates (the 1-to-n
     rule of the module docstring). Collisions on one pivot id add up: they are one event here."""
-    s_start, s_end, p_end = span.source_start, span.source_end, span.pivot_end
-    finite_ends = np.where(np.isnan(s_end), -np.inf, s_end)
-    reach = np.maximum.accumulate(finite_ends) if len(finite_ends) else finite_ends
+    s_start, s_end, n = span.source_start, span.source_end, len(span.source_end)
+    rows = np.flatnonzero(ids[:, 0] < 0)
+    if n < 2 or len(rows) == 0:
+        return
+    e = span.pivot_end[rows]
+    i = np.searchsorted(_reach(s_end), e, side="right")  # first source token reaching past e
+    ic = np.clip(i, 0, n - 1)
+    ok = _whole(e) & (i >= 1) & (i < n) & _whole(s_start[ic]) & (s_start[ic] < e) & (e < s_end[ic])
     vocab, k = span.source_vocab, ids.shape[1]
-    for j in np.flatnonzero(ids[:, 0] < 0).tolist():
-        e = p_end[j]
-        if not _whole(e):
-            continue
-        i = int(np.searchsorted(reach, e, side="right"))  # first source token reaching past e
-        if i < 1 or i >= len(s_end) or not (_whole(s_start[i]) and s_start[i] < e < s_end[i]):
-            continue
-        c = span.text[int(s_start[i]) : int(e)]
-        den = -np.inf
+    for j, src, end in zip(rows[ok].tolist(), i[ok].tolist(), e[ok].tolist(), strict=True):
+        c = span.text[int(s_start[src]) : int(end)]
+        den = -math.inf
         num: dict[int, float] = {}
-        for v, lv in zip(source_ids[i - 1].tolist(), source_logprobs[i - 1].tolist(), strict=True):
+        for v, lv in zip(source_ids[src - 1].tolist(), source_logprobs[src - 1].tolist(), strict=True):
             piece = vocab[v] if 0 <= v < len(vocab) else None
-            if piece is None or not np.isfinite(lv) or not piece.startswith(c):
+            if piece is None or lv == -math.inf or not piece.startswith(c):
                 continue
-            den = np.logaddexp(den, lv)
+            den = _logaddexp(den, lv)
             x = span.first_piece(piece[len(c) :]) if len(piece) > len(c) else -1
             if x >= 0:
-                num[x] = float(np.logaddexp(num.get(x, -np.inf), lv))
+                num[x] = _logaddexp(num.get(x, -math.inf), lv)
         if not num:
             continue
         best = sorted(num.items(), key=lambda item: -item[1])[:k]
