@@ -14,12 +14,16 @@ Per sequence, both tokenizers read the pivot-rendered text exactly as the teache
 (`ChatTokenizer`, checked against the stores' tokenizer hash, dataset hash and row counts), the tokens are
 aligned with `alignment.tokens` (dtw | offsets) and the source's top-K rows are moved onto pivot positions
 and ids with `transfer_topk` (its rules, in `fusemerge.fuse.align.transfer`: one-to-one takes the row,
-one-to-many takes the matching piece, otherwise the one-hot of the next gold pivot token).
+one-to-many takes the matching piece, otherwise the one-hot of the next gold pivot token; with
+`alignment.spans: chain`, the default, also the chain-rule rules for spans the two tokenizers cut
+differently).
 
 The aligned store is a `TopKStore` with the pivot store's shard plan, so sequence i has exactly as many
 rows as the pivot's sequence i. Its identity is the source store's identity with `kind: aligned`,
 `positions: pivot`, `vocab: pivot`, plus the pivot's model and tokenizer hash, the token alignment method,
-the vocabulary mapping method and the sha256 of its table. Rows: `ids` int32 in the pivot vocabulary,
+the vocabulary mapping method and the sha256 of its table, the span rules (`alignment_spans`) and the
+transfer rules' version (`aligned_format`): a store of an older version is rebuilt, since no recipe can
+ask for it; one made with other settings is refused (another recipe in the same work_dir). Rows: `ids` int32 in the pivot vocabulary,
 best first, -1 for an empty slot (fewer than K distinct pivot ids, or the last position, which has no next
 token); `logprobs` float16, -inf in empty slots, not renormalised (dropped ids leave the sum below 1);
 `metric_ce` = the source's own metric_ce of the sequence (what FuseChat's MinCE compares).
@@ -47,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from fusemerge.checkpoint.layout import publish, tmp_sibling
+from fusemerge.checkpoint.layout import publish, remove_path, tmp_sibling
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.align import (
     Alignment,
@@ -60,15 +64,20 @@ from fusemerge.fuse.align import (
     same_start_alignment,
     transfer_topk,
 )
+from fusemerge.fuse.align.offsets import byte_spans
+from fusemerge.fuse.align.transfer import SpanText
+from fusemerge.fuse.align.vocab import FirstPiece
 from fusemerge.fuse.align.workers import OwnedPool, default_workers
-from fusemerge.fuse.store import TopKStore
+from fusemerge.fuse.store import MANIFEST, TopKStore
 from fusemerge.fuse.teacher import tokenizer_hash
 from fusemerge.lm.chat_data import ChatData
 from fusemerge.lm.tokens import ChatTokenizer
 from fusemerge.progress import progress_bar
 
 LOG = logging.getLogger(__name__)
-ALIGNED_FORMAT = 2  # 2: same-end rule for offsets. Bump when the transfer rules change: older aligned stores are then refused
+# 2: same-end rule for offsets; 3: `alignment_spans` (exact | chain). Bump when the transfer rules change:
+# older aligned stores are then rebuilt
+ALIGNED_FORMAT = 3
 ALIGNMENT_CACHE = 2**23  # aligned index pairs kept between the stats pass and the transfer (~70 MB)
 CHUNK = 256  # most sequences per worker task (and per batched dtw call); chunks never cross a store shard
 TASKS_PER_WORKER = 8  # at least this many chunks per worker where the corpus allows: an even load
@@ -153,6 +162,7 @@ def run_align(
     tokens: str = "dtw",
     vocab: str = "stats",
     workers: int | None = None,
+    spans: str = "chain",
     progress: bool = True,
     echo: Callable[[str], None] = print,
     start_method: str | None = None,
@@ -168,6 +178,7 @@ def run_align(
         tokens: token alignment method (`alignment.tokens`: dtw | offsets).
         vocab: vocabulary mapping method (`alignment.vocab`: exact | mined | stats | prefix).
         workers: worker processes (`alignment.workers`); None: every core this process may use.
+        spans: span rules (`alignment.spans`: exact | chain, `fusemerge.fuse.align.transfer`).
         progress: a tqdm bar over sequences with ETA.
         echo: where one-line status messages go.
         start_method: multiprocessing start method of the workers (default: fork on Linux, else spawn).
@@ -196,13 +207,13 @@ def run_align(
     pending: list[int] = []
     store: TopKStore | None = None
     if mapping is not None:
-        store = _aligned_store(aligned_dir, source, pivot, tokens, mapping, n)
+        store = _aligned_store(aligned_dir, source, pivot, tokens, mapping, n, spans, echo)
         pending = store.pending_shards()
         if not pending:
             store.finalize()
             echo(f"align {name}: store complete, skipped ({store.path})")
             return AlignReport(store, 0, 0, 0, time.perf_counter() - begin)
-    job = _Job(tokens, _SideSpec.of(source), _SideSpec.of(pivot), ALIGNMENT_CACHE // width)
+    job = _Job(tokens, spans, _SideSpec.of(source), _SideSpec.of(pivot), ALIGNMENT_CACHE // width)
     if width > 1 and n:
         # load the compiled aligner (numba's cache: ~0.2 CPU-s) here, once, for forked workers to inherit
         align_batch(tokens, [(source.tokenize(0, data.sequences[0]), pivot.tokenize(0, data.sequences[0]))])
@@ -211,7 +222,7 @@ def run_align(
             mapping = _count_and_build(
                 pool, chunks, mapping_path, vocab, tokens, data, data_hash, source, pivot, progress, echo
             )
-            store = _aligned_store(aligned_dir, source, pivot, tokens, mapping, n)
+            store = _aligned_store(aligned_dir, source, pivot, tokens, mapping, n, spans, echo)
             pending = store.pending_shards()
         assert store is not None
         if not pending:
@@ -219,7 +230,7 @@ def run_align(
             echo(f"align {name}: store complete, skipped ({store.path})")
             return AlignReport(store, 0, 0, 0, time.perf_counter() - begin)
         echo(
-            f"align {name}: {len(pending)} of {store.n_shards} shards to compute ({tokens}, {vocab}"
+            f"align {name}: {len(pending)} of {store.n_shards} shards to compute ({tokens}, {vocab}, {spans}"
             + (f", {width} workers)" if width > 1 else ")")
         )
         total, positions, from_teacher = _transfer(
@@ -235,9 +246,17 @@ def run_align(
 
 
 def _aligned_store(
-    folder: str | Path, source: _Side, pivot: _Side, tokens: str, mapping: VocabMapping, n: int
+    folder: str | Path,
+    source: _Side,
+    pivot: _Side,
+    tokens: str,
+    mapping: VocabMapping,
+    n: int,
+    spans: str,
+    echo: Callable[[str], None],
 ) -> TopKStore:
-    identity = aligned_identity(source.store.identity, pivot.store.identity, tokens, mapping)
+    identity = aligned_identity(source.store.identity, pivot.store.identity, tokens, mapping, spans)
+    _drop_older_format(Path(folder), echo)
     return TopKStore.create_or_resume(folder, identity, n_sequences=n, shard_size=pivot.store.shard_size)
 
 
@@ -322,6 +341,7 @@ class _SideSpec:
 @dataclass(frozen=True)
 class _Job:
     tokens: str
+    spans: str
     source: _SideSpec
     pivot: _SideSpec
     cache_budget: int  # aligned index pairs this worker keeps from the count for the transfer
@@ -334,6 +354,9 @@ class _WorkerState:
         self.tokens = job.tokens
         self.source = job.source.side()
         self.pivot = job.pivot.side()
+        self.spans = job.spans
+        chain_offsets = job.spans == "chain" and job.tokens == "offsets"
+        self.first_piece = FirstPiece(self.pivot.profile) if chain_offsets else None
         self.budget = job.cache_budget
         self.kept = 0
         self.cache: dict[int, Alignment] = {}
@@ -402,6 +425,8 @@ def _transfer_one(
         pivot_pieces=state.pivot.pieces(p.ids),
         source_pieces=state.source.pieces(s.ids),
         **_span_ends(state.tokens, s, p),
+        spans=state.spans,
+        span_text=_span_text(s, p, state.source.profile, state.first_piece),
     )
     return moved, src.metric_ce
 
@@ -421,8 +446,50 @@ def _ends(offsets: np.ndarray) -> np.ndarray:
     return np.maximum.accumulate(ends) if len(ends) else ends
 
 
+def _span_text(
+    source: TokenizedText, pivot: TokenizedText, profile: TokenizerProfile, first_piece: FirstPiece | None
+) -> SpanText | None:
+    """Byte spans of both sides for the span rules of `spans: chain` (offsets only; None elsewhere)."""
+    if first_piece is None or pivot.text is None:
+        return None
+    s, p = byte_spans(source), byte_spans(pivot)
+    if s is None or p is None:
+        return None
+    text = pivot.text.encode("utf-8", "surrogatepass").decode("latin-1")
+    return SpanText(text, source.ids, s[0], s[1], p[0], p[1], profile.pieces, first_piece)
+
+
+def _drop_older_format(folder: Path, echo: Callable[[str], None]) -> None:
+    """Remove an aligned store made under older transfer rules (`aligned_format`): derived data that no
+    recipe can ask for any more, so it is rebuilt rather than refused."""
+    import json
+
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        identity = json.loads(manifest.read_text(encoding="utf-8")).get("identity", {})
+    except (OSError, ValueError):
+        return  # not readable: TopKStore refuses it with its own message
+    if identity.get("kind") == "aligned" and identity.get("aligned_format", 0) < ALIGNED_FORMAT:
+        echo(
+            f"align {folder.name}: store made by older transfer rules (format "
+            f"{identity.get('aligned_format', 1)}), rebuilt"
+        )
+        remove_path(folder)
+
+
+def _ends(offsets: np.ndarray) -> np.ndarray:
+    ends = np.asarray(offsets, dtype=np.int64)[:, 1]
+    return np.maximum.accumulate(ends) if len(ends) else ends
+
+
 def aligned_identity(
-    source_identity: dict[str, Any], pivot_identity: dict[str, Any], tokens: str, mapping: VocabMapping
+    source_identity: dict[str, Any],
+    pivot_identity: dict[str, Any],
+    tokens: str,
+    mapping: VocabMapping,
+    spans: str = "chain",
 ) -> dict[str, Any]:
     """The source store's identity, re-labelled as pivot positions and vocabulary, plus what moved it."""
     table = np.ascontiguousarray(mapping.source_to_pivot, dtype=np.int64)
@@ -437,6 +504,7 @@ def aligned_identity(
         "pivot_tokenizer_hash": pivot_identity["tokenizer_hash"],
         "pivot_vocab_size": mapping.pivot_size,
         "alignment_tokens": tokens,
+        "alignment_spans": spans,
         "vocab_mapping": mapping.method,
         "vocab_mapping_sha256": hashlib.sha256(table.tobytes()).hexdigest(),
     }

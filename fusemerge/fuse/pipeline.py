@@ -257,6 +257,7 @@ def align(
             tokens=recipe.alignment.tokens,
             vocab=recipe.alignment.vocab,
             workers=recipe.alignment.workers,
+            spans=recipe.alignment.spans,
             progress=progress,
             echo=echo,
         )

@@ -87,6 +87,8 @@ class AlignmentSpec(_Frozen):
     vocab: Literal["exact", "mined", "stats", "prefix"] = "stats"
     # worker processes of the align step; unset: every core the process may use (its CPU affinity)
     workers: PositiveInt | None = None
+    # span rules (fusemerge.fuse.align.transfer.SPAN_RULES): chain covers what exact leaves one-hot
+    spans: Literal["exact", "chain"] = "chain"
 
     @model_validator(mode="after")
     def _prefix_needs_spans(self) -> AlignmentSpec:

@@ -190,6 +190,25 @@ def offsets_alignment(
     return Alignment(indptr, indices, len(s_off))
 
 
+def byte_spans(tokenized: TokenizedText) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each token's [start, end) in UTF-8 bytes of the text, as `offsets` lays them out; NaN for tokens
+    without width (BOS, EOS); `None` without character spans or where they go backwards.
+
+    The pieces of a multibyte character share its bytes by weight, so their bounds may be fractional;
+    the span rules of `spans: chain` (`fusemerge.fuse.align.transfer`) use whole-byte bounds only.
+    """
+    if tokenized.offsets is None or tokenized.text is None:
+        return None
+    off = check_offsets(tokenized.offsets, side="token")
+    cb = char_to_byte_offsets(tokenized.text)
+    if len(off) and int(off.max(initial=0)) >= len(cb):
+        return None
+    start, end, real, _, _, ok = _prepare(off, _weights(tokenized.weights, len(off), "token"), cb)
+    if not ok:
+        return None
+    return np.where(real, start, np.nan), np.where(real, end, np.nan)
+
+
 def _weights(weights: np.ndarray | None, n: int, side: str) -> np.ndarray:
     if weights is None:
         return np.ones(n, dtype=np.int64)

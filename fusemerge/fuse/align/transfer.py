@@ -15,11 +15,28 @@ The rules, after the FuseChat reference (`transform_step_logits`):
   (source "(self" vs pivot "(": "," instead of "self"), a confidently wrong target. MinED cannot tell,
   which is why the paper's rule takes any one-to-one pair; spans can, so they do.
 Log-probs are kept as the source gave them (not renormalised): dropped ids leave the sum below 1.
+
+`spans: chain` (the default; `exact` is the rules above alone) covers what those rules leave uncovered
+where both tokenizers' spans allow it, by the chain rule P(a b) = P(a) P(b | a) on the teacher's own
+top-K, as TRL's GOLD trainer merges the probabilities of an alignment group
+(`GOLDTrainer._merge_probabilities_with_alignment_groups`, https://huggingface.co/docs/trl/main/en/gold_trainer):
+- n-to-1, a pivot token covering several source tokens: the distribution at its last piece, which
+  predicts what follows the same text (dtw: where no piece matched; offsets: the piece ending with it).
+- 1-to-n, one source token covering several pivot tokens (offsets only): a pivot token ending inside
+  source token s_i has consumed c, a prefix of it. Row i-1 of the teacher predicted s_i; its candidates
+  that start with c give P(next pivot token = x | c) = sum P(v) over the candidates v continuing c with
+  x / sum P(v) over all candidates starting with c (x: the pivot piece the rest of v starts with).
+  Candidates equal to c leave mass for a token no row predicts, so the row sums to less than 1.
+- A next pivot token that several source tokens spell (offsets only): its entry in the row before it
+  takes the teacher's chain-rule probability of that text, the product of each piece's probability in
+  the row before the piece (GOLD's merge for a teacher group), in place of the first piece's alone,
+  which overstates it; where a piece is not in its row's top-K the row is left as it was.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +51,26 @@ class TransferredTopK:
     ids: np.ndarray  # int64 [m, K]
     logprobs: np.ndarray  # float32 [m, K]
     from_teacher: np.ndarray  # bool [m]: False where the next-gold one-hot was used
+
+
+SPAN_RULES = ("exact", "chain")  # the recipe's `alignment.spans`
+
+
+@dataclass(frozen=True)
+class SpanText:
+    """What the span rules of `spans: chain` read about one sequence pair (`tokens: offsets` only).
+
+    Byte bounds come from `fusemerge.fuse.align.offsets.byte_spans` (NaN: a token without width).
+    """
+
+    text: str  # the text's UTF-8 bytes, one latin-1 character per byte, as canonical pieces are
+    source_ids: np.ndarray  # int [n] the source's own tokens
+    source_start: np.ndarray  # float [n]
+    source_end: np.ndarray  # float [n]
+    pivot_start: np.ndarray  # float [m]
+    pivot_end: np.ndarray  # float [m]
+    source_vocab: Sequence[str | None]  # canonical piece of every source id (`TokenizerProfile.pieces`)
+    first_piece: Callable[[str], int]  # pivot id a text starts with (`fusemerge.fuse.align.vocab.FirstPiece`)
 
 
 def choose_source_positions(
@@ -82,6 +119,16 @@ def same_end(chosen: np.ndarray, source_ends: np.ndarray, pivot_ends: np.ndarray
     return np.where(ok, chosen, -1)
 
 
+def last_pieces(alignment: Alignment, chosen: np.ndarray) -> np.ndarray:
+    """`chosen` with the last aligned source position wherever several are aligned and none was chosen
+    (n-to-1: the distribution that predicts what follows the whole pivot token)."""
+    counts = alignment.counts
+    fill = (chosen < 0) & (counts > 1)
+    out = chosen.copy()
+    out[fill] = alignment.indices[alignment.indptr[1:][fill] - 1]
+    return out
+
+
 def transfer_topk(
     alignment: Alignment,
     source_ids: np.ndarray,
@@ -93,6 +140,8 @@ def transfer_topk(
     source_pieces: Sequence[str | None] | None = None,
     source_ends: np.ndarray | None = None,
     pivot_ends: np.ndarray | None = None,
+    spans: str = "chain",
+    span_text: SpanText | None = None,
 ) -> TransferredTopK:
     """Move a source sequence's top-K onto the pivot sequence.
 
@@ -104,7 +153,12 @@ def transfer_topk(
         pivot_ids: int [m] the pivot's own token ids (the gold sequence) for the one-hot fallback.
         pivot_pieces, source_pieces: token pieces for the one-to-many rule (`choose_source_positions`).
         source_ends, pivot_ends: where each token's span ends; given both, the same-end rule applies.
+        spans: `exact` (the rules above) or `chain` (also the span rules of this module's docstring).
+        span_text: byte spans and pieces for the 1-to-n and chain-rule parts of `chain`; without it,
+            `chain` adds the n-to-1 rule alone.
     """
+    if spans not in SPAN_RULES:
+        raise ValueError(f"spans must be one of {SPAN_RULES}, got {spans!r}")
     source_ids = np.asarray(source_ids, dtype=np.int64)
     source_logprobs = np.asarray(source_logprobs, dtype=np.float32)
     pivot_ids = np.asarray(pivot_ids, dtype=np.int64)
@@ -117,13 +171,20 @@ def transfer_topk(
     if pivot_ids.shape != (m,):
         raise ValueError(f"{len(pivot_ids)} pivot ids for {m} pivot positions")
     chosen = choose_source_positions(alignment, pivot_pieces=pivot_pieces, source_pieces=source_pieces)
+    if spans == "chain":
+        chosen = last_pieces(alignment, chosen)
     if source_ends is not None and pivot_ends is not None:
         chosen = same_end(chosen, source_ends, pivot_ends)
     rows = np.where(chosen >= 0, chosen, 0)
     ids = _map(mapping, source_ids[rows])
     lp = np.where((chosen[:, None] >= 0) & (ids >= 0), source_logprobs[rows], -np.inf).astype(np.float32)
+    chain = spans == "chain" and span_text is not None and k > 0
+    if chain:
+        _chain_next_token(ids, lp, chosen, source_ids, source_logprobs, pivot_ids, span_text)
     ids = np.where(np.isfinite(lp), ids, -1)
     ids, lp = _max_per_id(ids, lp)
+    if chain:
+        _inside_source_token(ids, lp, source_ids, source_logprobs, span_text)
     from_teacher = ids[:, 0] >= 0 if k else np.zeros(m, dtype=bool)
     fallback = np.flatnonzero(~from_teacher)
     nxt = fallback[fallback + 1 < m]
@@ -133,6 +194,100 @@ def transfer_topk(
         ids[nxt, 0] = pivot_ids[nxt + 1]
         lp[nxt, 0] = 0.0
     return TransferredTopK(ids, lp, from_teacher)
+
+
+def _whole(x: np.ndarray) -> np.ndarray:
+    """Whole-byte bounds (NaN, a token without width, and a shared multibyte character's share: no)."""
+    return x == np.floor(x)
+
+
+def _reach(ends: np.ndarray) -> np.ndarray:
+    """How far the tokens up to each one reach (ascending; tokens without width add nothing)."""
+    finite = np.where(np.isnan(ends), -np.inf, ends)
+    return np.maximum.accumulate(finite) if len(finite) else finite
+
+
+def _logaddexp(a: float, b: float) -> float:
+    if a == -math.inf:
+        return b
+    top = max(a, b)
+    return top + math.log1p(math.exp(-abs(a - b)))
+
+
+def _chain_next_token(
+    ids: np.ndarray,
+    lp: np.ndarray,
+    chosen: np.ndarray,
+    source_ids: np.ndarray,
+    source_logprobs: np.ndarray,
+    pivot_ids: np.ndarray,
+    span: SpanText,
+) -> None:
+    """In place, before the per-id maximum: where the next pivot token is spelt by source tokens
+    r+1..b (b > r+1) after the chosen row r, the candidate s_{r+1} of row r becomes that pivot token,
+    with the chain-rule log-probability sum_k log P(s_k | row k-1) (GOLD's merge of a teacher group)."""
+    s_start, s_end, p_start, p_end = span.source_start, span.source_end, span.pivot_start, span.pivot_end
+    n, m = len(s_end), len(chosen)
+    if m < 2 or n < 3:
+        return
+    r = chosen[:-1]
+    a, e = p_start[1:], p_end[1:]  # the next pivot token's bytes
+    rr = np.where(r >= 0, r, 0)
+    r1 = np.minimum(rr + 1, n - 1)
+    b = np.searchsorted(_reach(s_end), e, side="left")  # first source token reaching e
+    bb = np.minimum(b, n - 1)
+    widthless = np.concatenate([[0], np.cumsum(np.isnan(s_end))])
+    ok = (r >= 0) & _whole(a) & _whole(e) & (rr + 2 < n) & (s_end[rr] == a) & (s_start[r1] == a)
+    ok &= (b < n) & (s_end[bb] == e) & (b >= rr + 2) & (widthless[bb + 1] == widthless[r1])
+    for j in np.flatnonzero(ok).tolist():
+        first, last = int(r[j]) + 1, int(b[j])
+        total = 0.0
+        for t in range(first, last + 1):
+            hit = np.flatnonzero(source_ids[t - 1] == span.source_ids[t])
+            if len(hit) == 0 or not np.isfinite(source_logprobs[t - 1, hit[0]]):
+                break
+            total += float(source_logprobs[t - 1, hit[0]])
+        else:
+            slot = np.flatnonzero(source_ids[first - 1] == span.source_ids[first])[0]
+            ids[j, slot] = pivot_ids[j + 1]
+            lp[j, slot] = total
+
+
+def _inside_source_token(
+    ids: np.ndarray, lp: np.ndarray, source_ids: np.ndarray, source_logprobs: np.ndarray, span: SpanText
+) -> None:
+    """In place, on rows still without a teacher distribution: a pivot token ending inside source token
+    s_i takes P(next pivot token | the consumed prefix c of s_i) from row i-1's candidates (the 1-to-n
+    rule of the module docstring). Collisions on one pivot id add up: they are one event here."""
+    s_start, s_end, n = span.source_start, span.source_end, len(span.source_end)
+    rows = np.flatnonzero(ids[:, 0] < 0)
+    if n < 2 or len(rows) == 0:
+        return
+    e = span.pivot_end[rows]
+    i = np.searchsorted(_reach(s_end), e, side="right")  # first source token reaching past e
+    ic = np.clip(i, 0, n - 1)
+    ok = _whole(e) & (i >= 1) & (i < n) & _whole(s_start[ic]) & (s_start[ic] < e) & (e < s_end[ic])
+    vocab, k = span.source_vocab, ids.shape[1]
+    for j, src, end in zip(rows[ok].tolist(), i[ok].tolist(), e[ok].tolist(), strict=True):
+        c = span.text[int(s_start[src]) : int(end)]
+        den = -math.inf
+        num: dict[int, float] = {}
+        for v, lv in zip(source_ids[src - 1].tolist(), source_logprobs[src - 1].tolist(), strict=True):
+            piece = vocab[v] if 0 <= v < len(vocab) else None
+            if piece is None or lv == -math.inf or not piece.startswith(c):
+                continue
+            den = _logaddexp(den, lv)
+            x = span.first_piece(piece[len(c) :]) if len(piece) > len(c) else -1
+            if x >= 0:
+                num[x] = _logaddexp(num.get(x, -math.inf), lv)
+        if not num:
+            continue
+        best = sorted(num.items(), key=lambda item: -item[1])[:k]
+        ids[j] = -1
+        lp[j] = -np.inf
+        for q, (x, lx) in enumerate(best):
+            ids[j, q] = x
+            lp[j, q] = lx - den
 
 
 def _map(mapping: np.ndarray | object, ids: np.ndarray) -> np.ndarray:

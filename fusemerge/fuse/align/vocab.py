@@ -382,3 +382,43 @@ def build_vocab_mapping(
 ) -> VocabMapping:
     """Build a registered vocabulary mapping by name (the recipe's `alignment.vocab`)."""
     return VOCAB_MAPPINGS.get(method, key="alignment.vocab").fn(source, pivot, **params)
+
+
+class FirstPiece:
+    """The pivot id a text starts with: the longest pivot piece that is a prefix of it (-1: none).
+
+    The chain rule of `spans: chain` (`fusemerge.fuse.align.transfer`) needs the pivot token that the
+    rest of a source candidate begins with ("'s" after "'" -> "s"); a text seen out of context has no
+    tokenization of its own, and the longest matching piece is what a BPE vocabulary holds for it. Pieces
+    are canonical (`TokenizerProfile.pieces`: bytes as latin-1 characters); where two ids share one piece
+    (SentencePiece's '▁' and its byte piece '<0x20>') the first id wins unless it is a byte piece.
+    """
+
+    def __init__(self, pivot: TokenizerProfile) -> None:
+        self._ids: dict[str, int] = {}
+        for idx, piece in enumerate(pivot.pieces):
+            if not piece:
+                continue
+            held = self._ids.get(piece)
+            if held is None or (_is_byte_piece(pivot.tokens[held]) and not _is_byte_piece(pivot.tokens[idx])):
+                self._ids[piece] = idx
+        self._longest = max(map(len, self._ids), default=0)
+        self._memo: dict[str, int] = {}
+
+    def __call__(self, text: str) -> int:
+        found = self._memo.get(text)
+        if found is None:
+            found = next(
+                (
+                    self._ids[text[:n]]
+                    for n in range(min(len(text), self._longest), 0, -1)
+                    if text[:n] in self._ids
+                ),
+                -1,
+            )
+            self._memo[text] = found
+        return found
+
+
+def _is_byte_piece(token: str | None) -> bool:
+    return token is not None and len(token) == 6 and token.startswith("<0x") and token.endswith(">")
