@@ -225,6 +225,7 @@ def test_a_source_retrained_in_place_with_the_same_shapes_is_a_different_sample_
     import shutil
 
     import torch
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from fusemerge.fuse.implicit.sample import sample_identity
@@ -234,7 +235,13 @@ def test_a_source_retrained_in_place_with_the_same_shapes_is_a_different_sample_
     prompts = read_prompts(path=str(prompts_file))
     before = sample_identity(model=SampleModel(name="q", model=str(model)), prompts=prompts, spec=SPEC)
     weights = model / "model.safetensors"
+    size = weights.stat().st_size
+    with safe_open(weights, "pt") as fh:
+        metadata = fh.metadata()
     tensors = load_file(weights)
-    save_file({k: torch.flip(v, dims=[0]).contiguous() for k, v in tensors.items()}, weights)
+    save_file(
+        {k: torch.flip(v, dims=[0]).contiguous() for k, v in tensors.items()}, weights, metadata=metadata
+    )
+    assert weights.stat().st_size == size  # the same shapes and sizes: only the values differ
     after = sample_identity(model=SampleModel(name="q", model=str(model)), prompts=prompts, spec=SPEC)
     assert after["model_fingerprint"] != before["model_fingerprint"]
