@@ -47,7 +47,8 @@ from fusemerge.fuse.implicit.turns import strip_turn_end, turn_end
 from fusemerge.progress import progress_bar
 
 SHARD_PATTERN = "shard-*.jsonl"
-# 2: a stopped response is stored without its template's plain-text turn end (fusemerge.fuse.implicit.turns)
+# 2: a stopped response is stored without its template's plain-text turn end (fusemerge.fuse.implicit.turns),
+# and a shard's seed comes from the model's name, not its path
 FORMAT_VERSION = 2
 
 
@@ -273,10 +274,12 @@ def run_sample(
 
             for j in pending:
                 shard = prompts.prompts[j * size : (j + 1) * size]
+                # seeded by the model's name, not its path: the same model in another folder (a demo run
+                # in another --out) draws the same samples
                 answers = generator.generate(
                     [p.messages for p in shard],
                     counts[j * size : (j + 1) * size],
-                    seed=derive_seed(spec.seed, model.model, "shard", j),
+                    seed=derive_seed(spec.seed, model.name, "shard", j),
                     on_batch=advance,
                 )
                 lines = [

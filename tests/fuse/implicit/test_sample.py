@@ -245,3 +245,23 @@ def test_a_source_retrained_in_place_with_the_same_shapes_is_a_different_sample_
     assert weights.stat().st_size == size  # the same shapes and sizes: only the values differ
     after = sample_identity(model=SampleModel(name="q", model=str(model)), prompts=prompts, spec=SPEC)
     assert after["model_fingerprint"] != before["model_fingerprint"]
+
+
+def test_the_same_model_in_another_folder_draws_the_same_samples(chat_models, prompts_file, tmp_path):
+    """Before: the seed came from the model's path, so the demo in another --out sampled other answers."""
+    import shutil
+
+    prompts = read_prompts(path=str(prompts_file))
+    made = []
+    for where in ("here", "there"):
+        model = shutil.copytree(chat_models["qwen"], tmp_path / where / "qwen")
+        folder = tmp_path / where / "samples"
+        run_sample(
+            model=SampleModel(name="qwen", model=str(model)),
+            prompts=prompts,
+            spec=SPEC,
+            folder=folder,
+            **QUIET,
+        )
+        made.append(folder_bytes(folder))
+    assert made[0] == made[1] and made[0]
