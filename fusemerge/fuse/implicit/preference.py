@@ -31,6 +31,7 @@ from fusemerge.card import implicit_card
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.implicit.datasets import PreferencePair
 from fusemerge.fuse.implicit.losses import TARGET_LOSSES, TRL_LOSS_TYPES
+from fusemerge.fuse.implicit.sft import logged
 from fusemerge.fuse.implicit.target import (
     ImplicitRecipe,
     Student,
@@ -258,14 +259,17 @@ def run_preference(
             out=out,
             checkpoints=checkpoints,
             identity=identity,
-            build=lambda: build_preference_trainer(
-                recipe=recipe,
-                student=student,
-                tokenizer=tokenizer,
-                dataset=dataset,
-                checkpoints=checkpoints,
-                progress=progress,
-                callbacks=callbacks,
+            build=lambda: logged(
+                build_preference_trainer(
+                    recipe=recipe,
+                    student=student,
+                    tokenizer=tokenizer,
+                    dataset=dataset,
+                    checkpoints=checkpoints,
+                    progress=progress,
+                    callbacks=callbacks,
+                ),
+                echo,
             ),
             started=lambda trainer: (
                 f"preference {out.name}: {pref.loss} (beta {pref.beta}) on {trainer.args.device}, "

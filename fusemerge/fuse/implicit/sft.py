@@ -42,6 +42,15 @@ from fusemerge.fuse.implicit.turns import close_spans, turn_end
 from fusemerge.progress import library_progress, progress_bar
 
 
+def logged(trainer: Any, echo: Callable[[str], Any]) -> Any:
+    """`trainer` printing each log as one line through `echo` (`fusemerge.fuse.trainer.one_line_logs`),
+    not transformers' dict of strings, which it prints even when the progress bars are off (`-q`)."""
+    from fusemerge.fuse.trainer import one_line_logs
+
+    one_line_logs(trainer, echo)
+    return trainer
+
+
 def sft_identity(*, recipe: ImplicitRecipe, template: str, max_length: int, data: str) -> dict[str, Any]:
     """What an SFT target depends on: a folder or checkpoint made for anything else is refused, never reused.
 
@@ -230,14 +239,17 @@ def run_sft(
             out=out,
             checkpoints=checkpoints,
             identity=identity,
-            build=lambda: build_sft_trainer(
-                recipe=recipe,
-                tokenizer=tokenizer,
-                dataset=dataset,
-                checkpoints=checkpoints,
-                max_length=max_length,
-                progress=progress,
-                callbacks=callbacks,
+            build=lambda: logged(
+                build_sft_trainer(
+                    recipe=recipe,
+                    tokenizer=tokenizer,
+                    dataset=dataset,
+                    checkpoints=checkpoints,
+                    max_length=max_length,
+                    progress=progress,
+                    callbacks=callbacks,
+                ),
+                echo,
             ),
             started=lambda trainer: (
                 f"sft {out.name}: {recipe.training.mode} on {trainer.args.device}, {len(dataset)} conversations"

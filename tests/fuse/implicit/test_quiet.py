@@ -29,3 +29,32 @@ def test_quiet_silences_the_datasets_bars():
         from huggingface_hub.utils import enable_progress_bars
 
         enable_progress_bars()
+
+
+def test_quiet_trainers_log_one_line_through_echo_not_dicts_on_stdout(tiny_models, gpt2_tokenizer, tmp_path):
+    """Before: with the bars off, transformers' PrinterCallback printed each log as a dict on stdout."""
+    from train_helpers import make_recipe, sft_rows
+    from transformers import PrinterCallback
+
+    from fusemerge.fuse.implicit.datasets import SftRecord
+    from fusemerge.fuse.implicit.sft import build_sft_trainer, logged, sft_dataset
+    from fusemerge.fuse.trainer import LogLines
+    from fusemerge.lm.templates import BUILTIN_TEMPLATES
+
+    records = [SftRecord(i + 1, r["messages"]) for i, r in enumerate(sft_rows(2))]
+    template = BUILTIN_TEMPLATES["chatml"]
+    dataset, _, _ = sft_dataset(records=records, tokenizer=gpt2_tokenizer, template=template, max_length=36)
+    trainer = build_sft_trainer(
+        recipe=make_recipe(str(tiny_models["gpt2"])),
+        tokenizer=gpt2_tokenizer,
+        dataset=dataset,
+        checkpoints=tmp_path,
+        max_length=36,
+        progress=False,
+    )
+    lines: list[str] = []
+    logged(trainer, lines.append)
+    kinds = {type(c) for c in trainer.callback_handler.callbacks}
+    assert PrinterCallback not in kinds and LogLines in kinds
+    trainer.train()
+    assert lines and all(line.startswith("step ") for line in lines)
