@@ -21,6 +21,7 @@ from train_helpers import make_recipe, preference_rows, sft_rows, write_jsonl  #
 
 
 def one_run(args: argparse.Namespace) -> None:
+    import torch
     from transformers import TrainerCallback
 
     from fusemerge.fuse.implicit.datasets import read_preference_data, read_sft_data
@@ -35,6 +36,7 @@ def one_run(args: argparse.Namespace) -> None:
         def on_train_begin(self, args_, state, control, **kwargs):
             self.start = time.perf_counter()
 
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     recipe = make_recipe(str(out / "pivot"), mode=args.mode, steps=args.steps, loss=args.loss, max_length=256)
     recipe = type(recipe)(
@@ -57,6 +59,7 @@ def one_run(args: argparse.Namespace) -> None:
     examples = args.steps * args.batch
     print(json.dumps({
         "run": name,
+        "threads": args.threads,
         "examples": examples,
         "train_s": round(runtime.seconds, 2),
         "per_s": round(examples / runtime.seconds, 2),
@@ -76,6 +79,8 @@ def main() -> None:
     parser.add_argument("--mode", default="full")
     parser.add_argument("--loss", default="dpo")
     parser.add_argument("--stage", default="preference")
+    # tiny matmuls: on a busy CPU more threads only wait for each other
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if args.one:
         args.stage, args.loss, args.mode = args.one
@@ -117,6 +122,8 @@ def main() -> None:
             str(args.steps),
             "--batch",
             str(args.batch),
+            "--threads",
+            str(args.threads),
             "--one",
             *run,
         ]

@@ -8,6 +8,8 @@ instead of every call site toggling them around its own loads.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -50,8 +52,46 @@ class TokenRate:
 
 
 def silence_library_progress() -> None:
+    """Turn off, for the process, the bars that transformers, huggingface_hub and datasets draw themselves
+    (datasets: the "Tokenizing train dataset" maps that TRL's trainers run while they are built)."""
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     disable_progress_bars()
+    try:
+        import datasets
+    except ImportError:  # only the implicit stages (TRL) need it
+        return
+    datasets.disable_progress_bars()
+
+
+@contextmanager
+def library_progress(enabled: bool) -> Iterator[None]:
+    """Within the block, the libraries' own bars follow `enabled` (a call site's `progress`), then they
+    are as they were: a library call with `progress=False` is as quiet as the command under `-q`."""
+    if enabled:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    restore: list[Callable[[], None]] = []
+    if hf_logging.is_progress_bar_enabled():
+        hf_logging.disable_progress_bar()
+        restore.append(hf_logging.enable_progress_bar)
+    if not are_progress_bars_disabled():
+        disable_progress_bars()
+        restore.append(enable_progress_bars)
+    try:
+        import datasets
+    except ImportError:
+        datasets = None  # type: ignore[assignment]
+    if datasets is not None and datasets.is_progress_bar_enabled():
+        datasets.disable_progress_bars()
+        restore.append(datasets.enable_progress_bars)
+    try:
+        yield
+    finally:
+        for undo in restore:
+            undo()

@@ -12,7 +12,7 @@ on the spot.
 3. The implicit pipeline, step by step with the library's own functions (fusemerge.fuse.implicit):
    `sample` (the sources and the pivot answer every prompt several times), `score` (`math_answer`
    against the gold answers), `pairs` (the best correct source answer per SFT prompt; a correct and a
-   wrong answer of one source per preference prompt; the pivot's own best answer for WRPO), `sft` (the
+   wrong answer of one source per preference prompt; the pivot's own best correct answer for WRPO), `sft` (the
    pivot on the SFT set), `preference` (the SFT target on the pairs, once per loss: DPO and WRPO).
 4. Held-out accuracy (greedy answers, scored by `math_answer`) for the pivot, each source, the SFT-only
    target and each SFT + preference target: one table, results.json and a PNG, and the claims.

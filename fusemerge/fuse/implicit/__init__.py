@@ -7,6 +7,8 @@ Steps (each resumable, skippable and kill -9 safe, like teach/align/train; see A
 - `sample`  -> `samples/<model>/shard-NNNNN.jsonl`: one line per response
   `{"prompt_id", "domain", "model", "sample_index", "prompt": [messages], "response": str,
     "finish_reason": "stop" | "length", "tokens": int}`; the sampling settings are in the folder's manifest.
+  A stopped response is the assistant message's content: without the plain-text turn end its template
+  writes after the content (`fusemerge.fuse.implicit.turns`).
 - `score`   -> `scores/<model>/shard-NNNNN.jsonl`: the same lines plus
   `{"score": float, "scorer": str, "passed": bool | null, "tie_break": float | null, "detail": str}`.
 - `pairs`   -> `sft.jsonl`: `{"messages": [..., {"role": "assistant", "content": best}], "prompt_id",

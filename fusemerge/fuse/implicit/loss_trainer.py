@@ -43,7 +43,35 @@ class TargetCollator(DataCollatorForPreference):
         return out
 
 
-class RegisteredLossTrainer(DPOTrainer):
+class ClosedTurnsTrainer(DPOTrainer):
+    """TRL's DPOTrainer whose completions end on the stop token when the chat template writes none.
+
+    TRL adds the end-of-sequence token to plain-text completions only; a conversational one ends with
+    whatever the template writes after the content, which for a plain-text template (the demo's blank
+    line) is no stop token at all (see `fusemerge.fuse.implicit.turns`).
+    """
+
+    def __init__(self, *args: Any, turn_eos_id: int | None = None, **kwargs: Any) -> None:
+        self.turn_eos_id = turn_eos_id  # set before TRL's __init__ prepares the dataset
+        super().__init__(*args, **kwargs)
+
+    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+        prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        eos = self.turn_eos_id
+        if eos is None:
+            return prepared
+
+        def close(example: dict[str, Any]) -> dict[str, Any]:
+            return {
+                key: example[key] + [eos]
+                for key in ("chosen_ids", "rejected_ids")
+                if not example[key] or example[key][-1] != eos
+            }
+
+        return prepared.map(close)
+
+
+class RegisteredLossTrainer(ClosedTurnsTrainer):
     """TRL's DPOTrainer with a loss from `PREFERENCE_LOSSES` (WRPO, or any loss TRL does not have).
 
     Only the loss changes: the reference forward (a frozen copy, or the adapters switched off), the

@@ -14,7 +14,10 @@ The rules, as FuseChat-3.0 built its data (README "Data Construction"):
   above `min_reward_gap` and at most `max_reward_gap` (FuseChat-3.0: 0.01 to 0.1 for ArmoRM). Of the
   sources that give a valid pair, the one with the best chosen response gives the prompt's one pair.
 - WRPO: `chosen_target` is the pivot's own best response to the prompt (its on-policy sample), when the
-  pivot answered (`sampling.include_pivot`).
+  pivot answered (`sampling.include_pivot`); in a verified domain it must pass, as the source's chosen
+  response must (WRPO, arXiv 2412.03187: the target-chosen response is the highest-rewarded of the
+  target's own samples, a preferred response). A pair whose pivot has no correct answer has none, and
+  WRPO leaves it out.
 
 All score folders share the prompts and the shard size (checked), so shard j of every model holds the
 same prompts: the step works one shard index at a time and its memory is bounded by a shard. Output
@@ -147,6 +150,18 @@ def candidate_pair(lines: Sequence[Line], *, spec: PairsSpec) -> tuple[Line, Lin
     return chosen, rejected
 
 
+def target_chosen(lines: Sequence[Line]) -> Line | None:
+    """The pivot's best response to a prompt, WRPO's target-chosen one; in a verified domain only a correct
+    one (a wrong answer is no "chosen" response however the tie-break ranks it), else None.
+
+    Args:
+        lines: the pivot's scored lines of one prompt.
+    """
+    if _verified(lines):
+        lines = [line for line in lines if line.get("passed") is True]
+    return _best(lines)
+
+
 def preference_pair(
     by_model: dict[str, list[Line]], *, sources: Sequence[str], pivot: str | None, spec: PairsSpec
 ) -> Line | str:
@@ -184,7 +199,7 @@ def preference_pair(
         "chosen_score": chosen["score"],
         "rejected_score": rejected["score"],
     }
-    target = _best(by_model.get(pivot, [])) if pivot is not None else None
+    target = target_chosen(by_model.get(pivot, [])) if pivot is not None else None
     if target is not None:
         out["chosen_target"] = [{"role": "assistant", "content": target["response"]}]
         out["chosen_target_score"] = target["score"]

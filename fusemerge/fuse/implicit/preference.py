@@ -15,7 +15,8 @@ state for it), for LoRA the same weights with the adapters switched off (no seco
 `ln_dpo` are TRL's `sigmoid` and `sigmoid_norm` losses unchanged; any other registered loss, WRPO among
 them, replaces only the loss: `RegisteredLossTrainer.compute_loss`, with WRPO's third response (the pivot's
 own best answer) tokenized by TRL's own preparation and batched by TRL's own collator
-(`fusemerge.fuse.implicit.loss_trainer`). TRL is imported only when a trainer is built.
+(`fusemerge.fuse.implicit.loss_trainer`). Each completion ends on a stop token, appended when the chat
+template writes none (`fusemerge.fuse.implicit.turns`). TRL is imported only when a trainer is built.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from fusemerge.card import implicit_card
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.implicit.datasets import PreferencePair
 from fusemerge.fuse.implicit.losses import TARGET_LOSSES, TRL_LOSS_TYPES
+from fusemerge.fuse.implicit.sft import logged
 from fusemerge.fuse.implicit.target import (
     ImplicitRecipe,
     Student,
@@ -39,7 +41,9 @@ from fusemerge.fuse.implicit.target import (
     train_stage,
     trl_config,
 )
+from fusemerge.fuse.implicit.turns import turn_end
 from fusemerge.fuse.recipe import ModelSpec
+from fusemerge.progress import library_progress
 
 
 def preference_dataset(*, pairs: Sequence[PreferencePair], loss: str) -> tuple[Any, int, str]:
@@ -104,6 +108,12 @@ def policy_tokenizer(*, recipe: ImplicitRecipe, policy: str) -> Any:
     return tokenizer
 
 
+def turn_eos_id(tokenizer: Any) -> int | None:
+    """The stop token the pairs' completions get, when the tokenizer's chat template writes none."""
+    end = turn_end(tokenizer, tokenizer.chat_template)
+    return int(tokenizer.convert_tokens_to_ids(end.eos)) if end.needs_eos else None
+
+
 def build_preference_trainer(
     *,
     recipe: ImplicitRecipe,
@@ -126,9 +136,9 @@ def build_preference_trainer(
         callbacks: extra transformers TrainerCallbacks.
     """
     from transformers import set_seed
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
-    from fusemerge.fuse.implicit.loss_trainer import RegisteredLossTrainer, TargetCollator
+    from fusemerge.fuse.implicit.loss_trainer import ClosedTurnsTrainer, RegisteredLossTrainer, TargetCollator
     from fusemerge.fuse.train import has_cuda, load_student
 
     pref = recipe.implicit.preference
@@ -151,9 +161,10 @@ def build_preference_trainer(
         "train_dataset": dataset,
         "processing_class": tokenizer,
         "callbacks": list(callbacks),
+        "turn_eos_id": turn_eos_id(tokenizer),
     }
     if pref.loss in TRL_LOSS_TYPES:
-        trainer = DPOTrainer(**common)
+        trainer = ClosedTurnsTrainer(**common)
     else:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         collator = TargetCollator(
@@ -212,6 +223,7 @@ def run_preference(
         "sources": [s.model for s in recipe.sources],
         "policy": read_stamp(folder=Path(policy)) or policy,
         "chat_template": hashlib.sha256(template.encode("utf-8")).hexdigest(),
+        "turn_eos": turn_eos_id(tokenizer),
         "data": fingerprint,
         "preference": pref.model_dump(mode="json"),
         "training": student.training.model_dump(mode="json", exclude=NOT_IDENTITY),
@@ -241,25 +253,29 @@ def run_preference(
             identity=identity,
         )
 
-    return train_stage(
-        stage="preference",
-        out=out,
-        checkpoints=checkpoints,
-        identity=identity,
-        build=lambda: build_preference_trainer(
-            recipe=recipe,
-            student=student,
-            tokenizer=tokenizer,
-            dataset=dataset,
+    with library_progress(progress):  # TRL's dataset maps, transformers' loading and saving bars
+        return train_stage(
+            stage="preference",
+            out=out,
             checkpoints=checkpoints,
-            progress=progress,
-            callbacks=callbacks,
-        ),
-        started=lambda trainer: (
-            f"preference {out.name}: {pref.loss} (beta {pref.beta}) on {trainer.args.device}, "
-            f"{len(trainer.train_dataset)} pairs"
-            + (f" ({left_out} without chosen_target left out)" if left_out else "")
-        ),
-        publish=publish,
-        echo=echo,
-    )
+            identity=identity,
+            build=lambda: logged(
+                build_preference_trainer(
+                    recipe=recipe,
+                    student=student,
+                    tokenizer=tokenizer,
+                    dataset=dataset,
+                    checkpoints=checkpoints,
+                    progress=progress,
+                    callbacks=callbacks,
+                ),
+                echo,
+            ),
+            started=lambda trainer: (
+                f"preference {out.name}: {pref.loss} (beta {pref.beta}) on {trainer.args.device}, "
+                f"{len(trainer.train_dataset)} pairs"
+                + (f" ({left_out} without chosen_target left out)" if left_out else "")
+            ),
+            publish=publish,
+            echo=echo,
+        )

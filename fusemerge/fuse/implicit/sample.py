@@ -43,10 +43,13 @@ from fusemerge.fuse.implicit.generate import (
 )
 from fusemerge.fuse.implicit.prompts import PromptRecord, PromptSet
 from fusemerge.fuse.implicit.spec import SamplingSpec
+from fusemerge.fuse.implicit.turns import strip_turn_end, turn_end
 from fusemerge.progress import progress_bar
 
 SHARD_PATTERN = "shard-*.jsonl"
-FORMAT_VERSION = 1
+# 2: a stopped response is stored without its template's plain-text turn end (fusemerge.fuse.implicit.turns),
+# and a shard's seed comes from the model's name, not its path
+FORMAT_VERSION = 2
 
 
 # -- stage files shared by sample, score and pairs -------------------------------------------------------
@@ -170,13 +173,26 @@ def sample_identity(*, model: SampleModel, prompts: PromptSet, spec: SamplingSpe
         prompts: the prompts.
         spec: the sampling section.
     """
-    from fusemerge.fuse.teacher import model_fingerprint, tokenizer_hash
-    from fusemerge.lm.loading import load_tokenizer, resolve_device, resolve_dtype
+    tokenizer, template = model_chat(model)
+    return _identity(model=model, prompts=prompts, spec=spec, tokenizer=tokenizer, template=template)
+
+
+def model_chat(model: SampleModel) -> tuple[Any, str]:
+    """The answering model's tokenizer and the chat template it answers in."""
+    from fusemerge.lm.loading import load_tokenizer
     from fusemerge.lm.templates import resolve_render_template
 
-    device = resolve_device(model.load.device)
     tokenizer = load_tokenizer(model.model, trust_remote_code=model.load.trust_remote_code)
-    template = resolve_render_template(model.chat_template, tokenizer)
+    return tokenizer, resolve_render_template(model.chat_template, tokenizer)
+
+
+def _identity(
+    *, model: SampleModel, prompts: PromptSet, spec: SamplingSpec, tokenizer: Any, template: str
+) -> dict[str, Any]:
+    from fusemerge.fuse.teacher import model_fingerprint, tokenizer_hash
+    from fusemerge.lm.loading import resolve_device, resolve_dtype
+
+    device = resolve_device(model.load.device)
     n = len(prompts.prompts)
     return {
         "kind": "samples",
@@ -223,7 +239,9 @@ def run_sample(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    identity = sample_identity(model=model, prompts=prompts, spec=spec)
+    tokenizer, template = model_chat(model)
+    identity = _identity(model=model, prompts=prompts, spec=spec, tokenizer=tokenizer, template=template)
+    end = turn_end(tokenizer, template)
     n_shards = identity["n_shards"]
     report = SampleReport(model.name, folder, n_shards)
     backend = GENERATION_BACKENDS.get(spec.backend, key="implicit.sampling.backend")
@@ -256,10 +274,12 @@ def run_sample(
 
             for j in pending:
                 shard = prompts.prompts[j * size : (j + 1) * size]
+                # seeded by the model's name, not its path: the same model in another folder (a demo run
+                # in another --out) draws the same samples
                 answers = generator.generate(
                     [p.messages for p in shard],
                     counts[j * size : (j + 1) * size],
-                    seed=derive_seed(spec.seed, model.model, "shard", j),
+                    seed=derive_seed(spec.seed, model.name, "shard", j),
                     on_batch=advance,
                 )
                 lines = [
@@ -267,7 +287,7 @@ def run_sample(
                         **prompt.as_json(),
                         "model": model.name,
                         "sample_index": k,
-                        "response": g.text,
+                        "response": strip_turn_end(g.text, end) if g.finish_reason == "stop" else g.text,
                         "finish_reason": g.finish_reason,
                         "tokens": g.tokens,
                     }

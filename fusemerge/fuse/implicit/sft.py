@@ -15,7 +15,8 @@ conversations are tokenized here, with fusemerge's span renderer (`fusemerge.fus
 TRL's SFTTrainer already tokenized with an `assistant_masks` column, from which TRL builds the labels. Why
 not TRL's own `assistant_only_loss`: it needs `{% generation %}` markers in the template and patches in
 only the templates it knows, while the span renderer finds the assistant turns in any template, the same
-way explicit fusion does.
+way explicit fusion does. Each assistant turn ends with a stop token, appended when the template writes
+none (`fusemerge.fuse.implicit.turns`), or the target would never learn to stop.
 """
 
 from __future__ import annotations
@@ -37,7 +38,17 @@ from fusemerge.fuse.implicit.target import (
     train_stage,
     trl_config,
 )
-from fusemerge.progress import progress_bar
+from fusemerge.fuse.implicit.turns import close_spans, turn_end
+from fusemerge.progress import library_progress, progress_bar
+
+
+def logged(trainer: Any, echo: Callable[[str], Any]) -> Any:
+    """`trainer` printing each log as one line through `echo` (`fusemerge.fuse.trainer.one_line_logs`),
+    not transformers' dict of strings, which it prints even when the progress bars are off (`-q`)."""
+    from fusemerge.fuse.trainer import one_line_logs
+
+    one_line_logs(trainer, echo)
+    return trainer
 
 
 def sft_identity(*, recipe: ImplicitRecipe, template: str, max_length: int, data: str) -> dict[str, Any]:
@@ -86,6 +97,7 @@ def sft_dataset(
     from fusemerge.lm.tokens import ChatTokenizer
 
     tok = ChatTokenizer(tokenizer)
+    end = turn_end(tokenizer, template)
     ids_col: list[list[int]] = []
     mask_col: list[list[int]] = []
     dropped = 0
@@ -96,6 +108,7 @@ def sft_dataset(
                 text, spans = render_conversation(rec.messages, tokenizer, template)
             except BadRecord as exc:
                 raise FusemergeError(f"SFT record {rec.line}: {exc}", key="chat_template") from None
+            text, spans = close_spans(text, spans, end)
             ids, mask = tok(ChatSequence(rec.line, text, spans))
             ids, mask = ids[:max_length].tolist(), mask[:max_length].astype(int).tolist()
             pbar.update(1)
@@ -220,28 +233,32 @@ def run_sft(
             identity=identity,
         )
 
-    return train_stage(
-        stage="sft",
-        out=out,
-        checkpoints=checkpoints,
-        identity=identity,
-        build=lambda: build_sft_trainer(
-            recipe=recipe,
-            tokenizer=tokenizer,
-            dataset=dataset,
+    with library_progress(progress):  # TRL's dataset maps, transformers' loading and saving bars
+        return train_stage(
+            stage="sft",
+            out=out,
             checkpoints=checkpoints,
-            max_length=max_length,
-            progress=progress,
-            callbacks=callbacks,
-        ),
-        started=lambda trainer: (
-            f"sft {out.name}: {recipe.training.mode} on {trainer.args.device}, {len(dataset)} conversations"
-            + (
-                f" ({dropped} without an assistant turn within {max_length} tokens left out)"
-                if dropped
-                else ""
-            )
-        ),
-        publish=publish,
-        echo=echo,
-    )
+            identity=identity,
+            build=lambda: logged(
+                build_sft_trainer(
+                    recipe=recipe,
+                    tokenizer=tokenizer,
+                    dataset=dataset,
+                    checkpoints=checkpoints,
+                    max_length=max_length,
+                    progress=progress,
+                    callbacks=callbacks,
+                ),
+                echo,
+            ),
+            started=lambda trainer: (
+                f"sft {out.name}: {recipe.training.mode} on {trainer.args.device}, {len(dataset)} conversations"
+                + (
+                    f" ({dropped} without an assistant turn within {max_length} tokens left out)"
+                    if dropped
+                    else ""
+                )
+            ),
+            publish=publish,
+            echo=echo,
+        )

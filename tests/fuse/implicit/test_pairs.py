@@ -159,6 +159,21 @@ def test_wrpo_chosen_target_is_the_pivots_best_response():
     assert pair["chosen_target_score"] == 0.95
 
 
+def test_wrpo_chosen_target_in_a_verified_domain_is_a_correct_pivot_answer():
+    """Before: the pivot's best-ranked answer became `chosen_target` even when it was wrong."""
+    lines = [
+        line("a", 0, 1.0, passed=True, domain="math"),
+        line("a", 1, 0.0, passed=False, domain="math"),
+        line("pivot", 0, 0.0, passed=False, tie=0.9, domain="math"),
+        line("pivot", 1, 1.0, passed=True, tie=0.1, domain="math"),
+    ]
+    pair = preference_pair(group(lines), sources=["a"], pivot="pivot", spec=PairsSpec())
+    assert pair["chosen_target"] == [{"role": "assistant", "content": "pivot-p1-1"}]
+    wrong = [x for x in lines if not (x["model"] == "pivot" and x["passed"])]
+    pair = preference_pair(group(wrong), sources=["a"], pivot="pivot", spec=PairsSpec())
+    assert "chosen_target" not in pair and pair["chosen"][0]["content"] == "a-p1-0"
+
+
 # -- the step's files ----------------------------------------------------------------------------------------------
 def write_scores(folder, shards, *, prompts_hash="h"):
     folder.mkdir(parents=True)
