@@ -82,6 +82,33 @@ def stale_tmp_siblings(folder: Path, pattern: str = "*") -> list[Path]:
     return sorted(folder.glob(f"{pattern}{TMP_MARK}*"))
 
 
+def orphan_tmp_siblings(folder: Path) -> list[Path]:
+    """Temporary siblings in `folder` whose writer is dead (`tmp_sibling` names carry its PID): left by
+    a kill while a folder or file was being saved, never complete, safe to delete. A live writer's are
+    kept (a PID that cannot be read, or whose process exists, counts as live)."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in stale_tmp_siblings(folder):
+        pid = path.name.rsplit(TMP_MARK, 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            found.append(path)
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (one of another user's counts too)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
 def remove_path(path: Path) -> None:
     """Delete a file or a folder, if it exists."""
     if path.is_dir() and not path.is_symlink():
@@ -121,11 +148,12 @@ def publish(tmp: Path, final: Path) -> None:
 
 
 @contextmanager
-def staged_folder(final: Path) -> Iterator[Path]:
+def staged_folder(final: Path, *, replace: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside `final`; on success it becomes `final` by one rename.
 
     On an exception the temporary folder is removed and `final` is left as it was, so a folder under its
-    final name is always complete.
+    final name is always complete. With `replace`, a folder already at `final` is removed once the new one
+    is complete, just before the rename (a kill in between leaves no folder there, never a mixed one).
     """
     tmp = tmp_sibling(final)
     remove_path(tmp)
@@ -135,6 +163,8 @@ def staged_folder(final: Path) -> Iterator[Path]:
     except BaseException:
         remove_path(tmp)
         raise
+    if replace:
+        remove_path(final)
     publish(tmp, final)
 
 

@@ -26,9 +26,11 @@ ends with one line saying how much disk it still holds, and where (`fusemerge.fu
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from fusemerge.checkpoint.layout import exclusive_lock
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse import checked_steps
 from fusemerge.fuse.recipe import FuseRecipe, load_fuse_recipe
@@ -87,6 +89,40 @@ def run_fuse(
 
         print_plan(recipe, recipe_path=Path(recipe_path), steps=steps, push_to_hub=push_to_hub, echo=echo)
         return {}
+    from accelerate import PartialState
+
+    layout = FuseWorkDir(recipe)
+    main = PartialState().is_main_process
+    # one fuse per work dir: a second one would resume from the first one's checkpoints and train into
+    # the same folders; flock dies with its holder, so a killed run never blocks the next one
+    with exclusive_lock(layout.root, what="fuse") if main else nullcontext():
+        if main:
+            layout.remove_orphans(echo)
+            if recipe.fusion.kind != "implicit" and not recipe.fine_tune:
+                layout.drop_stale_stores(rebuild="teach" in steps, echo=echo)
+        PartialState().wait_for_everyone()
+        return _run_steps(
+            recipe,
+            steps,
+            progress=progress,
+            echo=echo,
+            push_to_hub=push_to_hub,
+            private=private,
+            baseline=baseline,
+        )
+
+
+def _run_steps(
+    recipe: FuseRecipe,
+    steps: list[str],
+    *,
+    progress: bool,
+    echo: Callable[[str], None],
+    push_to_hub: str | None,
+    private: bool,
+    baseline: bool,
+) -> dict[str, Path]:
+    """`run_fuse` once the recipe is checked and the work dir is this run's."""
     if recipe.fusion.kind == "implicit":
         from fusemerge.fuse.implicit.pipeline import implicit_repo_ids, run_implicit
 
@@ -206,8 +242,9 @@ def teach(
     recipe: FuseRecipe, data: Any, *, progress: bool = True, echo: Callable[[str], None] = print
 ) -> dict[str, Path]:
     """The teacher pass for the pivot and every source, over the text rendered with the pivot's template."""
-    from fusemerge.fuse.teacher import TeacherSettings, run_teacher
+    from fusemerge.fuse.teacher import TeacherSettings, check_weights_first, run_teacher
 
+    check_weights_first([spec.model for _, spec in recipe.models], FuseWorkDir(recipe).teacher_stores)
     stores = {}
     for (role, spec), folder in zip(recipe.models, FuseWorkDir(recipe).teacher_stores, strict=True):
         settings = TeacherSettings(**recipe.teacher_settings(spec))

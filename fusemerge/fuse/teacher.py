@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fusemerge.checkpoint.layout import PICKLE_SUFFIXES
+from fusemerge.errors import FusemergeError
 from fusemerge.fuse.store import TopKStore
 from fusemerge.lm.chat_data import ChatData
 from fusemerge.lm.forward import topk_forward
@@ -97,7 +97,32 @@ def load_teacher_model(model: str, settings: TeacherSettings, device: str, *, pr
     )
     if not settings.load_in_4bit:
         lm = lm.to(device)
+    from fusemerge.checkpoint.finite import check_finite_model
+
+    check_finite_model(lm, what="the model", file=model)  # before any forward pass: NaN in, NaN store out
     return lm.eval()
+
+
+def check_weights_first(models: list[str], stores: list[Path]) -> None:
+    """Before the first teacher pass: the weights of every model whose store is still to be made are
+    scanned for NaN/Inf on disk, so that a bad source is refused before the pivot's pass, not after it.
+
+    A model whose store is complete is not read (its weights passed when the store was made; a change
+    since is its fingerprint's business). Models that cannot be scanned on disk (Hub ids, pickles) are
+    checked when loaded (`load_teacher_model`).
+    """
+    from fusemerge.checkpoint.finite import check_finite_folder
+
+    for model, store in zip(models, stores, strict=True):
+        if not _store_complete(store):
+            check_finite_folder(Path(model), what="the model")
+
+
+def _store_complete(store: Path) -> bool:
+    try:
+        return TopKStore.open(store).complete
+    except FusemergeError:
+        return False
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
@@ -113,16 +138,18 @@ def tokenizer_hash(tokenizer: Any) -> str:
 
 
 def model_fingerprint(model: str) -> str:
-    """sha256 of config.json and the weight files' names and sizes (hashing 15 GB of weights is too slow)."""
+    """sha256 of a model folder's config.json and its weights' content fingerprint (safetensors headers
+    plus sampled bytes, `fusemerge.checkpoint.fingerprint`): weights overwritten in place with the same
+    shapes are a new model. A Hub id is fingerprinted by its name."""
+    from fusemerge.checkpoint.fingerprint import weights_fingerprint
+
     folder = Path(model)
     if not folder.is_dir():
         return hashlib.sha256(model.encode()).hexdigest()
     h = hashlib.sha256()
     if (folder / "config.json").is_file():
         h.update((folder / "config.json").read_bytes())
-    for p in sorted(folder.iterdir()):
-        if p.suffix in (".safetensors", *PICKLE_SUFFIXES):
-            h.update(f"{p.name}:{p.stat().st_size}\n".encode())
+    h.update(weights_fingerprint(folder).encode())
     return h.hexdigest()
 
 
@@ -208,6 +235,7 @@ def run_teacher(
             seqs = [data.sequences[i] for i in store.shard_sequences(shard)]
             tokenized = [chat_tok(s) for s in seqs]
             ids, lps, ces = _teach_shard(lm, tokenized, settings, pad, device, bar)
+            check_store_values(store.path, store.shard_sequences(shard), lps, ces, identity["dtype"])
             store.write_shard(shard, ids, lps, ces)
     finally:
         bar.close()
@@ -249,6 +277,28 @@ def _teach_shard(lm: Any, tokenized: list, settings: TeacherSettings, pad: int, 
     return ids_out, lps_out, ces
 
 
+def check_store_values(
+    store: Path, sequences: list[int] | range, lps: list[np.ndarray], ces: list[float], dtype: str
+) -> None:
+    """Refuse a shard whose log-probabilities or metric_ce hold NaN or +Inf, before it is written.
+
+    The weights were finite (checked at load), so such values come from an overflow in the forward (a
+    bfloat16-trained model run in float16 is the usual one); stored, a NaN metric_ce silently never wins
+    MinCE and a +Inf reaches the loss. -Inf is a probability of zero and stays allowed; a NaN metric_ce
+    is the mark of a sequence without assistant tokens, which `metric_ce` writes only for those.
+    """
+    for i, lp, ce in zip(sequences, lps, ces, strict=True):
+        bad = "NaN" if np.isnan(lp).any() else "+Inf" if np.isposinf(lp).any() else None
+        what = f"{bad} log-probabilities" if bad else "an infinite metric_ce" if np.isposinf(ce) else None
+        if what is not None:
+            raise FusemergeError(
+                f"the teacher pass gave {what} for sequence {i}, although the weights are "
+                f"finite: the forward overflows in dtype {dtype}; run this model in float32 or bfloat16 "
+                "(its `dtype` in the recipe); nothing of this shard was written",
+                file=store,
+            )
+
+
 def metric_ce(next_logprob: np.ndarray, assistant_mask: np.ndarray) -> float:
     """Mean cross-entropy of the assistant tokens: position t predicts token t + 1 (FuseChat's metric_ce).
 
@@ -257,4 +307,5 @@ def metric_ce(next_logprob: np.ndarray, assistant_mask: np.ndarray) -> float:
     targets = assistant_mask[1:]
     if not targets.any():
         return float("nan")
-    return float(-np.mean(next_logprob[:-1][targets], dtype=np.float64))
+    ce = float(-np.mean(next_logprob[:-1][targets], dtype=np.float64))
+    return float("inf") if np.isnan(ce) else ce  # a NaN here would read as "no assistant token"

@@ -16,8 +16,12 @@ This module is the target's lifecycle: stamp, claim the checkpoints, build the t
 target is saved (`merge_and_unload`), so the merge stage always sees plain full tensors.
 
 A target folder appears under its final name only when complete, with `fusemerge_target.json` saying what
-it was trained from; a rerun skips it. An interrupted training resumes from its last checkpoint under
-`checkpoints` (every `training.save_steps` optimizer steps, and at the end). The weights are saved in the
+it was trained from; a rerun skips it, and retrains it when only a model's weights changed since (its
+fingerprint). An interrupted training resumes from its last complete checkpoint under `checkpoints`
+(every `training.save_steps` optimizer steps, and at the end; one that a kill left half-written is
+removed, with a line). A NaN or Inf weight in the pivot is refused before training, and a NaN or Inf loss
+or gradient norm stops it before that step is applied (`fusemerge.fuse.trainer.guard_divergence`):
+exit 2, the checkpoints kept, no target. The weights are saved in the
 dtype `training.save_dtype` picks (`fusemerge.fuse.save_dtype`: by default float32 unless rounding to the
 pivot's dtype keeps the update within 1%), and the checkpoints are removed once the target is saved
 unless `training.keep_checkpoints`. A fine-tune (`fusion.function: none`) reads no store at all.
@@ -43,7 +47,7 @@ from fusemerge.errors import FusemergeError
 from fusemerge.fuse.hf_compat import precision, training_arguments
 from fusemerge.fuse.recipe import FuseRecipe
 from fusemerge.fuse.store import TopKStore
-from fusemerge.fuse.trainer import FusionTrainer
+from fusemerge.fuse.trainer import FusionTrainer, last_complete_checkpoint
 from fusemerge.fuse.workdir import FINAL_CHECKPOINT, OBSERVING, TRAIN_STAMP
 from fusemerge.lm.chat_data import ChatData
 from fusemerge.lm.loading import FourBit, four_bit_config, load_causal_lm, load_tokenizer
@@ -90,9 +94,17 @@ def load_student(recipe: FuseRecipe, *, cuda: bool) -> Any:
         what="the pivot",
     )
     model.config.use_cache = False
+    from fusemerge.checkpoint.finite import check_finite_model
+
+    check_finite_model(model, what="the pivot", file=spec.model)  # a NaN weight trains an all-NaN target
     if training.mode == "full":
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
+
+    # The adapters are drawn here, before the Trainer seeds anything: seed first, or two identical runs
+    # (and a run killed before its first checkpoint, then rerun) start from different adapters.
+    set_seed(training.seed)
 
     if training.mode == "qlora":
         model = prepare_model_for_kbit_training(
@@ -120,9 +132,15 @@ def target_identity(
     """What a target's training depends on: checkpoints made for anything else are refused, never reused.
 
     A fused target is bound to its data by its stores; a fine-tune, which reads none, by the data's
-    fingerprint. The target folder's stamp adds the save dtype (`saved_identity`).
+    fingerprint. Both are bound to the pivot's weights by its content fingerprint. The target folder's
+    stamp adds the save dtype (`saved_identity`).
     """
-    identity: dict[str, Any] = {"pivot": recipe.pivot.model}
+    from fusemerge.fuse.teacher import model_fingerprint
+
+    identity: dict[str, Any] = {
+        "pivot": recipe.pivot.model,
+        "pivot_fingerprint": model_fingerprint(recipe.pivot.model),
+    }
     if recipe.fine_tune:
         identity["fusion"] = {"function": "none"}
         identity["data"] = data.fingerprint() if data is not None else None
@@ -164,7 +182,6 @@ def train_target(
         echo: where one-line status messages go.
     """
     from accelerate import PartialState
-    from transformers.trainer_utils import get_last_checkpoint
 
     out, checkpoints = Path(out), Path(checkpoints)
     stores = {} if recipe.fine_tune or pivot_store is None else {"pivot": _open(pivot_store)}
@@ -175,7 +192,13 @@ def train_target(
     if stamp_matches(out, stamp):
         echo(f"train {out.name}: target complete, skipped ({out})")
         return out
-    if out.exists():
+    replace = out.exists() and weights_changed(out / TARGET_STAMP, stamp)
+    if replace:
+        echo(
+            f"train {out.name}: the target was trained from other weights of the same models (a model "
+            "fingerprint differs): training it again; the old target is replaced once the new one is saved"
+        )
+    elif out.exists():
         raise FusemergeError(
             f"holds another run's target ({TARGET_STAMP} differs{_differences(out / TARGET_STAMP, stamp)});"
             " give this recipe another output",
@@ -183,11 +206,13 @@ def train_target(
         )
     state = PartialState()
     if state.is_main_process:
-        claim_checkpoints(checkpoints, identity)
+        claim_checkpoints(checkpoints, identity, echo=lambda line: echo(f"train {out.name}: {line}"))
+        # half-written checkpoints (a kill while saving) are removed before any process looks for one
+        last_complete_checkpoint(checkpoints=checkpoints, echo=lambda line: echo(f"train {out.name}: {line}"))
     state.wait_for_everyone()
 
     trainer = build_trainer(recipe, data, stores, checkpoints=checkpoints, progress=progress, echo=echo)
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    last = last_complete_checkpoint(checkpoints=checkpoints)
     what = (
         "fine-tune, CLM loss alone (no teachers)"
         if recipe.fine_tune
@@ -203,7 +228,13 @@ def train_target(
     trainer.save_model(str(staging))  # gathers ZeRO-3 / FSDP shards; adapters only for lora / qlora
     if state.is_main_process:
         line = save_target(
-            recipe, staging, out, sources=list(aligned), identity=stamp, tokenizer=trainer.processing_class
+            recipe,
+            staging,
+            out,
+            sources=list(aligned),
+            identity=stamp,
+            tokenizer=trainer.processing_class,
+            replace=replace,
         )
         echo(f"train {out.name}: {line}")
         if not recipe.training.keep_checkpoints:
@@ -259,12 +290,14 @@ def save_target(
     sources: list[str],
     identity: dict,
     tokenizer: Any = None,
+    replace: bool = False,
 ) -> str:
     """The trained weights (adapters folded into float32 pivot weights) as a model folder in the dtype
     `training.save_dtype` picks, with tokenizer, config, card and stamp; it appears under `out` only when
     complete. Returns the line that says which dtype and why (`fusemerge.fuse.save_dtype`).
 
-    `tokenizer` is the pivot's, already loaded by the trainer (loaded here when not given)."""
+    `tokenizer` is the pivot's, already loaded by the trainer (loaded here when not given); `replace`: a
+    stale target at `out` (trained from older weights) gives way once the new one is complete."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -302,7 +335,7 @@ def save_target(
             recipe_text=recipe.raw_yaml,
             extra_tags=[recipe.fusion.function, f"{recipe.training.mode}-training"],
         )
-    with staged_folder(out) as tmp:
+    with staged_folder(out, replace=replace) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         usual_folder_modes(tmp)  # safetensors writes 0600
         (tokenizer or load_tokenizer(pivot.model, trust_remote_code=pivot.trust_remote_code)).save_pretrained(
@@ -331,13 +364,26 @@ def stamp_matches(folder: Path, identity: dict[str, Any], name: str = TARGET_STA
         return False
 
 
-def claim_checkpoints(checkpoints: Path, identity: dict[str, Any]) -> None:
-    """Checkpoints resume only the run they were made for; others are an error, not a silent restart."""
-    if (
+def claim_checkpoints(
+    checkpoints: Path, identity: dict[str, Any], *, echo: Callable[[str], Any] = print
+) -> None:
+    """Checkpoints resume only the run they were made for; others are an error, not a silent restart.
+
+    Checkpoints of this very run made from older weights of its models (only a model fingerprint
+    differs: the weights were overwritten in place) are stale: removed, and training starts over.
+    """
+    stale = (
         checkpoints.is_dir()
         and any(checkpoints.iterdir())
         and not stamp_matches(checkpoints, identity, TRAIN_STAMP)
-    ):
+    )
+    if stale and weights_changed(checkpoints / TRAIN_STAMP, identity):
+        echo(
+            "checkpoints were made from other weights of the same models (a model fingerprint differs): "
+            "removed, training starts over"
+        )
+        remove_path(checkpoints)
+    elif stale:
         raise FusemergeError(
             f"training checkpoints here were made for other settings, stores or data ({TRAIN_STAMP} differs"
             f"{_differences(checkpoints / TRAIN_STAMP, identity)}); fusemerge leaves them as they are: give "
@@ -348,6 +394,25 @@ def claim_checkpoints(checkpoints: Path, identity: dict[str, Any]) -> None:
     (checkpoints / TRAIN_STAMP).write_text(
         json.dumps(identity, indent=2, sort_keys=True) + "\n", encoding="utf-8"
     )
+
+
+def weights_changed(stamp: Path, identity: dict[str, Any]) -> bool:
+    """The stamp differs from `identity` only in model fingerprints: same recipe, same data, same stores'
+    settings, but a model's weights changed in place since; what was made from them is stale."""
+    try:
+        there = json.loads(stamp.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    here = json.loads(json.dumps(identity))
+    return there != here and _without_fingerprints(there) == _without_fingerprints(here)
+
+
+def _without_fingerprints(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_fingerprints(v) for k, v in value.items() if not k.endswith("fingerprint")}
+    if isinstance(value, list):
+        return [_without_fingerprints(v) for v in value]
+    return value
 
 
 def _differences(stamp: Path, identity: dict[str, Any]) -> str:

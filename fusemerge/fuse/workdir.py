@@ -45,9 +45,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from fusemerge.checkpoint.layout import orphan_tmp_siblings, remove_path
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.implicit.pairs import PREFERENCE_NAME, SFT_NAME
 from fusemerge.fuse.recipe import FuseRecipe, ModelSpec
@@ -235,6 +237,74 @@ class FuseWorkDir:
             _require(folder, "no aligned store; run fusemerge fuse with --steps align")
             sources[folder.name] = TopKStore.open(folder)
         return TopKStore.open(pivot), sources
+
+    # -- what a rerun must not reuse -------------------------------------------------------------------------
+    def stale_teacher_stores(self) -> list[tuple[str, Path]]:
+        """(model, store) for every teacher store made from other weights than the model's now.
+
+        The store records its model's content fingerprint (`fusemerge.fuse.teacher.model_fingerprint`);
+        a model overwritten in place (same path, same shapes) no longer matches it.
+        """
+        from fusemerge.fuse.teacher import model_fingerprint
+
+        stale = []
+        for (_, spec), folder in zip(self.recipe.models, self.teacher_stores, strict=True):
+            recorded = _recorded_fingerprint(folder)
+            if recorded is not None and recorded != model_fingerprint(spec.model):
+                stale.append((spec.model, folder))
+        return stale
+
+    def drop_stale_stores(self, *, rebuild: bool, echo: Callable[[str], Any] = print) -> None:
+        """Teacher stores of changed models, and the aligned stores made from them, are removed so that
+        the teach and align steps make them again (`rebuild`: the teach step runs); without the teach
+        step that is an error: training would read them."""
+        stale = self.stale_teacher_stores()
+        if not stale:
+            return
+        if not rebuild:
+            model, folder = stale[0]
+            raise FusemergeError(
+                f"the weights of {model} changed since its teacher store was made: rerun the teach and "
+                "align steps (--steps teach,align,train), which make it again",
+                file=folder,
+            )
+        for model, folder in stale:
+            i = self.teacher_stores.index(folder)
+            derived = self.aligned_stores if i == 0 else [self.aligned_stores[i - 1]]
+            echo(
+                f"teach {folder.name}: the weights of {model} changed since its store was made; it and the "
+                "aligned store(s) made from it are made again"
+            )
+            for path in [folder, *derived]:
+                remove_path(path)
+
+    def remove_orphans(self, echo: Callable[[str], Any] = print) -> None:
+        """Delete the temporary folders and files that killed runs left (their writer's PID is dead)
+        in the output and anywhere in the work dir's step folders; one line when there were any."""
+        folders = [self.output, self.root]
+        for step in (TEACHER_DIR, ALIGNED_DIR, VOCAB_DIR, TRAIN_DIR):
+            folders += [self.root / step, *_subfolders(self.root / step)]
+        orphans = [p for folder in folders for p in orphan_tmp_siblings(folder)]
+        for path in orphans:
+            remove_path(path)
+        if orphans:
+            echo(
+                f"removed {len(orphans)} temporary file(s) left by killed runs: {', '.join(map(str, orphans))}"
+            )
+
+
+def _recorded_fingerprint(store: Path) -> str | None:
+    """The model fingerprint a teacher store's manifest records (None: no store, or none recorded)."""
+    try:
+        identity = json.loads((store / MANIFEST).read_text(encoding="utf-8")).get("identity", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    fingerprint = identity.get("model_fingerprint") if isinstance(identity, dict) else None
+    return fingerprint if isinstance(fingerprint, str) else None
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
 
 
 def target_plan(recipe: FuseRecipe) -> list[Target]:

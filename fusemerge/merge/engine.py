@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fusemerge.checkpoint.dtypes import torch_dtype
+from fusemerge.checkpoint.finite import all_finite
 from fusemerge.checkpoint.reader import TensorInfo
 from fusemerge.checkpoint.writer import ShardedWriter
 from fusemerge.errors import FusemergeError
-from fusemerge.merge.kernels.views import all_finite
 from fusemerge.merge.plan import DEFAULT_PREFETCH_BYTES, PREFETCH_TENSORS, MergePlan, TensorTask
 from fusemerge.merge.seeds import derive_seed
 from fusemerge.progress import progress_bar

@@ -387,3 +387,152 @@ def test_logged_loss_of_a_step_at_lr_0_is_the_recipes_loss_of_the_collated_batch
         ),
     ):
         assert abs(other - expected) > 1e-3 * expected
+
+
+# ---------------------------------------------------------------- issue 16: training integrity
+
+
+def _poisoned_copy(store, folder: Path) -> Path:
+    """A copy of a finished store with +Inf in some log-probabilities of every sequence (a corrupt store)."""
+    import shutil
+
+    from safetensors.numpy import load_file as load_np
+    from safetensors.numpy import save_file as save_np
+
+    from fusemerge.fuse.store import STORE_FORMAT
+
+    shutil.copytree(store.path, folder)
+    for shard in sorted(folder.glob("shard-*.safetensors")):
+        tensors = load_np(str(shard))
+        lps = tensors["logprobs"].copy()
+        lps[::3, 0] = np.inf
+        save_np({**tensors, "logprobs": lps}, str(shard), metadata={"format": STORE_FORMAT})
+    return folder
+
+
+def test_a_nonfinite_loss_stops_training_before_the_update_and_publishes_nothing(setup):
+    from fusemerge.fuse.store import TopKStore
+
+    root = setup["root"]
+    stores = {
+        name: TopKStore.open(_poisoned_copy(setup["stores"][name], root / f"poisoned-{name}"))
+        for name in ("pivot", "src")
+    }
+    out, ck = root / "diverged-target", root / "ck-diverged"
+    with pytest.raises(FusemergeError) as err:
+        train_target(
+            recipe_for(setup, mode="full"),
+            setup["data"],
+            pivot_store=stores["pivot"],
+            aligned={"src": stores["src"]},
+            out=out,
+            checkpoints=ck,
+            progress=False,
+            echo=lambda _: None,
+        )
+    line = err.value.one_line()
+    assert "training diverged at step 1/2: the loss is nan" in line and str(ck) in line
+    assert "no checkpoint was written before it" in line
+    assert not out.exists() and not list(ck.glob("checkpoint-*")) and not (ck / "final").exists()
+
+
+def test_a_nonfinite_gradient_norm_stops_before_the_optimizer_names_the_kept_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    from fusemerge.fuse.trainer import DivergenceGuard
+
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4}')
+    guard = DivergenceGuard()
+    args = SimpleNamespace(output_dir=str(tmp_path), fp16=False)
+    state = SimpleNamespace(global_step=5, max_steps=9)
+    guard.observe_loss(torch.tensor(2.5))
+    guard.observe_grad_norm(torch.tensor(3.0))
+    guard.on_pre_optimizer_step(args, state, None)  # a finite step passes
+    guard.observe_loss(torch.tensor(2.5))
+    guard.observe_grad_norm(torch.tensor(float("inf")))
+    guard.on_pre_optimizer_step(
+        SimpleNamespace(output_dir=str(tmp_path), fp16=True), state, None
+    )  # fp16: the scaler's
+    guard.observe_loss(torch.tensor(2.5))
+    guard.observe_grad_norm(torch.tensor(float("nan")))
+    with pytest.raises(FusemergeError) as err:
+        guard.on_pre_optimizer_step(args, state, None)
+    line = err.value.one_line()
+    assert "step 6/9: the gradient norm is nan (loss 2.5)" in line
+    assert "the last good checkpoint checkpoint-4 is kept" in line
+
+
+class _KilledWhileSaving(TrainerCallback):
+    """After checkpoint-2's files are written, leave it as a kill mid-save does (no trainer state)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            (Path(args.output_dir) / "checkpoint-2" / "trainer_state.json").write_text('{"global_st')
+            raise KeyboardInterrupt
+
+
+class _KilledBeforeFirstSave(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    ("mode", "killer"), [("full", _KilledWhileSaving), ("lora", _KilledBeforeFirstSave)], ids=["full", "lora"]
+)
+def test_a_run_killed_mid_checkpoint_or_before_the_first_resumes_to_the_uninterrupted_target(
+    setup, monkeypatch, mode, killer
+):
+    """A half-written checkpoint is skipped with a line (never `Can't find a valid checkpoint`); LoRA
+    adapters are drawn from the seed, so a LoRA run restarted from nothing trains the same target."""
+    import fusemerge.fuse.train as train_module
+
+    recipe = recipe_for(setup, mode=mode, max_steps=3, save_steps=1)
+    root = setup["root"]
+    kwargs = {
+        "pivot_store": setup["stores"]["pivot"],
+        "aligned": {"src": setup["stores"]["src"]},
+        "progress": False,
+    }
+    straight = train_target(
+        recipe,
+        setup["data"],
+        out=root / f"straight-{mode}",
+        checkpoints=root / f"ck-s-{mode}",
+        echo=lambda _: None,
+        **kwargs,
+    )
+    real_build = train_module.build_trainer
+
+    def interrupted(*args, **kw):
+        torch.rand(7)  # whatever ran before in this process must not matter
+        trainer = real_build(*args, **kw)
+        trainer.add_callback(killer())
+        return trainer
+
+    monkeypatch.setattr(train_module, "build_trainer", interrupted)
+    out, ck = root / f"killed-{mode}", root / f"ck-k-{mode}"
+    with pytest.raises(KeyboardInterrupt):
+        train_target(recipe, setup["data"], out=out, checkpoints=ck, echo=lambda _: None, **kwargs)
+    monkeypatch.setattr(train_module, "build_trainer", real_build)
+    lines: list[str] = []
+    train_target(recipe, setup["data"], out=out, checkpoints=ck, echo=lines.append, **kwargs)
+    if mode == "full":
+        assert any("checkpoint-2 is incomplete" in line and "removed" in line for line in lines), lines
+        assert any("resuming from checkpoint-1" in line for line in lines), lines
+    resumed, uninterrupted = load_file(out / "model.safetensors"), load_file(straight / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[n], t) for n, t in uninterrupted.items())
+
+
+def test_lora_adapters_are_drawn_from_the_training_seed(setup):
+    from fusemerge.fuse.train import load_student
+
+    adapters = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)  # the global RNG as other work left it
+        model = load_student(recipe_for(setup), cuda=False)
+        adapters.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n})
+    assert adapters[0] and all(torch.equal(adapters[0][n], adapters[1][n]) for n in adapters[0])
+    other = load_student(recipe_for(setup, seed=7), cuda=False)
+    assert any(not torch.equal(adapters[0][n], p) for n, p in other.named_parameters() if "lora_A" in n)

@@ -1,5 +1,6 @@
 """What `sft` and `preference` share: the student they train, TRL's config from the recipe, checkpoints
-that resume only when complete, and the target folder they publish.
+that resume only when complete and a guard against divergence (both `fusemerge.fuse.trainer`, shared
+with explicit fusion), and the target folder they publish.
 
 The student and its TrainingArguments come from explicit fusion (`fusemerge.fuse.train.load_student`,
 `training_arguments`), so LoRA/QLoRA/full, precision, seeds, activation checkpointing and `accelerate
@@ -14,19 +15,15 @@ A target folder appears under its final name only when complete (`staged_folder`
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from fusemerge.checkpoint.layout import RECIPE_NAME, TARGET_STAMP, remove_path, staged_folder
+from fusemerge.checkpoint.layout import RECIPE_NAME, TARGET_STAMP, staged_folder
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.implicit.spec import ImplicitSpec
 from fusemerge.fuse.recipe import ModelSpec, TrainingSpec
-
-TRAINER_STATE = "trainer_state.json"  # transformers writes it last into a checkpoint folder
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class ImplicitRecipe(Protocol):
@@ -76,27 +73,6 @@ def trl_config(
     args = training_arguments(student, checkpoints, cuda=cuda, progress=progress)  # type: ignore[arg-type]
     fields = {k: v for k, v in args.to_dict().items() if k not in ("hub_token", "push_to_hub_token")}
     return config_cls(**(fields | extra))
-
-
-def last_complete_checkpoint(*, checkpoints: Path) -> str | None:
-    """The newest checkpoint that was written to the end; newer, half-written ones are deleted.
-
-    transformers writes `checkpoint-N/` in place, the trainer state last; a kill -9 while it writes leaves a
-    folder that `get_last_checkpoint` would pick and fail to resume from.
-
-    Args:
-        checkpoints: the Trainer's output folder (absent: nothing to resume).
-    """
-    if not checkpoints.is_dir():
-        return None
-    found = sorted(
-        (int(m.group(1)), p) for p in checkpoints.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))
-    )
-    for _, path in reversed(found):
-        if (path / TRAINER_STATE).is_file():
-            return str(path)
-        remove_path(path)
-    return None
 
 
 def read_stamp(*, folder: Path) -> dict[str, Any] | None:
@@ -191,23 +167,25 @@ def train_stage(
 ) -> Path:
     """One training stage from claim to published target, the part `sft` and `preference` share.
 
-    A finished target with this `identity` is skipped; a folder made for anything else is refused;
-    checkpoints are claimed for `identity` and resumed only when complete (a half-written one is deleted
-    first, once, by the main process); only the main process publishes.
+        A finished target with this `identity` is skipped; a folder made for anything else is refused;
+        checkpoints are claimed for `identity` and resumed only when complete (a half-written one is deleted
+        first, once, by the main process, with a line); a NaN or Inf loss or gradient norm stops the stage
+    (`fusemerge.fuse.trainer.guard_divergence`); only the main process publishes.
 
-    Args:
-        stage: the stage's name in messages ("sft", "preference").
-        out: the target folder.
-        checkpoints: the Trainer's output folder.
-        identity: what the target depends on (its stamp).
-        build: makes the trainer (called after the checkpoints are claimed).
-        started: the status line for the trainer, before training starts.
-        publish: `(trainer, staging)` -> writes the target from the final weights in `staging`.
-        echo: where one-line status messages go.
+        Args:
+            stage: the stage's name in messages ("sft", "preference").
+            out: the target folder.
+            checkpoints: the Trainer's output folder.
+            identity: what the target depends on (its stamp).
+            build: makes the trainer (called after the checkpoints are claimed).
+            started: the status line for the trainer, before training starts.
+            publish: `(trainer, staging)` -> writes the target from the final weights in `staging`.
+            echo: where one-line status messages go.
     """
     from accelerate import PartialState
 
     from fusemerge.fuse.train import claim_checkpoints, stamp_matches
+    from fusemerge.fuse.trainer import guard_divergence, last_complete_checkpoint
     from fusemerge.fuse.workdir import FINAL_CHECKPOINT
 
     if stamp_matches(out, identity):
@@ -219,13 +197,15 @@ def train_stage(
         )
     state = PartialState()
     if state.is_main_process:
-        claim_checkpoints(checkpoints, identity)
+        claim_checkpoints(checkpoints, identity, echo=lambda line: echo(f"{stage} {out.name}: {line}"))
+        # half-written checkpoints (a kill while saving) are removed before any process looks for one
         last_complete_checkpoint(
-            checkpoints=checkpoints
-        )  # deletes half-written ones before any process reads
+            checkpoints=checkpoints, echo=lambda line: echo(f"{stage} {out.name}: {line}")
+        )
     state.wait_for_everyone()
 
     trainer = build()
+    guard_divergence(trainer)  # a NaN/Inf loss or gradient norm stops the stage before that update
     last = last_complete_checkpoint(checkpoints=checkpoints)
     echo(started(trainer) + (f"; resuming from {Path(last).name}" if last else ""))
     trainer.train(resume_from_checkpoint=last)

@@ -1,4 +1,5 @@
-"""Numba kernels for the CPU hot loops of the merge methods, sparsification and the engine's NaN/Inf scan.
+"""Numba kernels for the CPU hot loops of the merge methods and sparsification (the NaN/Inf scan of the
+engine's inputs is `fusemerge.checkpoint.finite`, shared with fuse).
 
 Written with torch ops, TIES makes a dozen passes over memory per element (delta, |delta|, mask, weight,
 vote, sign tests, sums, division) plus a full sort for the density selection, and every bf16 input is first
@@ -176,12 +177,3 @@ def store_scaled(acc, divide_by, out):  # pragma: no cover - compiled
         if divide_by != np.float32(1.0):
             value = value / divide_by
         store(out, i, value)
-
-
-@njit(cache=True)
-def all_finite(x):  # pragma: no cover - compiled
-    """No NaN or Inf, without the n-byte mask torch.isfinite(...).all() would allocate."""
-    for i in range(x.size):  # noqa: SIM110 - an explicit loop compiles to an early-exit scan
-        if not np.isfinite(as_f32(x[i])):
-            return False
-    return True

@@ -23,12 +23,3 @@ def kernel_view(chunk: torch.Tensor) -> np.ndarray:
     if chunk.dtype != torch.float32:
         chunk = chunk.to(torch.float32)
     return chunk.contiguous().numpy()
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf in `tensor`; bf16 and float32 by a kernel scan without a whole-tensor mask."""
-    if tensor.dtype in (torch.bfloat16, torch.float32):
-        from fusemerge.merge.kernels import cpu
-
-        return bool(cpu.all_finite(kernel_view(tensor.reshape(-1))))
-    return bool(torch.isfinite(tensor).all())

@@ -24,7 +24,7 @@ from fusemerge.fuse.implicit.datasets import SftRecord, read_preference_data, re
 from fusemerge.fuse.implicit.preference import run_preference
 from fusemerge.fuse.implicit.sft import build_sft_trainer, run_sft, sft_dataset
 from fusemerge.fuse.implicit.spec import DataFileSpec
-from fusemerge.fuse.implicit.target import last_complete_checkpoint
+from fusemerge.fuse.trainer import last_complete_checkpoint
 from fusemerge.lm.templates import BUILTIN_TEMPLATES
 
 REPO = Path(__file__).resolve().parents[3]
