@@ -213,11 +213,6 @@ def test_the_models_own_generation_config_does_not_leak_into_sampling(chat_model
     assert len({t for gens in texts["plain"] for t in gens}) > 1  # sampled, not greedy
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the content fingerprint that the hard-train branch adds to fuse/teacher.py "
-    "model_fingerprint (sample_identity calls it); remove this mark once that is merged",
-)
 def test_a_source_retrained_in_place_with_the_same_shapes_is_a_different_sample_set(
     chat_models, prompts_file, tmp_path
 ):
