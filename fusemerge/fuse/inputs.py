@@ -227,9 +227,9 @@ def _check_location(spec: ModelSpec, key: str, path: Path | None, recipe: FuseRe
         except FusemergeError as exc:
             raise _error(f"{spec.model}: {exc.message}", f"{key}.model", path, recipe) from None
     elif not _is_hub_id(spec.model):
+        relative = "" if folder.is_absolute() else f" (relative to the current folder, {Path.cwd()})"
         raise _error(
-            f"no such model folder: {spec.model} (relative paths are from the current folder, "
-            f"{Path.cwd()}); nor is it a Hub id (namespace/name)",
+            f"no such model folder: {spec.model}{relative}, nor is it a Hub id (namespace/name)",
             f"{key}.model",
             path,
             recipe,
