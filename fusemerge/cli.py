@@ -110,6 +110,11 @@ def merge(
     from fusemerge.merge.options import MergeOptions
     from fusemerge.merge.sizes import parse_size
 
+    if push_to_hub:
+        from fusemerge.hub import check_repo_id
+
+        check_repo_id(push_to_hub, option="--push-to-hub")  # before the merge, not after it
+
     options = MergeOptions(
         dry_run=dry_run,
         device=device,
@@ -187,11 +192,13 @@ def eval_(
     Bits per byte compares models of different tokenizers fairly: every model reads the same text
     (rendered with the first model's chat template) and its loss is divided by the bytes it covers.
     """
-    from fusemerge.evaluate import evaluate_models
+    from fusemerge.evaluate import check_save_to, evaluate_models
     from fusemerge.hub import refresh_card_eval
 
     if quiet:
         silence_library_progress()
+    if save_to is not None:
+        check_save_to(save_to)  # before the evaluation, not after it
     report = evaluate_models(
         list(models),
         list(data_files),

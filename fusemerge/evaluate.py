@@ -18,6 +18,13 @@ includes the special token that ends it in the rendered text (`<|im_end|>` with 
 fusion's training mask (`fusemerge.fuse.data.render_conversation`).
 
 Domains: a record's `domain` field (`domain_field`), else the file's stem, so one file per domain works.
+
+Unknown tokens: a model whose tokenizer maps part of the text to `<unk>` predicts one token for many
+different bytes, so its bits per byte is low for the wrong reason (a random 3-word `<unk>` model scores
+0.4 against a real tokenizer's 4). Each score keeps the assistant bytes its unknown tokens cover
+(`fusemerge.lm.unknown`, the measure fuse refuses such teachers by); above `UNKNOWN_SHARE_LIMIT` of the
+bytes the table marks the model's bits/byte with `!` and says it is not comparable, and the JSON lists it
+under `not_comparable`.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from fusemerge.lm.chat import ChatSequence, read_records
 from fusemerge.lm.chat_data import render_records
 from fusemerge.lm.templates import resolve_render_template
 from fusemerge.lm.tokens import ChatTokenizer
+from fusemerge.lm.unknown import UNKNOWN_SHARE_LIMIT, unknown_bytes
 from fusemerge.progress import progress_bar
 
 EVAL_FILE = "fusemerge_eval.json"
@@ -55,6 +63,16 @@ class Score:
     tokens: int = 0
     bytes: int = 0
     nll_nats: float = 0.0
+    unknown_bytes: int = 0  # of `bytes`, those the model's unknown token (<unk>) stands for
+
+    @property
+    def unknown_share(self) -> float:
+        return min(1.0, self.unknown_bytes / self.bytes) if self.bytes else 0.0
+
+    @property
+    def comparable(self) -> bool:
+        """False when unknown tokens cover so much of the text that bits per byte means little."""
+        return self.unknown_share <= UNKNOWN_SHARE_LIMIT
 
     @property
     def nats_per_token(self) -> float:
@@ -77,6 +95,7 @@ class Score:
         self.tokens += other.tokens
         self.bytes += other.bytes
         self.nll_nats += other.nll_nats
+        self.unknown_bytes += other.unknown_bytes
 
 
 @dataclass
@@ -95,6 +114,11 @@ class EvalReport:
     def name(self, model: str) -> str:
         return self.names.get(model) or model
 
+    @property
+    def not_comparable(self) -> list[str]:
+        """The models whose unknown tokens cover more than UNKNOWN_SHARE_LIMIT of the scored bytes."""
+        return [m for m in self.models if (m, ALL) in self.scores and not self.scores[(m, ALL)].comparable]
+
     def table(self) -> str:
         """A terminal table: one row per domain, per model bits/byte, nats/token and perplexity."""
         sub = ("bits/byte", "nats/tok", "ppl")
@@ -112,17 +136,24 @@ class EvalReport:
             + "  ".join(" ".join(s.rjust(10) for s in sub).rjust(w) for w in widths)
         )
         out = [line1.rstrip(), line2, "-" * len(line2)]
+        flagged = self.not_comparable
         for d in rows:
             cells = []
             for m, w in zip(self.models, widths, strict=True):
                 s = self.scores[(m, d)]
-                cells.append(
-                    f"{s.bits_per_byte:10.4f} {s.nats_per_token:10.4f} {_fmt_ppl(s.perplexity):>10}".rjust(w)
-                )
+                bpb = f"{s.bits_per_byte:10.4f}" if m not in flagged else f"{s.bits_per_byte:9.4f}!"
+                cells.append(f"{bpb} {s.nats_per_token:10.4f} {_fmt_ppl(s.perplexity):>10}".rjust(w))
             out.append(d.ljust(dom_w) + "  " + "  ".join(cells))
         out.append(
             "bits/byte: lower is better, comparable across tokenizers; nats/tok and ppl per model's tokens"
         )
+        for m in flagged:
+            share = self.scores[(m, ALL)].unknown_share
+            out.append(
+                f"! {self.name(m)}: {share:.1%} of its scored bytes are unknown tokens (<unk>): its bits/byte "
+                f"is low for the wrong reason and not comparable (more than {UNKNOWN_SHARE_LIMIT:.0%}); do not "
+                "rank it"
+            )
         return "\n".join(out)
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,6 +169,7 @@ class EvalReport:
                     "bits_per_token": s.bits_per_token,
                     "perplexity": s.perplexity,
                     "bits_per_byte": s.bits_per_byte,
+                    "unknown_share": s.unknown_share,
                 }
             )
         return {
@@ -145,6 +177,7 @@ class EvalReport:
             "chat_template": self.chat_template,
             "models": self.models,
             "domains": self.domains,
+            "not_comparable": self.not_comparable,
             "results": results,
         }
 
@@ -156,7 +189,9 @@ class EvalReport:
         data = json.loads(text) if isinstance(text, str) else text
         try:
             scores = {
-                (r["model"], r["domain"]): Score(r["sequences"], r["tokens"], r["bytes"], r["nll_nats"])
+                (r["model"], r["domain"]): Score(
+                    r["sequences"], r["tokens"], r["bytes"], r["nll_nats"], r.get("unknown_bytes", 0)
+                )
                 for r in data["results"]
             }
             names = {r["model"]: r.get("name", r["model"]) for r in data["results"]}
@@ -168,12 +203,32 @@ class EvalReport:
 
     def save(self, folder: str | Path) -> Path:
         """Write `fusemerge_eval.json` into a model folder, where the model card and `push` find it."""
-        path = Path(folder)
-        if not path.is_dir():
-            raise FusemergeError("--save-to must be an existing folder", file=path)
-        out = path / EVAL_FILE
-        out.write_text(self.to_json(), encoding="utf-8")
+        from fusemerge.checkpoint.layout import atomic_write_text
+
+        out = check_save_to(folder) / EVAL_FILE
+        atomic_write_text(out, self.to_json())
         return out
+
+
+def check_save_to(folder: str | Path) -> Path:
+    """The `--save-to` folder, refused unless it exists and can be written: checked before evaluating."""
+    import os
+    import tempfile
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise FusemergeError(
+            "--save-to must be an existing folder (the model folder the scores are for)", file=path
+        )
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fusemerge-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise FusemergeError(
+            f"--save-to folder cannot be written: {exc.strerror or exc}", file=path
+        ) from None
+    return path
 
 
 def _fmt_ppl(value: float) -> str:
@@ -323,10 +378,11 @@ def evaluate_models(
 
 
 def _check_model_ref(ref: str, *, allow_pickle: bool) -> None:
+    from fusemerge.lm.loading import check_weights
+
     path = Path(ref)
     if path.is_dir():
-        if not allow_pickle and not any(path.glob("*.safetensors")):
-            raise FusemergeError("no *.safetensors weights in this model folder", file=path)
+        check_weights(ref, allow_pickle=allow_pickle, option="pass --allow-pickle")
         return
     looks_like_hub_id = ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
     if path.exists() or not looks_like_hub_id:
@@ -367,14 +423,17 @@ def _score_model(
     lm = lm.to(device).eval()
     chat_tok = ChatTokenizer(tok)
     pad = pad_token_id(tok)
-    prepared = [(item.domain, *scored_positions(item.seq, chat_tok)) for item in data]
+    prepared = [
+        (item.domain, *scored_positions(item.seq, chat_tok), unknown_bytes(item.seq, chat_tok)[0])
+        for item in data
+    ]
     order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][1]))
     scores: dict[str, Score] = {}
     bar = progress_bar(len(order), Path(ref).name or ref, enabled=progress)
     try:
         for a in range(0, len(order), batch_size):
             batch = [prepared[i] for i in order[a : a + batch_size]]
-            input_ids, attention = pad_right([ids for _, ids, _, _ in batch], pad)
+            input_ids, attention = pad_right([ids for _, ids, _, _, _ in batch], pad)
             _, _, next_lp = topk_forward(
                 lm,
                 torch.from_numpy(input_ids).to(device),
@@ -384,7 +443,7 @@ def _score_model(
             )
             next_lp = next_lp.double().cpu().numpy()
             start = 0
-            for domain, ids, idx, nbytes in batch:
+            for domain, ids, idx, nbytes, unk in batch:
                 lp = next_lp[start : start + len(ids)]
                 start += len(ids)
                 s = scores.setdefault(domain, Score())
@@ -392,6 +451,7 @@ def _score_model(
                 s.tokens += len(idx)
                 s.bytes += nbytes
                 s.nll_nats += float(-lp[idx - 1].sum())
+                s.unknown_bytes += unk
             bar.update(len(batch))
     finally:
         bar.close()

@@ -13,13 +13,16 @@ published half-written. fusemerge's own state (`.fusemerge/`, a fused target's `
 stamp) and unfinished shards never leave the machine.
 
 The token: huggingface_hub finds it (`HF_TOKEN`, or the login saved by `hf auth login`); fusemerge never
-reads it from a recipe, never prints or logs it, and scrubs it from any error it turns into a message.
+reads it from a recipe, never prints or logs it, and scrubs it from any error it turns into a message,
+together with anything shaped like a token (`hf_...`): a token typed where the repo id goes is refused
+before anything is sent, without echoing it (`check_repo_id`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,18 @@ from fusemerge.checkpoint.layout import HUB_IGNORE_PATTERNS, INDEX_NAME, SINGLE_
 from fusemerge.errors import FusemergeError
 
 LOG = logging.getLogger(__name__)
+# User access tokens are "hf_" and 34 letters and digits (older ones "api_..."); a repo name rarely is.
+TOKEN_SHAPED = re.compile(r"(?<![A-Za-z0-9])(?:hf|api)_[A-Za-z0-9]{20,}")
+
+
+def check_repo_id(repo_id: str, *, option: str = "REPO_ID") -> None:
+    """Refuse a Hub access token given as the repo id, before any request (it would name a public repo)."""
+    if TOKEN_SHAPED.search(repo_id):
+        raise FusemergeError(
+            f"{option} looks like a Hub access token (hf_...), not a repo id (user/name): the token goes in "
+            "HF_TOKEN or `hf auth login`; nothing was sent (consider revoking the token if it was shared)",
+            key=option if option.startswith("--") else None,
+        )
 
 
 def check_complete(folder: Path) -> None:
@@ -103,6 +118,7 @@ def push_folder(
         echo: where one-line status messages go.
     """
     folder = Path(folder)
+    check_repo_id(repo_id)
     check_complete(folder)
     if refresh_card_eval(folder):
         echo(f"model card: evaluation table updated from {folder / 'fusemerge_eval.json'}")
@@ -137,6 +153,7 @@ def _user_error(exc: Exception, repo_id: str, secret: str | None) -> Exception:
     from huggingface_hub.errors import HfHubHTTPError
 
     text = _scrub(" ".join(str(exc).split()), secret)
+    repo_id = _scrub(repo_id, secret)
     if isinstance(exc, HfHubHTTPError):
         status = getattr(exc.response, "status_code", None)
         hint = {
@@ -150,4 +167,5 @@ def _user_error(exc: Exception, repo_id: str, secret: str | None) -> Exception:
 
 
 def _scrub(text: str, secret: str | None) -> str:
-    return text.replace(secret, "***") if secret else text
+    """`text` without the token and without anything shaped like one (a token typed in the wrong place)."""
+    return TOKEN_SHAPED.sub("***", text.replace(secret, "***") if secret else text)

@@ -225,3 +225,35 @@ def test_push_refuses_unfinished_merge_with_one_line(tmp_path):
         assert hub.requests == []
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "not a complete model folder" in run.stderr
+
+
+def test_a_token_typed_as_the_repo_id_is_refused_and_never_printed(tmp_path):
+    build_random_model(tmp_path / "m", vocab_size=256, hidden_size=32, intermediate_size=64, seed=1)
+    typed = "hf_TypedWhereTheRepoGoes0123456789abcd"
+    with running_fake_hub() as hub:
+        run = _cli(["push", "m", typed], {"HF_ENDPOINT": hub.url}, tmp_path)
+        assert hub.requests == [], "nothing is sent"
+    assert run.returncode == 2 and "looks like a Hub access token" in run.stderr, run.stderr
+    assert typed not in run.stderr + run.stdout and TOKEN not in run.stderr + run.stdout
+
+
+def test_token_shaped_text_is_scrubbed_from_our_messages():
+    from fusemerge.hub import _user_error
+
+    typed = "me/hf_TypedWhereTheRepoGoes0123456789abcd"
+    err = _user_error(OSError(f"cannot reach {typed}"), typed, None)
+    assert "hf_Typed" not in str(err) and "***" in str(err)
+
+
+def test_merge_push_to_hub_with_a_token_is_refused_before_merging(tmp_path):
+    from click.testing import CliRunner
+
+    from fusemerge.cli import main
+
+    recipe = tmp_path / "r.yml"
+    recipe.write_text("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n")
+    result = CliRunner().invoke(
+        main, ["merge", str(recipe), str(tmp_path / "out"), "--push-to-hub", "hf_" + "x" * 34]
+    )
+    assert result.exit_code == 2 and "looks like a Hub access token" in result.stderr, result.output
+    assert "x" * 34 not in result.stderr and not (tmp_path / "out").exists()

@@ -33,6 +33,7 @@ from typing import Any
 from fusemerge.checkpoint.layout import exclusive_lock
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse import checked_steps
+from fusemerge.fuse.inputs import check_fuse_inputs
 from fusemerge.fuse.recipe import FuseRecipe, load_fuse_recipe
 from fusemerge.fuse.workdir import FuseWorkDir, disk_line
 
@@ -133,9 +134,11 @@ def _run_steps(
         return done
     runs = [recipe, recipe.baseline()] if baseline else [recipe]
     repo_ids = hub_repo_ids(recipe, push_to_hub) if push_to_hub else {}
+    checks = check_fuse_inputs(recipe, steps, recipe_path=recipe_path)  # before any model is run
     if "teach" not in steps and not recipe.fine_tune:  # align and train read them: checked once, first
         FuseWorkDir(recipe).require_teacher_stores()
     pivot_tokenizer, data = chat_data(recipe, echo=echo)
+    checks.check_data(data, echo=echo)  # the teachers' unknown-token share of this data
     folders: dict[str, Path] = {}
     if recipe.fine_tune and ("teach" in steps or "align" in steps):
         echo("teach, align: nothing to do for a fine-tune (no teachers: fusion.function none or lambda 1)")
@@ -173,6 +176,9 @@ def hub_repo_ids(recipe: FuseRecipe, repo_id: str) -> dict[Path, str]:
     """
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    from fusemerge.hub import check_repo_id
+
+    check_repo_id(repo_id, option="--push-to-hub")
     layout = FuseWorkDir(recipe)
     plan = layout.targets
     if repo_id.endswith("/"):

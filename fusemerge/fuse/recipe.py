@@ -28,9 +28,11 @@ from pydantic import (
     ConfigDict,
     Field,
     PositiveInt,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.implicit.spec import ImplicitSpec
@@ -256,14 +258,23 @@ class FuseRecipe(_Frozen):
             )
         return self
 
-    @model_validator(mode="after")
-    def _distinct_models(self) -> FuseRecipe:
-        seen = [self.pivot.model]
-        for src in self.sources:
-            if src.model in seen:
-                raise ValueError(f"model '{src.model}' appears twice (pivot and sources must differ)")
-            seen.append(src.model)
-        return self
+    @field_validator("sources", mode="after")
+    @classmethod
+    def _distinct_models(cls, sources: list[ModelSpec], info: ValidationInfo) -> list[ModelSpec]:
+        # a field check (not a whole-recipe one), so that its error names `sources`, not the recipe dict;
+        # the same folder under two spellings (pivot/ and ./pivot) is fusemerge.fuse.inputs' check
+        pivot = info.data.get("pivot")
+        seen = [pivot.model.rstrip("/")] if pivot is not None else []
+        for src in sources:
+            if src.model.rstrip("/") in seen:
+                what = "the pivot" if seen and src.model.rstrip("/") == seen[0] else "another source"
+                raise PydanticCustomError(
+                    "duplicate_model",
+                    "model '{model}' is also {what}: pivot and sources must differ",
+                    {"model": src.model, "what": what},
+                )
+            seen.append(src.model.rstrip("/"))
+        return sources
 
     @model_validator(mode="after")
     def _sources_to_fuse(self) -> FuseRecipe:

@@ -59,8 +59,21 @@ def read_records(path: str | Path, split: str | None = None) -> Iterator[tuple[i
     if path.is_dir():
         yield from _dataset_rows(path, split)
     elif path.is_file():
-        with path.open(encoding="utf-8") as fh:
-            for number, line in enumerate(fh, start=1):
+        with path.open("rb") as fh:  # decoded per line: one bad byte is that line's fault, not a crash
+            offset = 0
+            for number, raw in enumerate(fh, start=1):
+                start, offset = offset, offset + len(raw)
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield (
+                        number,
+                        BadRecord(
+                            f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at byte {start + exc.start} of the "
+                            "file (re-encode it as UTF-8)"
+                        ),
+                    )
+                    continue
                 if not line.strip():
                     continue
                 try:

@@ -26,23 +26,58 @@ class FourBit:
     double_quant: bool = True
 
 
+# Any of these in a model folder can define a vocabulary; a folder with none has no tokenizer of its own.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tekken.json",
+)
+# A few words every tokenizer with a vocabulary encodes to at least one token.
+PROBE_TEXT = "Hello, world"
+
+
 def load_tokenizer(model: str, *, trust_remote_code: bool = False) -> Any:
-    """The model's tokenizer (a folder or a Hub id); a one-line error when it cannot be loaded."""
+    """The model's tokenizer (a folder or a Hub id); a one-line error when it cannot be loaded.
+
+    A folder without tokenizer files is refused here: transformers 5 then builds an empty tokenizer from
+    config.json alone, which fails much later (`cannot reshape tensor of 0 elements`), after a hint about
+    chat templates that sends the user the wrong way.
+    """
     from transformers import AutoTokenizer
 
+    folder = Path(model)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FusemergeError(
+            f"no tokenizer files in this model folder ({', '.join(TOKENIZER_FILES[:3])}, ...): "
+            "copy them from the model it was made from",
+            file=model,
+        )
     try:
-        return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise FusemergeError(f"cannot load the tokenizer: {first_line(exc)}", file=model) from exc
+    if not tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]:
+        raise FusemergeError(
+            f"the tokenizer is empty (it encodes {PROBE_TEXT!r} to no tokens): its files are incomplete",
+            file=model,
+        )
+    return tokenizer
 
 
-def check_weights(model: str, *, allow_pickle: bool) -> None:
-    """Refuse a local folder that has no `*.safetensors` weights unless pickle is allowed."""
+def check_weights(model: str, *, allow_pickle: bool, option: str = "set allow_pickle: true") -> None:
+    """Refuse a local folder that has no `*.safetensors` weights unless pickle is allowed.
+
+    `option` is how the caller's user allows pickle: the recipe key (fuse) or `pass --allow-pickle` (eval).
+    """
     folder = Path(model)
     if folder.is_dir() and not allow_pickle and not any(folder.glob("*.safetensors")):
         pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
         hint = (
-            f"only pickle weights ({', '.join(pickled[:3])}); set allow_pickle: true if you trust them"
+            f"only pickle weights ({', '.join(pickled[:3])}); {option} if you trust them"
             if pickled
             else "no *.safetensors weights"
         )

@@ -112,7 +112,11 @@ def resolve_output_template(value: str, model_folders: list[Path]) -> str:
 
 
 def resolve_render_template(name: str, pivot_tokenizer: Any) -> str:
-    """The Jinja template that renders every conversation: the pivot's own, a built-in name, or a file."""
+    """The Jinja template that renders every conversation: the pivot's own, a built-in name, or a file.
+
+    It is compiled here, once: a template that is not valid Jinja is the template's fault, and would
+    otherwise fail on every record in turn, each reported as a bad record of the data.
+    """
     if name == "pivot":
         template = getattr(pivot_tokenizer, "chat_template", None)
         if not template:
@@ -121,15 +125,43 @@ def resolve_render_template(name: str, pivot_tokenizer: Any) -> str:
                 f"{sorted(BUILTIN_TEMPLATES)} or a .jinja file",
                 key="chat_template",
             )
-        return (
+        template = (
             template if isinstance(template, str) else template.get("default", next(iter(template.values())))
         )
+        problem = template_error(template)
+        if problem:
+            where = f"line {problem[0]}: " if problem[0] else ""
+            raise FusemergeError(
+                f"the pivot's tokenizer has a chat template that is not valid Jinja ({where}{problem[1]}); set "
+                f"chat_template to one of {sorted(BUILTIN_TEMPLATES)} or a .jinja file",
+                key="chat_template",
+            )
+        return template
     if name in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[name]
     path = Path(name)
     if path.suffix == ".jinja" and path.is_file():
-        return path.read_text(encoding="utf-8")
+        template = path.read_text(encoding="utf-8")
+        problem = template_error(template)
+        if problem:
+            raise FusemergeError(f"not a valid Jinja chat template: {problem[1]}", file=path, line=problem[0])
+        return template
     raise FusemergeError(
         f"unknown chat template '{name}': use 'pivot', one of {sorted(BUILTIN_TEMPLATES)}, or a .jinja file",
         key="chat_template",
     )
+
+
+def template_error(template: str) -> tuple[int | None, str] | None:
+    """(line, why) when `template` does not compile in transformers' chat-template environment, else None."""
+    from jinja2 import TemplateError
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # a transformers without it: apply_chat_template reports the problem itself
+        return None
+    try:
+        _compile_jinja_template(template)
+    except TemplateError as exc:
+        return getattr(exc, "lineno", None), str(getattr(exc, "message", None) or exc)
+    return None

@@ -56,3 +56,18 @@ def test_unknown_names_are_one_line_errors_naming_the_key(tmp_path) -> None:
         resolve_output_template("auto", [tmp_path])
     for error in (merge_error.value, fuse_error.value):
         assert error.key == "chat_template" and "\n" not in str(error)
+
+
+def test_an_invalid_jinja_file_fails_once_naming_file_and_line(tmp_path) -> None:
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}\n{{ m.content }\n{% endfor %}\n")
+    with pytest.raises(FusemergeError) as info:
+        resolve_render_template(str(template), SimpleNamespace(chat_template=None))
+    assert (info.value.file, info.value.line) == (str(template), 2)
+    assert "not a valid Jinja chat template" in info.value.message
+
+
+def test_an_invalid_template_of_the_pivot_is_the_templates_fault() -> None:
+    with pytest.raises(FusemergeError, match="not valid Jinja") as info:
+        resolve_render_template("pivot", SimpleNamespace(chat_template="{% if %}"))
+    assert info.value.key == "chat_template"
