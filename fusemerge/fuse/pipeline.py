@@ -104,6 +104,7 @@ def run_fuse(
         PartialState().wait_for_everyone()
         return _run_steps(
             recipe,
+            Path(recipe_path),
             steps,
             progress=progress,
             echo=echo,
@@ -115,6 +116,7 @@ def run_fuse(
 
 def _run_steps(
     recipe: FuseRecipe,
+    recipe_path: Path,
     steps: list[str],
     *,
     progress: bool,
