@@ -183,14 +183,26 @@ def check_fuse_inputs(
     for key in keys:
         _check_location(_spec(recipe, key), key, path, recipe)
     _check_distinct(recipe, keys, path)
-    _check_writable(recipe.work_path, "work_dir" if recipe.work_dir else "output", path, recipe)
-    if "train" in steps:
-        _check_writable(Path(recipe.output), "output", path, recipe)
+    check_writable_folders(recipe, steps, recipe_path=path)
     tokenizers = {key: _checked_tokenizer(_spec(recipe, key), key, path, recipe) for key in keys}
     if teaching:
         for key in keys:
             _check_top_k(_spec(recipe, key), key, recipe.teacher.top_k, path, recipe)
     return FuseInputChecks(recipe, tokenizers if teaching else {}, path)
+
+
+def check_writable_folders(
+    recipe: FuseRecipe, steps: Iterable[str], *, recipe_path: str | Path | None = None
+) -> None:
+    """The work folder (always) and the output folder (when the train step runs) can be written.
+
+    Also called by `run_fuse` before it takes the run's lock, which is itself a file in the work folder:
+    a read-only or full disk is then named by its recipe key, not met as a bare OSError.
+    """
+    path = Path(recipe_path) if recipe_path is not None else None
+    _check_writable(recipe.work_path, "work_dir" if recipe.work_dir else "output", path, recipe)
+    if "train" in set(steps):
+        _check_writable(Path(recipe.output), "output", path, recipe)
 
 
 def _spec(recipe: FuseRecipe, key: str) -> ModelSpec:

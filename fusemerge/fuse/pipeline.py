@@ -33,7 +33,7 @@ from typing import Any
 from fusemerge.checkpoint.layout import exclusive_lock
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse import checked_steps
-from fusemerge.fuse.inputs import check_fuse_inputs
+from fusemerge.fuse.inputs import check_fuse_inputs, check_writable_folders
 from fusemerge.fuse.recipe import FuseRecipe, load_fuse_recipe
 from fusemerge.fuse.workdir import FuseWorkDir, disk_line
 
@@ -94,6 +94,8 @@ def run_fuse(
 
     layout = FuseWorkDir(recipe)
     main = PartialState().is_main_process
+    if main:  # the lock below is a file in the work folder: an unwritable one is named by its key first
+        check_writable_folders(recipe, steps, recipe_path=recipe_path)
     # one fuse per work dir: a second one would resume from the first one's checkpoints and train into
     # the same folders; flock dies with its holder, so a killed run never blocks the next one
     with exclusive_lock(layout.root, what="fuse") if main else nullcontext():
