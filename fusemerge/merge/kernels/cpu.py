@@ -125,6 +125,46 @@ def kept_delta(x, b, threshold, tie_limit, coefficient, out):  # pragma: no cove
 
 
 @njit(cache=True)
+def kept_norms(x, b, threshold, tie_limit):  # pragma: no cover - compiled
+    """(sum |delta|, sum of the kept |delta|) in float64 under a magnitude selection: the L1 `rescale`."""
+    before = 0.0
+    after = 0.0
+    for i in range(x.size):
+        a = abs(as_f32(x[i]) - as_f32(b[i]))
+        kept = (a > threshold) | ((a == threshold) & (i <= tie_limit))
+        before += a
+        after += a * np.float32(kept)
+    return before, after
+
+
+@njit(cache=True)
+def draw_kept(x, b, draws, density, bits, offset):  # pragma: no cover - compiled
+    """DARE: element offset+i is kept where draws[i] < density (float32, as torch compares a float32
+    tensor with a Python scalar); its flag goes to bit (offset+i) & 7 of bits[(offset+i) >> 3], which
+    must start zeroed. Returns (sum |delta|, sum of the kept |delta|) in float64 for the L1 `rescale`."""
+    before = 0.0
+    after = 0.0
+    for i in range(x.size):
+        a = abs(as_f32(x[i]) - as_f32(b[i]))
+        kept = draws[i] < density
+        j = offset + i
+        bits[j >> 3] |= np.uint8(kept) << np.uint8(j & 7)
+        before += a
+        after += a * np.float32(kept)
+    return before, after
+
+
+@njit(cache=True)
+def kept_delta_bits(x, b, bits, offset, coefficient, out):  # pragma: no cover - compiled
+    """out[i] = (x[i] - b[i]) * coefficient where bit offset+i of the packed mask `bits` is set, else 0."""
+    for i in range(x.size):
+        d = as_f32(x[i]) - as_f32(b[i])
+        j = offset + i
+        kept = (bits[j >> 3] >> np.uint8(j & 7)) & np.uint8(1)
+        out[i] = d * coefficient * np.float32(kept)
+
+
+@njit(cache=True)
 def add_into(acc, delta):  # pragma: no cover - compiled
     for i in range(acc.size):
         acc[i] += delta[i]
