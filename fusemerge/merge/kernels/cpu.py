@@ -225,3 +225,69 @@ def all_finite(x):  # pragma: no cover - compiled
         if not np.isfinite(as_f32(x[i])):
             return False
     return True
+
+
+@njit(cache=True)
+def weighted_tuple(xs, coefficients, divide_by, out):  # pragma: no cover - compiled
+    """out = sum_j xs[j] * c_j / divide_by with the sum in registers: `weighted_into` + `store_scaled`'s
+    arithmetic in their order, reading each input once and writing only the result (`xs`: one dtype)."""
+    for i in range(out.size):
+        acc = as_f32(xs[0][i]) * coefficients[0]
+        for j in range(1, len(xs)):
+            acc += as_f32(xs[j][i]) * coefficients[j]
+        if divide_by != np.float32(1.0):
+            acc = acc / divide_by
+        store(out, i, acc)
+
+
+@njit(cache=True)
+def combine_tuple(
+    xs,
+    b,
+    keep_above,
+    tie_limits,
+    use_bits,
+    bits,
+    offset,
+    coefficients,
+    weights,
+    consensus,
+    normalize,
+    scale,
+    lam,
+    scratch,
+    out,
+):  # pragma: no cover - compiled
+    """Task arithmetic / TIES / DARE over one chunk with every model's delta in registers: the arithmetic
+    of kept_delta(_bits) + add_into + finish_sum (or add_agreeing + finish_agreeing), in their order, but
+    one read of each input and one write of the result instead of four float32 arrays per model.
+    Model j's mask: bit offset+i of bits[j] where use_bits[j] (DARE), else the magnitude threshold
+    keep_above[j] with ties kept up to tie_limits[j] (-1 / -1 keeps everything)."""
+    zero = np.float32(0.0)
+    for i in range(out.size):
+        base = as_f32(b[i])
+        vote = zero
+        for j in range(len(xs)):
+            d = as_f32(xs[j][i]) - base
+            if use_bits[j]:
+                k = offset + i
+                kept = np.float32((bits[j][k >> 3] >> np.uint8(k & 7)) & np.uint8(1))
+            else:
+                a = abs(d)
+                kept = np.float32((a > keep_above[j]) | ((a == keep_above[j]) & (i <= tie_limits[j])))
+            delta = d * coefficients[j] * kept
+            scratch[j] = delta
+            vote += delta
+        if not consensus:
+            store(out, i, base + (vote * scale) * lam)
+            continue
+        mixed = zero
+        divisor = zero
+        for j in range(len(xs)):
+            delta = scratch[j]
+            agree = np.float32(((vote >= zero) & (delta > zero)) | ((vote < zero) & (delta < zero)))
+            mixed += delta * agree
+            divisor += weights[j] * agree
+        if normalize:
+            mixed = mixed / (divisor + np.float32(divisor == zero))
+        store(out, i, base + mixed * lam)

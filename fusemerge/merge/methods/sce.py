@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fusemerge.merge.kernels import sce as sce_kernels
-from fusemerge.merge.kernels.chunks import compute_dtype, flat, spans
+from fusemerge.merge.kernels.chunks import compute_dtype, flat, new_output, spans
 from fusemerge.merge.kernels.views import kernel_view, use_kernels
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param
@@ -112,7 +112,7 @@ def _sce_kernels(
         sce_kernels.selected_squares(xs, bv, select, threshold, last - span.start, squares)
     weights = _weights(torch.from_numpy(squares), n, torch.float32).numpy()
     bf16 = all(t.dtype == torch.bfloat16 for t in [*inputs, b])
-    out = torch.empty(base.shape, dtype=torch.bfloat16 if bf16 else torch.float32)
+    out = new_output(base.shape, torch.bfloat16 if bf16 else torch.float32, base.device)
     out_np, scratch = kernel_view(flat(out)), np.empty(len(inputs), dtype=np.float32)
     for span, xs, bv in chunks():
         sce_kernels.erase_merge(xs, bv, select, threshold, last - span.start, weights, scratch, out_np[span])

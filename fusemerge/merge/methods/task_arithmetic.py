@@ -17,7 +17,7 @@ from typing import cast
 
 import torch
 
-from fusemerge.merge.kernels.chunks import CHUNK_ELEMENTS, compute_dtype, flat, spans
+from fusemerge.merge.kernels.chunks import CHUNK_ELEMENTS, compute_dtype, flat, new_output, spans
 from fusemerge.merge.kernels.combine import fused_combine
 from fusemerge.merge.kernels.views import use_kernels
 from fusemerge.merge.methods.registry import merge_method
@@ -133,7 +133,7 @@ def combine(
     out_dtype = (
         torch.bfloat16 if fused and all(t.dtype == torch.bfloat16 for t in [*tensors, base]) else dtype
     )
-    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    out = new_output(base.shape, out_dtype, base.device)
     out_flat = flat(out)
     total = sum(weight)
     scale = lambda_ / (total if abs(total) >= 1e-8 else 1.0) if normalize else lambda_

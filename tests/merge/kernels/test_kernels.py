@@ -159,3 +159,25 @@ def test_sce_selection_ties_go_to_the_lowest_indices(monkeypatch):
     _without_kernels(monkeypatch, sce, masks)
     reference = sce.sce(models, base, int8_mask=False, select_topk=0.37)
     assert torch.equal(fused, reference.to(fused.dtype))
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "dare_ties", "linear"])
+def test_one_tuple_kernel_equals_the_per_model_kernels_bit_for_bit(method):
+    """Inputs of one dtype go to the kernels as a tuple (deltas in registers); mixed dtypes take the
+    per-model kernels. The same values (bf16 widened exactly to float32 for one model) must give the
+    same bits either way."""
+    from fusemerge.merge.methods import get_method
+
+    m = get_method(method)
+    models, base = _family(1_000_003, 3, seed=41, dtype=torch.bfloat16)
+    mixed = [models[0].float(), *models[1:]]
+    kwargs = {key: p.default for key, p in m.shared.items()} | {"weight": [0.5, -0.3, 0.8]}
+    if method != "linear":
+        kwargs |= {"density": [0.4, 0.7, 1.0]}
+    if m.random:
+        kwargs["seed"] = 5
+    bases = (None, None) if method == "linear" else (base, base.float())
+    one_dtype = m.fn(models, bases[0], **kwargs)
+    per_model = m.fn(mixed, bases[1], **kwargs)
+    assert one_dtype.dtype == torch.bfloat16 and per_model.dtype == torch.float32
+    assert torch.equal(one_dtype, per_model.to(torch.bfloat16))
