@@ -13,8 +13,6 @@ from fusemerge.merge.kernels import cpu as kernels
 from fusemerge.merge.kernels.chunks import CHUNK_ELEMENTS, spans
 from fusemerge.merge.kernels.views import kernel_view
 
-_NO_BITS = np.zeros(1, dtype=np.uint8)  # stands in for a model without a DARE mask in the tuple of masks
-
 
 def fused_combine(
     inputs: list[torch.Tensor],
@@ -39,28 +37,12 @@ def fused_combine(
     total = sum(weight)
     scale = 1.0 / (total if abs(total) >= 1e-8 else 1.0) if normalize and not consensus else 1.0
     out_np = kernel_view(out_flat)
-    if len({x.dtype for x in inputs}) == 1:  # one dtype: the models' chunks go to numba as one tuple
-        use_bits = np.array([m is not None for m in bits])
-        packed = tuple(m if m is not None else _NO_BITS for m in bits)
-        scratch = np.empty(len(inputs), dtype=np.float32)
+    plain = not consensus and all(m is None for m in bits) and bool(np.all(keep_above < 0))
+    if plain and len({x.dtype for x in inputs}) == 1:  # task arithmetic: one tuple kernel, sum in registers
         for span in spans(out_flat.numel()):
-            kernels.combine_tuple(
-                tuple(kernel_view(x[span]) for x in inputs),
-                kernel_view(b_flat[span]),
-                keep_above,
-                last_tied - span.start,
-                use_bits,
-                packed,
-                span.start,
-                coef,
-                weights,
-                consensus,
-                normalize,
-                np.float32(scale),
-                np.float32(lambda_),
-                scratch,
-                out_np[span],
-            )
+            xs = tuple(kernel_view(x[span]) for x in inputs)
+            b = kernel_view(b_flat[span])
+            kernels.task_sum_tuple(xs, b, coef, np.float32(scale), np.float32(lambda_), out_np[span])
         return
     size = min(CHUNK_ELEMENTS, out_flat.numel())
     delta, vote, mixed, divisor = (np.empty(size, dtype=np.float32) for _ in range(4))

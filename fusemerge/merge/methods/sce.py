@@ -113,9 +113,9 @@ def _sce_kernels(
     weights = _weights(torch.from_numpy(squares), n, torch.float32).numpy()
     bf16 = all(t.dtype == torch.bfloat16 for t in [*inputs, b])
     out = new_output(base.shape, torch.bfloat16 if bf16 else torch.float32, base.device)
-    out_np, scratch = kernel_view(flat(out)), np.empty(len(inputs), dtype=np.float32)
+    out_np = kernel_view(flat(out))
     for span, xs, bv in chunks():
-        sce_kernels.erase_merge(xs, bv, select, threshold, last - span.start, weights, scratch, out_np[span])
+        sce_kernels.erase_merge(xs, bv, select, threshold, last - span.start, weights, out_np[span])
     return out
 
 
