@@ -26,11 +26,3 @@ def uniform(seed: int, shape: torch.Size | tuple[int, ...], device: torch.device
     gen = torch.Generator()
     gen.manual_seed(seed)
     return torch.rand(shape, generator=gen).to(device)
-
-
-def uniform_into(seed: int, out: torch.Tensor) -> torch.Tensor:
-    """`uniform(seed, out.shape, cpu)` written into a reused CPU float32 buffer: the same draws, no new
-    tensor per chunk (the numba kernels read them from there)."""
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    return torch.rand(out.shape, generator=gen, out=out)

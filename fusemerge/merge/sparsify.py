@@ -23,7 +23,7 @@ import torch
 from fusemerge.merge.kernels import cpu as kernels
 from fusemerge.merge.kernels.chunks import CHUNK_ELEMENTS, compute_dtype, flat, spans
 from fusemerge.merge.kernels.views import kernel_view, use_kernels
-from fusemerge.merge.seeds import derive_seed, uniform, uniform_into
+from fusemerge.merge.seeds import derive_seed, uniform
 
 
 class Mask(Protocol):
@@ -102,7 +102,6 @@ def kernel_masks(
     bits: list[np.ndarray | None] = [None] * len(masks)
     totals: list[tuple[float, float]] = []
     n = b_flat.numel()
-    draws = torch.empty(min(CHUNK_ELEMENTS, n), dtype=torch.float32) if n else torch.empty(0)
     for j, (x_flat, keep) in enumerate(zip(inputs, masks, strict=True)):
         if isinstance(keep, Keep):
             keep_above[j], last_tied[j] = keep.threshold, keep.last_tied
@@ -111,9 +110,9 @@ def kernel_masks(
         before = after = 0.0
         if keep is not None and (norms or isinstance(keep, RandomKeep)):
             for span, x, b in _chunks(x_flat, b_flat):
-                if isinstance(keep, RandomKeep):
-                    u = uniform_into(derive_seed(keep.seed, span.start), draws[: span.stop - span.start])
-                    one = kernels.draw_kept(x, b, u.numpy(), np.float32(keep.density), bits[j], span.start)
+                if isinstance(keep, RandomKeep):  # RandomKeep.mask's draws, made in the kernel
+                    seed = derive_seed(keep.seed, span.start)
+                    one = kernels.draw_kept_seeded(x, b, seed, np.float32(keep.density), bits[j], span.start)
                 else:
                     tie = last_tied[j] - span.start
                     one = kernels.kept_norms(x, b, keep_above[j], tie)

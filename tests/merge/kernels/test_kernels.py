@@ -181,3 +181,20 @@ def test_one_tuple_kernel_equals_the_per_model_kernels_bit_for_bit(method):
     per_model = m.fn(mixed, bases[1], **kwargs)
     assert one_dtype.dtype == torch.bfloat16 and per_model.dtype == torch.float32
     assert torch.equal(one_dtype, per_model.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**32 + 7, 2**62 + 12_345])
+def test_kernel_draws_are_torch_rand_draws(seed):
+    """The kernel's MT19937 is torch's CPU generator: its keep flags are torch.rand(...) < density for
+    seeds above 32 bits too, over several of MT's 624-word blocks."""
+    from fusemerge.merge.kernels import cpu
+
+    n = 10_007
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    expected = (torch.rand(n, generator=gen) < 0.37).numpy()
+    x = np.zeros(n, dtype=np.float32)
+    bits = np.zeros((n + 7) // 8 + 1, dtype=np.uint8)
+    cpu.draw_kept_seeded(x, x, seed, np.float32(0.37), bits, 3)  # at a bit offset, as a later chunk is
+    kept = np.unpackbits(bits, bitorder="little")[3 : 3 + n].astype(bool)
+    assert np.array_equal(kept, expected)
