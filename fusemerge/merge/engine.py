@@ -21,6 +21,8 @@ from fusemerge.checkpoint.finite import all_finite
 from fusemerge.checkpoint.reader import TensorInfo
 from fusemerge.checkpoint.writer import ShardedWriter
 from fusemerge.errors import FusemergeError
+from fusemerge.merge.buffers import BufferPool
+from fusemerge.merge.kernels.chunks import outputs_from
 from fusemerge.merge.plan import DEFAULT_PREFETCH_BYTES, PREFETCH_TENSORS, MergePlan, TensorTask
 from fusemerge.merge.seeds import derive_seed
 from fusemerge.progress import progress_bar
@@ -39,6 +41,7 @@ class _Loaded:
     inputs: list[torch.Tensor]
     base: torch.Tensor | None
     nbytes: int
+    buffers: list[torch.Tensor]  # the pool's buffers the inputs were read into, given back after use
 
 
 class _ByteBudget:
@@ -85,21 +88,31 @@ class _Stage(threading.Thread):
             self.error = exc
 
 
-def _read_task(plan: MergePlan, task: TensorTask, allow_nonfinite: bool, pool: ThreadPoolExecutor) -> _Loaded:
-    """Read one task's inputs; the models' tensors are read concurrently (preadv releases the GIL, and one
-    thread copying out of the page cache is slower than the merge arithmetic that follows)."""
+def _read_task(
+    plan: MergePlan, task: TensorTask, allow_nonfinite: bool, pool: ThreadPoolExecutor, buffers: BufferPool
+) -> _Loaded:
+    """Read one task's inputs into reused buffers; the models' tensors are read concurrently (preadv
+    releases the GIL, and one thread copying out of the page cache is slower than the merge arithmetic
+    that follows)."""
     if task.copy_from is not None:
-        return _Loaded(task, [plan.folder_of(task.copy_from).read(task.name)], None, task.read_bytes)
+        info = task.copy_from
+        buf = buffers.take(info.nbytes)
+        return _Loaded(task, [plan.folder_of(info).read(task.name, buf)], None, task.read_bytes, [buf])
     infos = [*task.inputs, *([task.base] if task.base is not None else [])]
-    tensors = list(pool.map(lambda info: _read_checked(plan, info, allow_nonfinite), infos))
+    taken = [buffers.take(info.nbytes) for info in infos]
+    tensors = list(
+        pool.map(lambda pair: _read_checked(plan, *pair, allow_nonfinite), zip(infos, taken, strict=True))
+    )
     base = tensors.pop() if task.base is not None else None
-    return _Loaded(task, tensors, base, task.read_bytes)
+    return _Loaded(task, tensors, base, task.read_bytes, taken)
 
 
-def _read_checked(plan: MergePlan, info: TensorInfo, allow_nonfinite: bool) -> torch.Tensor:
+def _read_checked(
+    plan: MergePlan, info: TensorInfo, buf: torch.Tensor, allow_nonfinite: bool
+) -> torch.Tensor:
     """Read a float tensor, refusing NaN/Inf: merging them silently would spread them into the output."""
 
-    tensor = plan.folder_of(info).read(info.name)
+    tensor = plan.folder_of(info).read(info.name, buf)
     if not allow_nonfinite and not all_finite(tensor):
         raise FusemergeError(
             "holds NaN or Inf values; pass --allow-nonfinite to merge it anyway",
@@ -110,10 +123,20 @@ def _read_checked(plan: MergePlan, info: TensorInfo, allow_nonfinite: bool) -> t
 
 
 def iter_loaded(
-    plan: MergePlan, tasks: list[TensorTask], prefetch_bytes: int, *, allow_nonfinite: bool = False
+    plan: MergePlan,
+    tasks: list[TensorTask],
+    prefetch_bytes: int,
+    *,
+    allow_nonfinite: bool = False,
+    buffers: BufferPool | None = None,
 ) -> Iterator[_Loaded]:
-    """Yield each task's inputs in order, read ahead by a background thread."""
+    """Yield each task's inputs in order, read ahead by a background thread.
+
+    Once the consumer asks for the next task, the previous one's buffers go back to the pool: a consumer
+    that keeps an input alive (a result sharing its memory) takes that buffer out of `buffers` first.
+    """
     budget = _ByteBudget(prefetch_bytes)
+    pool_of_buffers = buffers if buffers is not None else _pool_for(tasks, prefetch_bytes)
     ready: queue.Queue[Any] = queue.Queue()
     stop = threading.Event()
 
@@ -123,7 +146,7 @@ def iter_loaded(
                 for task in tasks:
                     if not budget.acquire(task.read_bytes, stop):
                         return
-                    ready.put(_read_task(plan, task, allow_nonfinite, pool))
+                    ready.put(_read_task(plan, task, allow_nonfinite, pool, pool_of_buffers))
         finally:
             ready.put(_DONE)
 
@@ -139,10 +162,24 @@ def iter_loaded(
             try:
                 yield item
             finally:
+                for buf in item.buffers:
+                    pool_of_buffers.give(buf)
+                item.buffers.clear()
                 budget.release(item.nbytes)
     finally:
         stop.set()
         thread.join()
+
+
+def _pool_for(tasks: list[TensorTask], prefetch_bytes: int) -> BufferPool:
+    """Room for what the prefetch budget lets be in flight (one task always, however large)."""
+    return BufferPool(max([prefetch_bytes, *(t.read_bytes for t in tasks)]))
+
+
+def _sharing(result: torch.Tensor, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The buffers whose memory `result` is (a copied tensor, a passthrough): the writer gives them back."""
+    ptr = result.untyped_storage().data_ptr()
+    return [b for b in buffers if b.untyped_storage().data_ptr() == ptr]
 
 
 def merge_tensor(plan: MergePlan, loaded: _Loaded, device: str, group_stats: Any = None) -> torch.Tensor:
@@ -247,12 +284,24 @@ def execute(
 
     written: queue.Queue[Any] = queue.Queue(maxsize=2)
 
+    buffers = _pool_for(tasks, prefetch_bytes)
+    lent: list[torch.Tensor] = []
+
+    def take_output(nbytes: int) -> torch.Tensor:
+        buf = buffers.take(nbytes)
+        lent.append(buf)
+        return buf
+
     def write_loop() -> None:
         while True:
             item = written.get()
             if item is _DONE:
                 return
-            writer.write(*item)
+            name, result, held = item
+            writer.write(name, result)
+            del result, item
+            for buf in held:
+                buffers.give(buf)
 
     write_stage = _Stage(write_loop, "fusemerge-writer")
     write_stage.start()
@@ -260,12 +309,22 @@ def execute(
     bar = progress_bar(total_bytes, "merging", enabled=progress, unit="B", unit_scale=True)
     count = 0
     try:
-        for loaded in iter_loaded(plan, tasks, prefetch_bytes, allow_nonfinite=allow_nonfinite):
+        loads = iter_loaded(plan, tasks, prefetch_bytes, allow_nonfinite=allow_nonfinite, buffers=buffers)
+        for loaded in loads:
             task = loaded.task
             group = stats.get(task.group) if task.group not in (None, task.name) else None
-            result = merge_tensor(plan, loaded, device, group)
+            with outputs_from(take_output):
+                result = merge_tensor(plan, loaded, device, group)
+            # Buffers the result is (a fused kernel's output, a passthrough input) go back once written;
+            # the others now (inputs when the next task is asked for, a method's unused outputs here).
+            held = _sharing(result, [*loaded.buffers, *lent])
+            loaded.buffers[:] = [b for b in loaded.buffers if all(b is not h for h in held)]
+            for buf in lent:
+                if all(buf is not h for h in held):
+                    buffers.give(buf)
+            lent.clear()
             del loaded
-            _put(written, (task.name, result), write_stage)
+            _put(written, (task.name, result, held), write_stage)
             del result
             count += 1
             bar.update(task.read_bytes + task.write_bytes)

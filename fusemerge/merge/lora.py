@@ -112,10 +112,10 @@ class LoraModel(ModelFolder):
                     tensor=key,
                 )
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         import torch
 
-        tensor = self.adapter.read(self.replaced[name]) if name in self.replaced else super().read(name)
+        tensor = self.adapter.read(self.replaced[name]) if name in self.replaced else super().read(name, out)
         fold = self.folds.get(name)
         if fold is None:
             return tensor

@@ -80,6 +80,48 @@ class RandomKeep:
 
 
 @dataclass(frozen=True)
+class KernelMasks:
+    """Masks as the fused kernels read them, per model: a magnitude threshold and the last kept tie
+    (-1 and -1 keep everything), or for DARE a packed bit per element (bit i & 7 of byte i >> 3), drawn
+    once per tensor so the rescale pass and the merge's passes read the same draws without redrawing;
+    with each model's L1 norms (before, after) when `rescale` asked for them."""
+
+    keep_above: np.ndarray
+    last_tied: np.ndarray
+    bits: list[np.ndarray | None]
+    norms: list[tuple[float, float]] | None
+
+
+def kernel_masks(
+    inputs: Sequence[torch.Tensor], b_flat: torch.Tensor, masks: Sequence[Mask | None], *, norms: bool
+) -> KernelMasks:
+    """The kernels' form of `masks` (each None, a `Keep` or a `RandomKeep`) over flat inputs: one pass
+    per random mask (draw, pack, and the norms), one per magnitude mask when `norms` is asked for."""
+    keep_above = np.full(len(masks), -1.0, dtype=np.float32)
+    last_tied = np.full(len(masks), -1, dtype=np.int64)
+    bits: list[np.ndarray | None] = [None] * len(masks)
+    totals: list[tuple[float, float]] = []
+    n = b_flat.numel()
+    for j, (x_flat, keep) in enumerate(zip(inputs, masks, strict=True)):
+        if isinstance(keep, Keep):
+            keep_above[j], last_tied[j] = keep.threshold, keep.last_tied
+        elif isinstance(keep, RandomKeep):
+            bits[j] = np.zeros((n + 7) // 8, dtype=np.uint8)
+        before = after = 0.0
+        if keep is not None and (norms or isinstance(keep, RandomKeep)):
+            for span, x, b in _chunks(x_flat, b_flat):
+                if isinstance(keep, RandomKeep):  # RandomKeep.mask's draws, made in the kernel
+                    seed = derive_seed(keep.seed, span.start)
+                    one = kernels.draw_kept_seeded(x, b, seed, np.float32(keep.density), bits[j], span.start)
+                else:
+                    tie = last_tied[j] - span.start
+                    one = kernels.kept_norms(x, b, keep_above[j], tie)
+                before, after = before + one[0], after + one[1]
+        totals.append((before, after))
+    return KernelMasks(keep_above, last_tied, bits, totals if norms else None)
+
+
+@dataclass(frozen=True)
 class HeldMask:
     """A mask computed whole (DELLA) and held as a flat boolean tensor."""
 
@@ -134,14 +176,51 @@ def _radix_keep(t_flat: torch.Tensor, b_flat: torch.Tensor, k: int) -> Keep:
     """Exact top-k selection by the bits of |delta|: non-negative floats order like their bit patterns,
     so two 16-bit histogram passes find the k-th largest value, and a third (only when the threshold is
     tied) finds where the kept ties end."""
-    n = t_flat.numel()
     hist = np.zeros(kernels.HI_BINS, dtype=np.int64)
     for _, x, b in _chunks(t_flat, b_flat):
         kernels.histogram_hi(x, b, hist)
+
+    def low_pass(top: np.uint32, low_hist: np.ndarray) -> None:
+        for _, x, b in _chunks(t_flat, b_flat):
+            kernels.histogram_lo(x, b, top, low_hist)
+
+    def tie_pass():
+        for span, x, b in _chunks(t_flat, b_flat):
+            yield lambda bits, wanted, span=span, x=x, b=b: kernels.tie_index(x, b, bits, wanted, span.start)
+
+    return _radix_finish(hist, k, t_flat.numel(), low_pass, tie_pass)
+
+
+def variance_keep(chunks, n: int, topk: float) -> Keep:
+    """SCE's selection: the top int(nonzero * topk) per-element variances across models (`chunks()`
+    yields (span, models' chunk views, base chunk view)), ties to the lowest indices as `top_k` breaks
+    them, by the same radix select over the variance's bits."""
+    from fusemerge.merge.kernels import sce as sce_kernels
+
+    hist = np.zeros(kernels.HI_BINS, dtype=np.int64)
+    nonzero = sum(sce_kernels.variance_histogram_hi(xs, b, hist) for _, xs, b in chunks())
+    k = int(nonzero * topk)
+    if k <= 0:
+        return NONE_KEPT
+
+    def low_pass(top: np.uint32, low_hist: np.ndarray) -> None:
+        for _, xs, b in chunks():
+            sce_kernels.variance_histogram_lo(xs, b, top, low_hist)
+
+    def tie_pass():
+        for span, xs, b in chunks():
+            yield lambda bits, wanted, span=span, xs=xs, b=b: sce_kernels.variance_tie_index(
+                xs, b, bits, wanted, span.start
+            )
+
+    return _radix_finish(hist, min(k, n), n, low_pass, tie_pass)
+
+
+def _radix_finish(hist: np.ndarray, k: int, n: int, low_pass, tie_pass) -> Keep:
+    """From the high-bits histogram, the low-bits pass and (when the threshold is tied) the tie pass."""
     top, above = _bin_holding(hist, k)
     hist[:] = 0
-    for _, x, b in _chunks(t_flat, b_flat):
-        kernels.histogram_lo(x, b, np.uint32(top), hist)
+    low_pass(np.uint32(top), hist)
     low, above_low = _bin_holding(hist, k - above)
     above += above_low
     bits = np.uint32((top << 16) | low)
@@ -149,8 +228,8 @@ def _radix_keep(t_flat: torch.Tensor, b_flat: torch.Tensor, k: int) -> Keep:
     wanted = k - above  # how many elements equal to the threshold are kept, lowest indices first
     if wanted == hist[low]:
         return Keep(threshold, n)
-    for span, x, b in _chunks(t_flat, b_flat):
-        found = kernels.tie_index(x, b, bits, wanted, span.start)
+    for find in tie_pass():
+        found = find(bits, wanted)
         if found >= 0:
             return Keep(threshold, int(found))
         wanted -= -found - 1

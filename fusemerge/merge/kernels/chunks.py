@@ -7,7 +7,10 @@ stays near the size of the inputs themselves whatever the tensor.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from math import prod
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,6 +19,30 @@ if TYPE_CHECKING:
     import torch
 
 CHUNK_ELEMENTS = 1 << 22
+_TAKE_OUTPUT: ContextVar[Callable[[int], torch.Tensor] | None] = ContextVar(
+    "fusemerge_take_output", default=None
+)
+
+
+@contextmanager
+def outputs_from(take: Callable[[int], torch.Tensor]) -> Iterator[None]:
+    """Within the block, `new_output` takes CPU result memory from `take(nbytes)` (a uint8 buffer): the
+    engine lends reused buffers, as fresh memory costs a page fault per 4 KiB (see merge/buffers.py)."""
+    token = _TAKE_OUTPUT.set(take)
+    try:
+        yield
+    finally:
+        _TAKE_OUTPUT.reset(token)
+
+
+def new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """An uninitialised result tensor: `torch.empty`, or on the CPU memory lent by `outputs_from`."""
+    import torch
+
+    take = _TAKE_OUTPUT.get()
+    if take is None or torch.device(device).type != "cpu":
+        return torch.empty(tuple(shape), dtype=dtype, device=device)
+    return take(prod(shape) * dtype.itemsize).view(dtype).reshape(tuple(shape))
 
 
 def compute_dtype(tensors: Sequence[torch.Tensor | None]) -> torch.dtype:
@@ -86,8 +113,14 @@ def weighted_sum(
     first = tensors[0]
     native = first.device.type == "cpu" and dtype == torch.float32
     out_dtype = torch.bfloat16 if native and all(t.dtype == torch.bfloat16 for t in tensors) else dtype
-    out = torch.empty(first.shape, dtype=out_dtype, device=first.device)
+    out = new_output(first.shape, out_dtype, first.device)
     out_flat, inputs = flat(out), [flat(t) for t in tensors]
+    if native and len({t.dtype for t in inputs}) == 1:  # one dtype: the chunks go to numba as one tuple
+        out_np, coefs = kernel_view(out_flat), np.array(coefficients, dtype=np.float32)
+        for span in spans(out.numel()):
+            xs = tuple(kernel_view(x[span]) for x in inputs)
+            kernels.weighted_tuple(xs, coefs, np.float32(divide_by), out_np[span])
+        return out
     if native:
         out_np = kernel_view(out_flat)
         acc = np.empty(min(CHUNK_ELEMENTS, out.numel()), dtype=np.float32)

@@ -18,8 +18,7 @@ def fused_combine(
     inputs: list[torch.Tensor],
     b_flat: torch.Tensor,
     out_flat: torch.Tensor,
-    keep_above: np.ndarray,
-    last_tied: np.ndarray,
+    masks: tuple[np.ndarray, np.ndarray, list[np.ndarray | None]],
     coefficients: list[float],
     weight: list[float],
     consensus: bool,
@@ -28,14 +27,23 @@ def fused_combine(
 ) -> None:
     """Task arithmetic / TIES over CPU chunks in a few fused loops (see `task_arithmetic.combine`).
 
-    Per model, `keep_above` is its magnitude threshold (-1 keeps everything) and `last_tied` the last
-    flat index at which an element equal to the threshold is still kept.
+    `masks` is (keep_above, last_tied, bits), per model: its magnitude threshold (-1 keeps everything),
+    the last flat index at which an element equal to the threshold is still kept, and where not None a
+    packed bit per element (DARE's draws) that decides instead.
     """
+    keep_above, last_tied, bits = masks
     coef = np.array(coefficients, dtype=np.float32)
     weights = np.array(weight, dtype=np.float32)
     total = sum(weight)
     scale = 1.0 / (total if abs(total) >= 1e-8 else 1.0) if normalize and not consensus else 1.0
     out_np = kernel_view(out_flat)
+    plain = not consensus and all(m is None for m in bits) and bool(np.all(keep_above < 0))
+    if plain and len({x.dtype for x in inputs}) == 1:  # task arithmetic: one tuple kernel, sum in registers
+        for span in spans(out_flat.numel()):
+            xs = tuple(kernel_view(x[span]) for x in inputs)
+            b = kernel_view(b_flat[span])
+            kernels.task_sum_tuple(xs, b, coef, np.float32(scale), np.float32(lambda_), out_np[span])
+        return
     size = min(CHUNK_ELEMENTS, out_flat.numel())
     delta, vote, mixed, divisor = (np.empty(size, dtype=np.float32) for _ in range(4))
     for span in spans(out_flat.numel()):
@@ -43,15 +51,23 @@ def fused_combine(
         b = kernel_view(b_flat[span])
         xs = [kernel_view(x[span]) for x in inputs]
         vote[:n] = 0
-        for x, thr, last, c in zip(xs, keep_above, last_tied, coef, strict=True):
-            kernels.kept_delta(x, b, thr, last - span.start, c, delta[:n])
+        for j, c in enumerate(coef):
+            _kept_delta(xs[j], b, keep_above[j], last_tied[j], bits[j], span.start, c, delta[:n])
             kernels.add_into(vote[:n], delta[:n])
         if not consensus:
             kernels.finish_sum(b, vote[:n], np.float32(scale), np.float32(lambda_), out_np[span])
             continue
         mixed[:n] = 0
         divisor[:n] = 0
-        for x, thr, last, c, w in zip(xs, keep_above, last_tied, coef, weights, strict=True):
-            kernels.kept_delta(x, b, thr, last - span.start, c, delta[:n])
+        for j, (c, w) in enumerate(zip(coef, weights, strict=True)):
+            _kept_delta(xs[j], b, keep_above[j], last_tied[j], bits[j], span.start, c, delta[:n])
             kernels.add_agreeing(vote[:n], delta[:n], w, mixed[:n], divisor[:n])
         kernels.finish_agreeing(b, mixed[:n], divisor[:n], normalize, np.float32(lambda_), out_np[span])
+
+
+def _kept_delta(x, b, threshold, last, bits, start: int, c, out: np.ndarray) -> None:
+    """One model's weighted, sparsified delta over the chunk starting at flat index `start`."""
+    if bits is not None:
+        kernels.kept_delta_bits(x, b, bits, start, c, out)
+    else:
+        kernels.kept_delta(x, b, threshold, last - start, c, out)

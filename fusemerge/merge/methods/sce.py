@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-from fusemerge.merge.kernels.chunks import compute_dtype, flat, spans
+from fusemerge.merge.kernels import sce as sce_kernels
+from fusemerge.merge.kernels.chunks import compute_dtype, flat, new_output, spans
+from fusemerge.merge.kernels.views import kernel_view, use_kernels
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param
-from fusemerge.merge.sparsify import NONE_KEPT, Keep, top_k
+from fusemerge.merge.sparsify import NONE_KEPT, Keep, top_k, variance_keep
 
 
 def _deltas(inputs: list[torch.Tensor], b: torch.Tensor, span: slice, dtype: torch.dtype) -> torch.Tensor:
@@ -55,6 +58,8 @@ def sce(
     dtype = compute_dtype([*tensors, base])
     n = base.numel()
     inputs, b = [flat(t) for t in tensors], flat(base)
+    if use_kernels(base, dtype) and len({t.dtype for t in tensors}) == 1:
+        return _sce_kernels(inputs, b, base, select_topk)
     keep = _select(inputs, b, n, select_topk, dtype)
 
     squares = torch.zeros(len(inputs), dtype=torch.float64, device=base.device)
@@ -63,10 +68,7 @@ def sce(
         if keep is not None:
             d.mul_(_span_mask(keep, inputs, b, span, dtype))
         squares += d.square().sum(dim=1, dtype=torch.float64)
-    means = squares / max(n, 1)
-    total = float(means.sum())
-    weights = (means / total) if abs(total) >= 1e-6 else torch.full_like(means, 1 / len(inputs))
-    weights = weights.to(dtype).unsqueeze(1)
+    weights = _weights(squares, n, dtype).unsqueeze(1)
 
     out = torch.empty(base.shape, dtype=dtype, device=base.device)
     out_flat = flat(out)
@@ -78,6 +80,42 @@ def sce(
         erased = weights * (d.sign() == majority)
         merged = (d * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
         out_flat[span] = b[span].to(dtype) + merged
+    return out
+
+
+def _weights(squares: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Each model's mean squared (selected) delta over their sum; uniform where all vanish."""
+    means = squares / max(n, 1)
+    total = float(means.sum())
+    weights = (means / total) if abs(total) >= 1e-6 else torch.full_like(means, 1 / len(squares))
+    return weights.to(dtype)
+
+
+def _sce_kernels(
+    inputs: list[torch.Tensor], b: torch.Tensor, base: torch.Tensor, topk: float
+) -> torch.Tensor:
+    """SCE by the numba kernels (CPU, float32 arithmetic): one pass per selection step (a radix select on
+    the variance's bits, as `top_k` would pick), one for the weights, one to merge; bf16 written directly
+    when every input is bf16 (rounded once, as the engine's cast would)."""
+    n = b.numel()
+
+    def chunks():
+        for span in spans(n):
+            yield span, tuple(kernel_view(x[span]) for x in inputs), kernel_view(b[span])
+
+    keep = variance_keep(chunks, n, topk) if 0 < topk < 1 else (NONE_KEPT if topk <= 0 else None)
+    select = keep is not None
+    threshold = np.float32(keep.threshold if keep is not None else -1.0)
+    last = keep.last_tied if keep is not None else -1
+    squares = np.zeros(len(inputs), dtype=np.float64)
+    for span, xs, bv in chunks():
+        sce_kernels.selected_squares(xs, bv, select, threshold, last - span.start, squares)
+    weights = _weights(torch.from_numpy(squares), n, torch.float32).numpy()
+    bf16 = all(t.dtype == torch.bfloat16 for t in [*inputs, b])
+    out = new_output(base.shape, torch.bfloat16 if bf16 else torch.float32, base.device)
+    out_np = kernel_view(flat(out))
+    for span, xs, bv in chunks():
+        sce_kernels.erase_merge(xs, bv, select, threshold, last - span.start, weights, out_np[span])
     return out
 
 

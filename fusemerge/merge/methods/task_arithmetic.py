@@ -15,15 +15,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import cast
 
-import numpy as np
 import torch
 
-from fusemerge.merge.kernels.chunks import CHUNK_ELEMENTS, compute_dtype, flat, spans
+from fusemerge.merge.kernels.chunks import CHUNK_ELEMENTS, compute_dtype, flat, new_output, spans
 from fusemerge.merge.kernels.combine import fused_combine
 from fusemerge.merge.kernels.views import use_kernels
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param
-from fusemerge.merge.sparsify import NONE_KEPT, Keep, Mask, top_k_delta
+from fusemerge.merge.sparsify import NONE_KEPT, Keep, Mask, RandomKeep, kernel_masks, top_k_delta
 
 GTA_SHARED = {
     "normalize": Param(bool, False, "divide by the sum of weights"),
@@ -115,29 +114,35 @@ def combine(
     buffer per model (TIES, whose sign vote needs them all), with in-place updates of the output chunk.
     """
     dtype = compute_dtype([*tensors, base])
-    scales = rescale_factors(tensors, base, thresholds, dtype) if rescale else [1.0] * len(tensors)
+    fused = use_kernels(base, dtype) and all(
+        k is None or isinstance(k, Keep | RandomKeep) for k in thresholds
+    )
+    inputs, b_flat = [flat(t) for t in tensors], flat(base)
+    if fused:
+        # One pass per sparsified model draws DARE's mask (packed bits, read by every later pass) and
+        # sums the L1 norms `rescale` needs; magnitude masks are thresholds already.
+        held = kernel_masks(inputs, b_flat, cast(Sequence[Mask | None], thresholds), norms=rescale)
+        scales = (
+            [_l1_factor(*pair) for pair in held.norms] if held.norms is not None else [1.0] * len(tensors)
+        )
+    else:
+        scales = rescale_factors(tensors, base, thresholds, dtype) if rescale else [1.0] * len(tensors)
     coefficients = [w * s for w, s in zip(weight, scales, strict=True)]
-    fused = use_kernels(base, dtype) and all(k is None or isinstance(k, Keep) for k in thresholds)
     # The fused kernels write bf16 results directly (rounded once, as the engine's cast would), sparing
     # a float32 copy of the whole tensor; elsewhere the result is float32.
     out_dtype = (
         torch.bfloat16 if fused and all(t.dtype == torch.bfloat16 for t in [*tensors, base]) else dtype
     )
-    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
-    out_flat, b_flat = flat(out), flat(base)
-    inputs = [flat(t) for t in tensors]
+    out = new_output(base.shape, out_dtype, base.device)
+    out_flat = flat(out)
     total = sum(weight)
     scale = lambda_ / (total if abs(total) >= 1e-8 else 1.0) if normalize else lambda_
     if fused:
-        keeps = cast(Sequence[Keep | None], thresholds)  # `fused` holds only when every mask is a Keep
-        keep_above = np.array([-1.0 if k is None else k.threshold for k in keeps], dtype=np.float32)
-        last_tied = np.array([-1 if k is None else k.last_tied for k in keeps], dtype=np.int64)
         fused_combine(
             inputs,
             b_flat,
             out_flat,
-            keep_above,
-            last_tied,
+            (held.keep_above, held.last_tied, held.bits),
             coefficients,
             weight,
             consensus,
@@ -184,7 +189,6 @@ def rescale_factors(
     tensors: Sequence[torch.Tensor], base: torch.Tensor, thresholds: Sequence[Mask | None], dtype: torch.dtype
 ) -> list[float]:
     """L1 norm before / after sparsification, per model (1 where nothing was dropped or norms vanish)."""
-    eps = 1e-7
     factors = []
     b_flat = flat(base)
     for tensor, thr in zip(tensors, thresholds, strict=True):
@@ -197,5 +201,11 @@ def rescale_factors(
             d = (x_flat[span].to(dtype) - b_flat[span].to(dtype)).abs_()
             before += float(d.sum(dtype=torch.float64))
             after += float((d * thr.mask(d, span)).sum(dtype=torch.float64))
-        factors.append(before / after if before >= eps and after >= eps else 1.0)
+        factors.append(_l1_factor(before, after))
     return factors
+
+
+def _l1_factor(before: float, after: float) -> float:
+    """|delta|_1 / |kept delta|_1, or 1 where nothing was dropped or a norm vanishes."""
+    eps = 1e-7
+    return before / after if before >= eps and after >= eps else 1.0
