@@ -51,12 +51,37 @@ CODE_PROMPTS = (
     "How is `{module}` implemented in CPython's standard library? Show the code.",
 )
 
-# Per size: conversations per domain (fusion, held-out), the pivot-token length they are cut to, and the
-# training run. `small` is sized for 2 shared CPU cores in under an hour; `large` for one GPU.
+# Per size: conversations per domain (fusion, held-out), the pivot-token length they are cut to, the
+# longest code block (characters), and the training run. `small` is sized from the smoke run's measured
+# rates for 2 CPU cores in under an hour when they are not shared; `large` for one GPU.
 SIZES: dict[str, dict[str, Any]] = {
-    "smoke": {"fusion": 4, "heldout": 4, "max_length": 128, "epochs": 1, "batch_size": 2, "accum": 1},
-    "small": {"fusion": 96, "heldout": 48, "max_length": 384, "epochs": 2, "batch_size": 4, "accum": 2},
-    "large": {"fusion": 560, "heldout": 200, "max_length": 1024, "epochs": 3, "batch_size": 8, "accum": 2},
+    "smoke": {
+        "fusion": 4,
+        "heldout": 4,
+        "max_length": 128,
+        "code_chars": 600,
+        "epochs": 1,
+        "batch_size": 2,
+        "accum": 1,
+    },
+    "small": {
+        "fusion": 48,
+        "heldout": 24,
+        "max_length": 256,
+        "code_chars": 800,
+        "epochs": 2,
+        "batch_size": 4,
+        "accum": 2,
+    },
+    "large": {
+        "fusion": 560,
+        "heldout": 200,
+        "max_length": 1024,
+        "code_chars": 1200,
+        "epochs": 3,
+        "batch_size": 8,
+        "accum": 2,
+    },
 }
 
 
@@ -111,13 +136,13 @@ def split_records(
     return fusion, heldout
 
 
-def real_records(*, seed: int = 0, code_blocks: int = 4000) -> list[dict]:
+def real_records(*, seed: int = 0, code_chars: int = 1200) -> list[dict]:
     """chatterbot-corpus English conversations ("chat") and standard library code ("code"), as chat records."""
     from fusemerge.offline.corpora import chatterbot_conversations, stdlib_code_blocks
 
     rng = random.Random(seed)
     chat = [{"domain": "chat", "messages": c["messages"]} for c in chatterbot_conversations("english")]
-    code = [code_record(m, c, rng) for m, c in stdlib_code_blocks(code_blocks, max_chars=1200, seed=seed)]
+    code = [code_record(m, c, rng) for m, c in stdlib_code_blocks(max_chars=code_chars, seed=seed)]
     return chat + code
 
 
@@ -202,6 +227,15 @@ def target_folders(recipe_file: Path) -> list[Path]:
     return [layout.target_folder(t) for t in layout.targets]
 
 
+def fusion_tokens(recipe_file: Path) -> int:
+    """Pivot tokens in the fusion set, as the teach step stored them (the unit of the per-stage rates)."""
+    from fusemerge.fuse.recipe import load_fuse_recipe
+    from fusemerge.fuse.store import TopKStore
+    from fusemerge.fuse.workdir import FuseWorkDir
+
+    return TopKStore.open(FuseWorkDir(load_fuse_recipe(recipe_file)).teacher_stores[0]).n_tokens()
+
+
 # -------------------------------------------------------------------------------------------- models
 
 
@@ -268,12 +302,15 @@ def result_line(
     settings: dict[str, Any],
     seconds: dict[str, float],
     bpb: dict[str, dict[str, float]],
+    tokens: int,
 ) -> dict[str, Any]:
     """The bench's one JSON record: sizes, settings, seconds per stage, bits/byte, fused-vs-CLM delta.
 
     `delta` is fused minus CLM-only (negative: fusion helped), `delta_pct` relative to CLM-only, and
     `gap_closed_by_fusion` the delta as a share of the pivot-to-source gap where the source is better
     (how much of what the teacher knows beyond the pivot the fusion term transferred).
+    `pivot_tokens_per_s` is the fusion set's pivot tokens (times epochs when training) over the stage's
+    wall time, process start and model loading included: a rate to size other runs from.
     """
 
     def count(records: list[dict]) -> dict[str, int]:
@@ -293,6 +330,14 @@ def result_line(
         "conversations": {"fusion": count(fusion), "heldout": count(heldout)},
         "settings": settings,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "fusion_pivot_tokens": tokens,
+        "pivot_tokens_per_s": {
+            stage: round(
+                tokens * (settings.get("epochs", 1) if stage.startswith("train") else 1) / seconds[stage], 1
+            )
+            for stage in ("teach", "align", "train_fused", "train_clm")
+            if seconds.get(stage)
+        },
         "bits_per_byte": bpb,
         "delta": delta,
         "delta_pct": {d: round(100 * delta[d] / clm[d], 3) for d in delta},
@@ -321,7 +366,10 @@ def main() -> None:
     seconds["models"] = time.perf_counter() - start
 
     fusion, heldout = split_records(
-        real_records(seed=args.seed), size["fusion"], size["heldout"], seed=args.seed
+        real_records(seed=args.seed, code_chars=size["code_chars"]),
+        size["fusion"],
+        size["heldout"],
+        seed=args.seed,
     )
     data = write_jsonl(out / "data" / "fusion.jsonl", fusion)
     held = write_jsonl(out / "data" / "heldout.jsonl", heldout)
@@ -370,6 +418,7 @@ def main() -> None:
         settings=settings,
         seconds=seconds,
         bpb=bits_per_byte(json.loads(text), roles),
+        tokens=fusion_tokens(fuse_yml),
     )
     print(json.dumps(record), flush=True)
 

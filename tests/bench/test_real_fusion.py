@@ -56,13 +56,18 @@ def test_split_refuses_a_size_the_data_cannot_fill(bench):
 
 
 def test_real_records_are_chat_records_of_both_domains(bench):
-    records = bench.real_records()
-    domains = {r["domain"] for r in records}
-    assert domains == set(bench.DOMAINS)
-    for r in records:
-        roles = [m["role"] for m in r["messages"]]
-        assert roles[0] == "user" and roles[-1] == "assistant" and all(m["content"] for m in r["messages"])
     for name, size in bench.SIZES.items():  # every size fits the real data
+        records = bench.real_records(code_chars=size["code_chars"])
+        assert {r["domain"] for r in records} == set(bench.DOMAINS)
+        for r in records:
+            roles = [m["role"] for m in r["messages"]]
+            assert (
+                roles[0] == "user" and roles[-1] == "assistant" and all(m["content"] for m in r["messages"])
+            )
+        assert (
+            max(len(r["messages"][1]["content"]) for r in records if r["domain"] == "code")
+            <= size["code_chars"]
+        )
         fusion, heldout = bench.split_records(records, size["fusion"], size["heldout"])
         assert len(fusion) == 2 * size["fusion"] and len(heldout) == 2 * size["heldout"], name
 
@@ -114,12 +119,14 @@ def test_result_line_deltas_and_gap(bench):
         device="cpu",
         fusion=[_rec("chat", "a", "b")] * 3 + [_rec("code", "c", "d")],
         heldout=[_rec("code", "e", "f")],
-        settings={"lambda": 0.9},
-        seconds={"teach": 1.234, "total": 9.87},
+        settings={"lambda": 0.9, "epochs": 2},
+        seconds={"teach": 1.234, "train_clm": 4.0, "total": 9.87},
         bpb=bpb,
+        tokens=100,
     )
     assert line["conversations"] == {"fusion": {"chat": 3, "code": 1}, "heldout": {"code": 1}}
-    assert line["seconds"] == {"teach": 1.2, "total": 9.9}
+    assert line["seconds"] == {"teach": 1.2, "train_clm": 4.0, "total": 9.9}
+    assert line["pivot_tokens_per_s"] == {"teach": 81.0, "train_clm": 50.0}  # training reads it twice
     assert line["delta"] == {"chat": -0.1, "code": 0.05, "all": -0.01}
     assert line["delta_pct"]["chat"] == pytest.approx(-5.556, abs=1e-3)
     # the source is better than the pivot on chat (gap 0.5) and overall (0.1), not on code: no gap there
@@ -135,7 +142,7 @@ def test_main_runs_the_cli_stages_in_order_and_prints_one_json_line(bench, tmp_p
     monkeypatch.setattr(
         bench,
         "real_records",
-        lambda seed: [_rec(d, f"{d}{i}", "x") for d in ("chat", "code") for i in range(9)],
+        lambda seed, code_chars: [_rec(d, f"{d}{i}", "x") for d in ("chat", "code") for i in range(9)],
     )
     monkeypatch.setitem(bench.SIZES, "smoke", {**bench.SIZES["smoke"], "fusion": 4, "heldout": 2})
     calls: list[tuple[str, ...]] = []
@@ -150,6 +157,7 @@ def test_main_runs_the_cli_stages_in_order_and_prints_one_json_line(bench, tmp_p
         return 2.0, json.dumps({"models": list(folders), "domains": ["chat", "code"], "results": results})
 
     monkeypatch.setattr(bench, "cli", fake_cli)
+    monkeypatch.setattr(bench, "fusion_tokens", lambda recipe_file: 1000)
     out = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", ["real_fusion.py", "--size", "smoke", "--out", str(out)])
     bench.main()
@@ -167,6 +175,7 @@ def test_main_runs_the_cli_stages_in_order_and_prints_one_json_line(bench, tmp_p
     assert record["conversations"] == {"fusion": {"chat": 4, "code": 4}, "heldout": {"chat": 2, "code": 2}}
     assert record["bits_per_byte"]["fused"] == {"chat": 4.0, "code": 5.0, "all": 4.5}
     assert record["delta"] == {"chat": 1.0, "code": 1.0, "all": 1.0}
+    assert record["fusion_pivot_tokens"] == 1000 and record["pivot_tokens_per_s"]["train_fused"] == 1000.0
     assert set(record["seconds"]) == {"models", "teach", "align", "train_fused", "train_clm", "eval", "total"}
     heldout = [json.loads(line) for line in (out / "data" / "heldout.jsonl").read_text().splitlines()]
     fusion = [json.loads(line) for line in (out / "data" / "fusion.jsonl").read_text().splitlines()]
