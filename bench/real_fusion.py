@@ -327,6 +327,10 @@ def result_line(
         "device": device,
         "pivot": SMOLLM2_NAME,
         "source": GEMMA_NAME,
+        "licenses": {
+            "pivot": "Apache-2.0",
+            "source": "Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        },
         "conversations": {"fusion": count(fusion), "heldout": count(heldout)},
         "settings": settings,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},

@@ -132,6 +132,7 @@ def test_result_line_deltas_and_gap(bench):
     assert line["delta_pct"]["chat"] == pytest.approx(-5.556, abs=1e-3)
     # the source is better than the pivot on chat (gap 0.5) and overall (0.1), not on code: no gap there
     assert line["gap_closed_by_fusion"] == {"chat": 0.2, "all": 0.1}
+    assert line["licenses"]["source"].startswith("Gemma Terms of Use")
     json.dumps(line)  # one JSON line
 
 
