@@ -9,7 +9,9 @@ from fusemerge.progress import library_progress, silence_library_progress
 
 
 def test_library_progress_turns_the_libraries_bars_off_within_and_back_on_after():
-    assert datasets.is_progress_bar_enabled() and hf_logging.is_progress_bar_enabled()
+    # the bars are process-wide switches: an earlier in-process `-q` run may have left them off
+    datasets.enable_progress_bars()
+    hf_logging.enable_progress_bar()
     with library_progress(False):
         assert not datasets.is_progress_bar_enabled()
         assert not hf_logging.is_progress_bar_enabled()
