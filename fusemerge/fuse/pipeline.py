@@ -92,6 +92,7 @@ def run_fuse(
         return {}
     from accelerate import PartialState
 
+    repo_ids = _repo_ids(recipe, push_to_hub) if push_to_hub else {}  # before anything is made on disk
     layout = FuseWorkDir(recipe)
     main = PartialState().is_main_process
     if main:  # the lock below is a file in the work folder: an unwritable one is named by its key first
@@ -110,10 +111,19 @@ def run_fuse(
             steps,
             progress=progress,
             echo=echo,
-            push_to_hub=push_to_hub,
+            repo_ids=repo_ids,
             private=private,
             baseline=baseline,
         )
+
+
+def _repo_ids(recipe: FuseRecipe, push_to_hub: str) -> dict[Path, str]:
+    """Where `--push-to-hub` puts each target, for either kind of recipe (refused here when invalid)."""
+    if recipe.fusion.kind == "implicit":
+        from fusemerge.fuse.implicit.pipeline import implicit_repo_ids
+
+        return implicit_repo_ids(recipe, push_to_hub)
+    return hub_repo_ids(recipe, push_to_hub)
 
 
 def _run_steps(
@@ -123,21 +133,19 @@ def _run_steps(
     *,
     progress: bool,
     echo: Callable[[str], None],
-    push_to_hub: str | None,
+    repo_ids: dict[Path, str],
     private: bool,
     baseline: bool,
 ) -> dict[str, Path]:
     """`run_fuse` once the recipe is checked and the work dir is this run's."""
     if recipe.fusion.kind == "implicit":
-        from fusemerge.fuse.implicit.pipeline import implicit_repo_ids, run_implicit
+        from fusemerge.fuse.implicit.pipeline import run_implicit
 
-        implicit_ids = implicit_repo_ids(recipe, push_to_hub) if push_to_hub else {}
         done = run_implicit(recipe, steps=steps, progress=progress, echo=echo)
-        if implicit_ids:
-            push_targets(implicit_ids, private=private, echo=echo)
+        if repo_ids:
+            push_targets(repo_ids, private=private, echo=echo)
         return done
     runs = [recipe, recipe.baseline()] if baseline else [recipe]
-    repo_ids = hub_repo_ids(recipe, push_to_hub) if push_to_hub else {}
     checks = check_fuse_inputs(recipe, steps, recipe_path=recipe_path)  # before any model is run
     if "teach" not in steps and not recipe.fine_tune:  # align and train read them: checked once, first
         FuseWorkDir(recipe).require_teacher_stores()
