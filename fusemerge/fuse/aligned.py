@@ -22,7 +22,7 @@ rows as the pivot's sequence i. Its identity is the source store's identity with
 the vocabulary mapping method and the sha256 of its table. Rows: `ids` int32 in the pivot vocabulary,
 best first, -1 for an empty slot (fewer than K distinct pivot ids, or the last position, which has no next
 token); `logprobs` float16, -inf in empty slots, not renormalised (dropped ids leave the sum below 1);
-`metric_ce` = the source's own metric_ce of the sequence (what FuseChat's MinCE compares).
+`metric_ce` and `ce_per_byte` = the source's own of the sequence (what MinCE compares, `fusion.metric`).
 
 The vocabulary mapping is built before any shard: for `stats` that is a first pass over the whole corpus
 counting co-aligned (pivot id, source id) pairs; its file records the dataset and alignment method it was
@@ -185,7 +185,7 @@ def run_align(
     positions = from_teacher = 0
     with progress_bar(total, f"align {name}", enabled=progress) as bar:
         for shard in pending:
-            ids, lps, ces = [], [], []
+            ids, lps, ces, per_byte = [], [], [], []
             members = list(store.shard_sequences(shard))
             texts = {
                 i: (source.tokenize(i, data.sequences[i]), pivot.tokenize(i, data.sequences[i]))
@@ -211,10 +211,11 @@ def run_align(
                 ids.append(moved.ids.astype(np.int32))
                 lps.append(moved.logprobs.astype(np.float16))
                 ces.append(src.metric_ce)
+                per_byte.append(src.ce_per_byte)
                 positions += len(p.ids)
                 from_teacher += int(moved.from_teacher.sum())
                 bar.update(1)
-            store.write_shard(shard, ids, lps, ces)
+            store.write_shard(shard, ids, lps, ces, ce_per_byte=per_byte)
     store.finalize()
     report = AlignReport(store, total, positions, from_teacher, time.perf_counter() - begin)
     echo(

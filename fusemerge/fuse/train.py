@@ -235,6 +235,7 @@ def build_trainer(
         stores.get("pivot"),
         {k: v for k, v in stores.items() if k != "pivot"},
         function=recipe.fusion.function,
+        metric=recipe.fusion.metric,
         temperature=recipe.fusion.temperature,
         pad_id=pad,
         with_targets=lambda_ < 1.0,
