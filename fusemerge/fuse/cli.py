@@ -9,6 +9,7 @@
     fusemerge fuse recipes/fusechat-3.0.yml --dry-run            # the plan: steps, models, data, what is done
     fusemerge fuse recipes/fusechat-3.0.yml --steps sample,score # implicit fusion (fusion.kind: implicit)
     fusemerge fuse recipe.yml --baseline                         # ... and the CLM-only baseline beside them
+    fusemerge fuse recipe.yml --report                           # per domain: how much of each teacher is used
 
 `fusemerge.cli` registers it. It holds no logic: `run_fuse` does the work.
 """
@@ -54,6 +55,13 @@ from fusemerge.progress import silence_library_progress
     help="Also train the CLM-only baseline: the pivot fine-tuned on the same data with the same training, "
     "no fusion (OUTPUT/<pivot>-finetune). Not pushed, not merged.",
 )
+@click.option(
+    "--report",
+    is_flag=True,
+    help="Diagnose instead of training, from the finished teach and align steps: per target and domain, "
+    "the positions with a teacher distribution, how often its top-K holds the next token, MinCE's picks "
+    "and the fusion term's share of the gradient (also <work_dir>/report.json).",
+)
 @exit_2_on_user_error
 def fuse(
     recipe: Path,
@@ -63,6 +71,7 @@ def fuse(
     push_to_hub: str | None,
     private: bool,
     baseline: bool,
+    report: bool,
 ) -> None:
     """Fuse chat models of different tokenizers as the RECIPE says (FuseChat).
 
@@ -92,6 +101,11 @@ def fuse(
 
     if quiet:
         silence_library_progress()
+    if report:
+        from fusemerge.fuse.report import run_report
+
+        run_report(recipe, echo=click.echo)
+        return
     run_fuse(
         recipe,
         steps=None if steps is None else steps.split(","),

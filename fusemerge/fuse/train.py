@@ -186,6 +186,11 @@ def train_target(
         claim_checkpoints(checkpoints, identity)
     state.wait_for_everyone()
 
+    selection = teacher_selection(recipe, data, stores)
+    for line in selection:
+        echo(
+            f"train {out.name}: {'MinCE picks' if recipe.fusion.function == 'mince' else 'heaviest avgce teacher'} {line}"
+        )
     trainer = build_trainer(recipe, data, stores, checkpoints=checkpoints, progress=progress, echo=echo)
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     what = (
@@ -203,7 +208,13 @@ def train_target(
     trainer.save_model(str(staging))  # gathers ZeRO-3 / FSDP shards; adapters only for lora / qlora
     if state.is_main_process:
         line = save_target(
-            recipe, staging, out, sources=list(aligned), identity=stamp, tokenizer=trainer.processing_class
+            recipe,
+            staging,
+            out,
+            sources=list(aligned),
+            identity=stamp,
+            tokenizer=trainer.processing_class,
+            selection=selection,
         )
         echo(f"train {out.name}: {line}")
         if not recipe.training.keep_checkpoints:
@@ -211,6 +222,22 @@ def train_target(
         echo(f"train {out.name}: saved {out}")
     state.wait_for_everyone()
     return out
+
+
+def teacher_selection(recipe: FuseRecipe, data: ChatData, stores: Mapping[str, TopKStore]) -> list[str]:
+    """Per domain, which candidate wins the sequence-level choice by `fusion.metric` (none: a fine-tune).
+
+    Logged before training and written into the card: a teacher that wins a domain it models worse per
+    byte than the pivot (per-token MinCE with a finer tokenizer) shows here first."""
+    if recipe.fine_tune or len(stores) < 2 or recipe.fusion.function == "mince_token":
+        return []  # mince_token chooses per token; the sequence-level choice is only its fallback
+    from fusemerge.fuse.report import selection_counts, selection_lines, sequence_domains
+
+    names = {"pivot": "pivot", **{k: Path(k.rstrip("/")).name or k for k in stores if k != "pivot"}}
+    counts = selection_counts(
+        {names[k]: v for k, v in stores.items()}, recipe.fusion.metric, sequence_domains(recipe, data)
+    )
+    return selection_lines(counts, recipe.fusion.metric)
 
 
 def build_trainer(
@@ -260,12 +287,14 @@ def save_target(
     sources: list[str],
     identity: dict,
     tokenizer: Any = None,
+    selection: list[str] | None = None,
 ) -> str:
     """The trained weights (adapters folded into float32 pivot weights) as a model folder in the dtype
     `training.save_dtype` picks, with tokenizer, config, card and stamp; it appears under `out` only when
     complete. Returns the line that says which dtype and why (`fusemerge.fuse.save_dtype`).
 
-    `tokenizer` is the pivot's, already loaded by the trainer (loaded here when not given)."""
+    `tokenizer` is the pivot's, already loaded by the trainer (loaded here when not given); `selection`
+    the lines of `teacher_selection` for the card."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -302,6 +331,7 @@ def save_target(
             sources=sources,
             recipe_text=recipe.raw_yaml,
             extra_tags=[recipe.fusion.function, f"{recipe.training.mode}-training"],
+            selection=selection,
         )
     with staged_folder(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
