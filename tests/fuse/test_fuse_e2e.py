@@ -45,6 +45,7 @@ def test_fuse_then_merge_on_three_tokenizers(tmp_path, tiny_models, chat_jsonl, 
         tmp_path / "fused" / "qwen-pivot-gpt2-source",
     ]
     assert f"targets: {targets[0]}, {targets[1]}" in result.output
+    fuse_output = result.output
     command = re.search(r"^next: fusemerge merge (\S+) (\S+)$", result.output, re.M)
     assert command, result.output
     merge_recipe, merged = command.groups()
@@ -67,10 +68,10 @@ def test_fuse_then_merge_on_three_tokenizers(tmp_path, tiny_models, chat_jsonl, 
         # which teacher MinCE took, per domain (records without a domain field: "all"), in log and card
         picks = re.search(
             rf"train {target.name}: MinCE picks (all: .* of 12 sequences by ce_per_byte)$",
-            result.output,
+            fuse_output,
             re.M,
         )
-        assert picks, result.output
+        assert picks, fuse_output
         assert "## Teacher per sequence" in card and f"- {picks.group(1)}" in card
     a, b = (load_file(t / "model.safetensors") for t in targets)
     assert any(not torch.equal(a[n], b[n]) for n in a)  # two sources, two different targets
