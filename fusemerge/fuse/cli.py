@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from fusemerge.errors import exit_2_on_user_error
+from fusemerge.errors import FusemergeError, exit_2_on_user_error
 from fusemerge.fuse import IMPLICIT_STEPS, STEPS
 from fusemerge.progress import silence_library_progress
 
@@ -103,6 +103,12 @@ def fuse(
         silence_library_progress()
     if report:
         from fusemerge.fuse.report import run_report
+
+        if steps or dry_run or push_to_hub or baseline:
+            raise FusemergeError(
+                "--report runs alone, on the stores of a finished teach and align (--steps teach,align first)",
+                key="--report",
+            )
 
         run_report(recipe, echo=click.echo)
         return

@@ -113,3 +113,21 @@ def test_gradient_norms_and_share_by_hand():
     assert r.fusion_share == pytest.approx(g_fus / (g_clm + g_fus))
     line = report_lines({"src": [r]}, "ce_per_byte")[1]
     assert "50.0% with a teacher distribution" in line and f"{100 * r.fusion_share:.1f}%" in line
+
+
+def test_report_refuses_other_options_and_recipes_without_teachers(tmp_path, fuse_helpers):
+    from click.testing import CliRunner
+
+    from fusemerge.cli import main
+
+    recipe = fuse_helpers.write_recipe(
+        tmp_path / "r.yml",
+        pivot="some/pivot",
+        dataset={"path": "data.jsonl"},
+        fusion={"function": "none"},
+        output=str(tmp_path / "out"),
+    )
+    result = CliRunner().invoke(main, ["fuse", str(recipe), "--report", "--steps", "train"])
+    assert result.exit_code == 2 and "--report runs alone" in result.output
+    result = CliRunner().invoke(main, ["fuse", str(recipe), "--report"])
+    assert result.exit_code == 2 and "--report diagnoses explicit fusion" in result.output
