@@ -95,14 +95,18 @@ class DomainReport:
 
 def sequence_domains(recipe: FuseRecipe, data: ChatData, field_name: str = "domain") -> list[str]:
     """Each sequence's domain: its record's `domain` field, else "all" (read from the dataset again)."""
+    from fusemerge.errors import FusemergeError
     from fusemerge.lm.chat import read_records
 
     assert recipe.dataset is not None
-    named = {
-        number: str(rec[field_name])
-        for number, rec in read_records(recipe.dataset.path, recipe.dataset.split)
-        if isinstance(rec, dict) and rec.get(field_name) not in (None, "")
-    }
+    try:
+        named = {
+            number: str(rec[field_name])
+            for number, rec in read_records(recipe.dataset.path, recipe.dataset.split)
+            if isinstance(rec, dict) and rec.get(field_name) not in (None, "")
+        }
+    except FusemergeError:  # `data` built by the caller (the Python API), not from the recipe's file
+        named = {}
     return [named.get(seq.record, ALL) for seq in data.sequences]
 
 

@@ -187,10 +187,6 @@ def train_target(
     state.wait_for_everyone()
 
     selection = teacher_selection(recipe, data, stores)
-    for line in selection:
-        echo(
-            f"train {out.name}: {'MinCE picks' if recipe.fusion.function == 'mince' else 'heaviest avgce teacher'} {line}"
-        )
     trainer = build_trainer(recipe, data, stores, checkpoints=checkpoints, progress=progress, echo=echo)
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     what = (
@@ -203,6 +199,10 @@ def train_target(
         f"sequences, {what}; checkpoints in {checkpoints}"
         + (f"; resuming from {Path(last).name}" if last else "")
     )
+    for line in selection:
+        echo(
+            f"train {out.name}: {'MinCE picks' if recipe.fusion.function == 'mince' else 'heaviest avgce teacher'} {line}"
+        )
     trainer.train(resume_from_checkpoint=last)
     staging = checkpoints / FINAL_CHECKPOINT
     trainer.save_model(str(staging))  # gathers ZeRO-3 / FSDP shards; adapters only for lora / qlora
