@@ -43,7 +43,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "offsets+prefix": {"alignment": "offsets+prefix"},
     "T2": {"temperature": 2.0},
     "per_byte+offsets": {"metric": "ce_per_byte", "alignment": "offsets+prefix"},
-    "per_byte+offsets,lambda0.7": {"lambda": 0.7, "metric": "ce_per_byte", "alignment": "offsets+prefix"},
+    "per_byte+offsets+lambda0.7": {"lambda": 0.7, "metric": "ce_per_byte", "alignment": "offsets+prefix"},
 }
 ALIGNMENTS = {"dtw+stats": ("dtw", "stats"), "offsets+prefix": ("offsets", "prefix")}
 
