@@ -153,7 +153,8 @@ def collate_ms(args: argparse.Namespace) -> float:
             )
             ids = [rng.integers(0, 50000, (args.length, args.top_k)).astype(np.int32)] * args.batch_size
             lps = [np.sort(rng.normal(size=(args.length, args.top_k)))[:, ::-1].astype(np.float16)]
-            store.write_shard(0, ids, lps * args.batch_size, list(rng.uniform(1, 2, args.batch_size)))
+            ces = list(rng.uniform(1, 2, args.batch_size))
+            store.write_shard(0, ids, lps * args.batch_size, ces, ce_per_byte=[c / 3 for c in ces])
             store.finalize()
             stores.append(TopKStore.open(Path(tmp) / name))
         collate = FusionCollator(stores[0], {"source": stores[1]})

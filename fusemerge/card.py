@@ -116,8 +116,12 @@ def fused_card(
     recipe_text: str,
     extra_tags: list[str] | None = None,
     evaluation: EvalReport | None = None,
+    selection: list[str] | None = None,
 ) -> str:
-    """The card of one fused target: a fine-tune of the pivot, distilled from the sources' distributions."""
+    """The card of one fused target: a fine-tune of the pivot, distilled from the sources' distributions.
+
+    `selection`: one line per domain saying which teacher MinCE picked for how many sequences
+    (`fusemerge.fuse.report.selection_lines`), so a reader sees which teacher each domain learnt from."""
     return _target_card(
         pivot=pivot,
         tags=["fusechat", "knowledge-fusion", "fusemerge", *(extra_tags or [])],
@@ -126,7 +130,19 @@ def fused_card(
         "knowledge fusion ([FuseChat](https://arxiv.org/abs/2408.07990)): it was trained on chat data "
         "towards the token distributions of the source models below, aligned to its own tokenizer.",
         models=[f"- pivot (base): `{pivot}`", *(f"- source: `{s}`" for s in sources)],
-        sections=[],
+        sections=(
+            [
+                "## Teacher per sequence",
+                "",
+                "The teacher with the lowest cross-entropy on each training sequence (the one MinCE trains on; "
+                "avgce gives it the largest weight), per domain:",
+                "",
+                *(f"- {line}" for line in selection),
+                "",
+            ]
+            if selection
+            else []
+        ),
         recipe_text=recipe_text,
         evaluation=evaluation,
     )

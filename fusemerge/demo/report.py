@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from fusemerge.checkpoint.layout import publish, tmp_sibling
 from fusemerge.demo.arithmetic import DOMAINS as ARITHMETIC_DOMAINS
 from fusemerge.demo.corpus import DOMAINS
-from fusemerge.demo.results import PIVOT_LABEL, SFT_LABEL, preference_label
+from fusemerge.demo.results import PAPER_SUFFIX, PIVOT_LABEL, SFT_LABEL, preference_label
 
 if TYPE_CHECKING:
     from fusemerge.demo.results import DemoResult, ImplicitResult
@@ -93,6 +93,12 @@ def check_lines(result: DemoResult, specialist_domains: list[str]) -> list[str]:
         lines.append(
             verdict_line(claim, held[claim], f"{fused:.4f} vs {base:.4f} bits/byte, {_percent(fused, base)}")
         )
+        paper = bpb.get(f"fused with {domain} specialist{PAPER_SUFFIX}")
+        if paper is not None:  # not a claim: the row the recommended setting is measured against
+            lines.append(
+                f"  at the paper's setting: {paper[domain]:.4f} vs {base:.4f} bits/byte, "
+                f"{_percent(paper[domain], base)}"
+            )
     varm, linear = bpb["VaRM merge"]["average"], bpb["linear merge"]["average"]
     claim = "VaRM merge no worse than linear on average"
     tie = abs(varm - linear) < VARM_TIE * linear

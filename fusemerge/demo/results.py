@@ -13,6 +13,9 @@ from pathlib import Path
 # The implicit demo's rows that its claims compare (the rest are named after their models).
 PIVOT_LABEL = "pivot"
 SFT_LABEL = "SFT only"
+# The fusion demo's rows of the paper's setting: "fused with code specialist (paper's setting)"; the rows
+# without it are the recommended setting's, the ones the claims are about.
+PAPER_SUFFIX = " (paper's setting)"
 
 
 def preference_label(loss: str) -> str:

@@ -26,7 +26,7 @@ transfer rules' version (`aligned_format`): a store of an older version is rebui
 ask for it; one made with other settings is refused (another recipe in the same work_dir). Rows: `ids` int32 in the pivot vocabulary,
 best first, -1 for an empty slot (fewer than K distinct pivot ids, or the last position, which has no next
 token); `logprobs` float16, -inf in empty slots, not renormalised (dropped ids leave the sum below 1);
-`metric_ce` = the source's own metric_ce of the sequence (what FuseChat's MinCE compares).
+`metric_ce` and `ce_per_byte` = the source's own of the sequence (what MinCE compares, `fusion.metric`).
 
 The vocabulary mapping is built before any shard: for `stats` that is a first pass over the whole corpus
 counting co-aligned (pivot id, source id) pairs; its file records the dataset and alignment method it was
@@ -303,8 +303,8 @@ def _transfer(
             c = mine[k]
             shard = chunks[c][0]
             done[c] = result
-            positions += result[3]
-            from_teacher += result[4]
+            positions += result[4]
+            from_teacher += result[5]
             bar.update(len(chunks[c][1]))
             left[shard] -= 1
             if left[shard] == 0:
@@ -314,6 +314,7 @@ def _transfer(
                     [a for part in parts for a in part[0]],
                     [a for part in parts for a in part[1]],
                     [ce for part in parts for ce in part[2]],
+                    ce_per_byte=[ce for part in parts for ce in part[3]],
                 )
     return total, positions, from_teacher
 
@@ -390,31 +391,33 @@ def _use_mapping(state: _WorkerState, mapping: VocabMapping) -> None:
 
 
 def _transfer_chunk(state: _WorkerState, payload: tuple[list[int], list[Any]]) -> tuple:
-    """One chunk moved onto the pivot: (ids, logprobs, metric_ce per sequence, positions, from teacher)."""
+    """One chunk moved onto the pivot: (ids, logprobs, metric_ce and ce_per_byte per sequence, positions,
+    positions with a teacher distribution)."""
     indices, seqs = payload
     assert state.mapping is not None
     texts = dict(zip(indices, state.texts(indices, seqs), strict=True))
     missing = [i for i in indices if i not in state.cache]
     # One batched call per chunk: per-call overhead, not the DP, dominates short chat turns.
     state.cache.update(zip(missing, align_batch(state.tokens, [texts[i] for i in missing]), strict=True))
-    ids, lps, ces = [], [], []
+    ids, lps, ces, per_byte = [], [], [], []
     positions = from_teacher = 0
     for i in indices:
         s, p = texts[i]
         alignment = state.cache.pop(i)
-        moved, ce = _transfer_one(state, i, alignment, s, p)
+        moved, ce, ce_byte = _transfer_one(state, i, alignment, s, p)
         ids.append(moved.ids.astype(np.int32))
         lps.append(moved.logprobs.astype(np.float16))
         ces.append(ce)
+        per_byte.append(ce_byte)
         positions += len(p.ids)
         from_teacher += int(moved.from_teacher.sum())
-    return ids, lps, ces, positions, from_teacher
+    return ids, lps, ces, per_byte, positions, from_teacher
 
 
 def _transfer_one(
     state: _WorkerState, i: int, alignment: Alignment, s: TokenizedText, p: TokenizedText
-) -> tuple[Any, float]:
-    """Sequence i's source rows moved onto its pivot positions, and the source's metric_ce."""
+) -> tuple[Any, float, float]:
+    """Sequence i's source rows moved onto its pivot positions, and the source's metric_ce and ce_per_byte."""
     src = state.source.store.sequence(i)
     moved = transfer_topk(
         alignment,
@@ -428,7 +431,7 @@ def _transfer_one(
         spans=state.spans,
         span_text=_span_text(s, p, state.source.profile, state.first_piece),
     )
-    return moved, src.metric_ce
+    return moved, src.metric_ce, src.ce_per_byte
 
 
 def _span_ends(tokens: str, source: TokenizedText, pivot: TokenizedText) -> dict[str, np.ndarray]:

@@ -9,6 +9,7 @@
     fusemerge fuse recipes/fusechat-3.0.yml --dry-run            # the plan: steps, models, data, what is done
     fusemerge fuse recipes/fusechat-3.0.yml --steps sample,score # implicit fusion (fusion.kind: implicit)
     fusemerge fuse recipe.yml --baseline                         # ... and the CLM-only baseline beside them
+    fusemerge fuse recipe.yml --report                           # per domain: how much of each teacher is used
 
 `fusemerge.cli` registers it. It holds no logic: `run_fuse` does the work.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from fusemerge.errors import exit_2_on_user_error
+from fusemerge.errors import FusemergeError, exit_2_on_user_error
 from fusemerge.fuse import IMPLICIT_STEPS, STEPS
 from fusemerge.progress import silence_library_progress
 
@@ -54,6 +55,13 @@ from fusemerge.progress import silence_library_progress
     help="Also train the CLM-only baseline: the pivot fine-tuned on the same data with the same training, "
     "no fusion (OUTPUT/<pivot>-finetune). Not pushed, not merged.",
 )
+@click.option(
+    "--report",
+    is_flag=True,
+    help="Diagnose instead of training, from the finished teach and align steps: per target and domain, "
+    "the positions with a teacher distribution, how often its top-K holds the next token, MinCE's picks "
+    "and the fusion term's share of the gradient (also <work_dir>/report.json).",
+)
 @exit_2_on_user_error
 def fuse(
     recipe: Path,
@@ -63,6 +71,7 @@ def fuse(
     push_to_hub: str | None,
     private: bool,
     baseline: bool,
+    report: bool,
 ) -> None:
     """Fuse chat models of different tokenizers as the RECIPE says (FuseChat).
 
@@ -92,6 +101,17 @@ def fuse(
 
     if quiet:
         silence_library_progress()
+    if report:
+        from fusemerge.fuse.report import run_report
+
+        if steps or dry_run or push_to_hub or baseline:
+            raise FusemergeError(
+                "--report runs alone, on the stores of a finished teach and align (--steps teach,align first)",
+                key="--report",
+            )
+
+        run_report(recipe, echo=click.echo)
+        return
     run_fuse(
         recipe,
         steps=None if steps is None else steps.split(","),

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from fusemerge.errors import FusemergeError
-from fusemerge.fuse.fusion import Candidate, fuse
+from fusemerge.fuse.fusion import METRICS, Candidate, fuse
 from fusemerge.fuse.loss import IGNORE_INDEX
 from fusemerge.fuse.store import TopKStore
 from fusemerge.lm.chat_data import ChatData
@@ -59,6 +59,7 @@ class FusionCollator:
         pivot_store: the pivot's own top-K store (candidate 0: ties go to it).
         aligned: source name -> aligned store (pivot positions and vocabulary, -1 empty slots).
         function: the fusion function (fusion.FUSION_FUNCTIONS).
+        metric: what sequence-level choices compare (fusion.METRICS): ce_per_byte or ce_per_token.
         temperature: T in q = softmax(z / T).
         pad_id: the pivot's padding token id.
         with_targets: False for plain CLM (lambda = 1): the stores are not read at all.
@@ -70,6 +71,7 @@ class FusionCollator:
         aligned: Mapping[str, TopKStore],
         *,
         function: str = "mince",
+        metric: str = "ce_per_byte",
         temperature: float = 1.0,
         pad_id: int = 0,
         with_targets: bool = True,
@@ -79,6 +81,9 @@ class FusionCollator:
         self.pivot_store = pivot_store
         self.aligned = dict(aligned)
         self.function = function
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r} ({' or '.join(METRICS)})")
+        self.metric = metric
         self.temperature = temperature
         self.pad_id = pad_id
         self.with_targets = with_targets
@@ -96,7 +101,7 @@ class FusionCollator:
                     "the store was made for other data or another pivot tokenizer; rerun teach/align",
                     file=store.path,
                 )
-            out.append(Candidate(name, seq.ids, seq.logprobs, seq.metric_ce))
+            out.append(Candidate(name, seq.ids, seq.logprobs, seq.metric(self.metric)))
         return out
 
     def target(self, index: int, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

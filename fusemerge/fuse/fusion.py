@@ -15,6 +15,12 @@ Why here and not in the loss: fusion is per sequence, cheap, and runs in numpy i
 touch files or devices. A target row whose probabilities sum to 0 has no teacher; the loss then uses the
 next gold token (it contributes like the CLM term).
 
+`metric_ce` is what the sequence-level choices (mince, avgce, and mince_token's fallback) compare; the
+collator fills it with the recipe's `fusion.metric` (`METRICS`): `ce_per_byte` by default, the summed NLL
+of the assistant text over its UTF-8 bytes, or the paper's `ce_per_token`, the mean over assistant tokens.
+Per token favours a finer tokenizer (more, easier predictions): a teacher that cuts code into more pieces
+wins MinCE on code it models worse per byte than the pivot does.
+
 Pairwise fusion (the paper: one target model per source) calls a function with {pivot, one source};
 multi-source fusion (FuseLLM) calls it with the pivot and every source at once.
 """
@@ -39,7 +45,7 @@ class Candidate:
     name: str
     ids: np.ndarray  # int [T, K]; -1 marks an empty slot
     logprobs: np.ndarray  # float [T, K]; log-probs of the listed ids (values at -1 slots are ignored)
-    metric_ce: float  # the teacher's mean CE over the sequence's assistant tokens (NaN: none)
+    metric_ce: float  # the teacher's CE of the sequence, as `fusion.metric` measures it (NaN: none)
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,10 @@ class FusedTarget:
     probs: np.ndarray  # float32 [T, W]; 0 at pads
     source: np.ndarray  # int16 [T]: the candidate each row came from; -1 mixed or none
 
+
+# fusion.metric: what a sequence-level choice compares (fusemerge.fuse.store.TopKSequence.metric)
+METRICS = ("ce_per_byte", "ce_per_token")
+PAPER_METRIC = "ce_per_token"  # FuseChat's (and FuseLLM's) rule
 
 FusionFn = Callable[..., FusedTarget]
 FUSION_FUNCTIONS: Registry[FusionFn] = Registry("fusion function")

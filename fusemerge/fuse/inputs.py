@@ -11,11 +11,12 @@ the order of `build_chat_data`, the pivot store and each aligned store return a 
     logprobs   float16 [T, K] log-probabilities (memory-mapped); -inf in empty slots; not renormalised
     metric_ce  float          mean cross-entropy over assistant tokens, of the model that made the store
                               (an aligned store keeps its source's own); NaN when there is none
+    ce_per_byte float         the same summed NLL over the assistant text's UTF-8 bytes (fusion.metric)
 where T is the number of pivot tokens of sequence i (the same T in every store) and row t is the
 distribution over the token that follows pivot token t. Pivot rows always hold K ids. An aligned row
 holds the source's distribution where the alignment gave one, else the one-hot (log-prob 0) of the next
 gold pivot token; the last row of a sequence can be all empty. MinCE picks per sequence the store with
-the lowest metric_ce (ties to the pivot). Token ids and the assistant mask of sequence i come from
+the lowest `fusion.metric` (ce_per_byte by default; metric_ce is ce_per_token; ties to the pivot). Token ids and the assistant mask of sequence i come from
 `ChatTokenizer(pivot_tokenizer)(data.sequences[i])`, exactly as the teacher pass made them.
 
 Source names are the folder names under `<work_dir>/aligned/`, in recipe order when a recipe is given

@@ -8,7 +8,7 @@
     chat_template: pivot
     teacher: {top_k: 10, batch_size: 8, dtype: bfloat16}
     alignment: {tokens: dtw, vocab: stats}
-    fusion: {function: mince, loss: ce, lambda: 0.9, temperature: 1.0}
+    fusion: {function: mince, metric: ce_per_byte, loss: ce, lambda: 0.9, temperature: 1.0}
     training: {mode: lora, learning_rate: 5e-6, epochs: 3, batch_size: 4, gradient_accumulation: 4}
     output: fused/
 
@@ -115,6 +115,9 @@ class FusionSpec(_Frozen):
     # the registered fusion functions (fusion.FUSION_FUNCTIONS, tested) and `none`
     function: Literal["mince", "mince_token", "avgce", "none"] = "mince"
     sources: Literal["pairwise", "all"] = "pairwise"  # pairwise: one target per source (FuseChat)
+    # what MinCE and avgce compare per sequence (fusion.METRICS): the CE per UTF-8 byte of the assistant
+    # text, fair across tokenizers; ce_per_token is the paper's (a finer tokenizer wins it)
+    metric: Literal["ce_per_byte", "ce_per_token"] = "ce_per_byte"
     loss: Literal["ce", "kl"] = "ce"
     lambda_: float = Field(0.9, alias="lambda", ge=0.0, le=1.0)
     temperature: float = Field(1.0, gt=0.0)
@@ -170,7 +173,7 @@ class TrainingSpec(_Frozen):
 EXPLICIT_ONLY: tuple[tuple[str, ...], ...] = (
     ("teacher",),
     ("alignment",),
-    *(("fusion", key) for key in ("function", "sources", "loss", "lambda", "temperature")),
+    *(("fusion", key) for key in ("function", "sources", "metric", "loss", "lambda", "temperature")),
 )
 IMPLICIT_ONLY: tuple[tuple[str, ...], ...] = (("implicit",),)
 

@@ -11,9 +11,11 @@ Each shard is a plain safetensors file holding
     logprobs   float16 [tokens, K]   their log-probabilities (log_softmax computed in float32)
     offsets    int64   [sequences + 1]  row range of each sequence inside the shard
     metric_ce  float32 [sequences]  mean cross-entropy over the sequence's assistant tokens (FuseChat)
+    ce_per_byte float32 [sequences] the same summed NLL divided by the UTF-8 bytes of the assistant text
+                                    (eval's measure, comparable across tokenizers; NaN: none)
 Row t of a sequence is the distribution at position t, i.e. over the token that follows token t; every
 position is kept (not only assistant ones) so alignment can walk whole sequences. 60 bytes per token at
-K=10 plus 12 bytes per sequence, against FuseLLM's Arrow lists of float32 (about 100).
+K=10 plus 16 bytes per sequence, against FuseLLM's Arrow lists of float32 (about 100).
 
 An *aligned* store (a source's distributions moved into the pivot's positions and vocabulary) uses the same
 format with identity `kind: aligned`, `positions: pivot`, `vocab: pivot`; there, id -1 marks an empty
@@ -39,7 +41,9 @@ import numpy as np
 from fusemerge.checkpoint.layout import publish, stale_tmp_siblings, tmp_sibling, usual_file_mode
 from fusemerge.errors import FusemergeError
 
-STORE_FORMAT = "fusemerge-topk/1"
+# 2: ce_per_byte per sequence (fusion.metric). Bump when a shard's arrays change: older stores are refused
+STORE_FORMAT = "fusemerge-topk/2"
+STORE_FORMAT_PREFIX = "fusemerge-topk/"
 MANIFEST = "manifest.json"
 _DTYPES = {"I32": np.int32, "F16": np.float16, "I64": np.int64, "F32": np.float32}
 
@@ -50,7 +54,16 @@ class TopKSequence:
 
     ids: np.ndarray  # int32 [tokens, K]
     logprobs: np.ndarray  # float16 [tokens, K]
-    metric_ce: float
+    metric_ce: float  # nats per assistant token of the model that made the store
+    ce_per_byte: float  # nats per UTF-8 byte of the assistant text, the same NLL
+
+    def metric(self, name: str) -> float:
+        """The sequence's value of `fusion.metric`: ce_per_token (the paper's) or ce_per_byte."""
+        if name == "ce_per_token":
+            return self.metric_ce
+        if name == "ce_per_byte":
+            return self.ce_per_byte
+        raise ValueError(f"unknown metric {name!r} (ce_per_token or ce_per_byte)")
 
 
 class TopKStore:
@@ -159,8 +172,11 @@ class TopKStore:
         ids: Sequence[np.ndarray],
         logprobs: Sequence[np.ndarray],
         metric_ce: Sequence[float],
+        *,
+        ce_per_byte: Sequence[float],
     ) -> Path:
-        """Write one shard: per sequence of `shard_sequences(shard)`, its [tokens, K] ids and log-probs.
+        """Write one shard: per sequence of `shard_sequences(shard)`, its [tokens, K] ids and log-probs,
+        its nats per assistant token (`metric_ce`) and per assistant-text byte (`ce_per_byte`).
 
         The file appears under its final name only when complete (write, fsync, rename).
         """
@@ -168,9 +184,10 @@ class TopKStore:
 
         count = len(self.shard_sequences(shard))
         k = int(self.identity["top_k"])
-        if not (len(ids) == len(logprobs) == len(metric_ce) == count):
+        if not (len(ids) == len(logprobs) == len(metric_ce) == len(ce_per_byte) == count):
             raise ValueError(
-                f"shard {shard} needs {count} sequences, got {len(ids)}/{len(logprobs)}/{len(metric_ce)}"
+                f"shard {shard} needs {count} sequences, got "
+                f"{len(ids)}/{len(logprobs)}/{len(metric_ce)}/{len(ce_per_byte)}"
             )
         for a, b in zip(ids, logprobs, strict=True):
             if a.shape != b.shape or a.ndim != 2 or a.shape[1] != k:
@@ -181,6 +198,7 @@ class TopKStore:
             "logprobs": np.ascontiguousarray(np.concatenate(logprobs).astype(np.float16, copy=False)),
             "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
             "metric_ce": np.asarray(metric_ce, dtype=np.float32),
+            "ce_per_byte": np.asarray(ce_per_byte, dtype=np.float32),
         }
         final = self.shard_file(shard)
         tmp = tmp_sibling(final)
@@ -216,7 +234,7 @@ class TopKStore:
         return self.n_sequences
 
     def shard_arrays(self, shard: int) -> dict[str, np.ndarray]:
-        """The four arrays of a shard, memory-mapped (read-only)."""
+        """The arrays of a shard, memory-mapped (read-only)."""
         if shard not in self._shards:
             self._shards[shard] = _memmap_safetensors(self.shard_file(shard))
         return self._shards[shard]
@@ -227,11 +245,23 @@ class TopKStore:
         shard, row = divmod(index, self.shard_size)
         arrays = self.shard_arrays(shard)
         a, b = int(arrays["offsets"][row]), int(arrays["offsets"][row + 1])
-        return TopKSequence(arrays["ids"][a:b], arrays["logprobs"][a:b], float(arrays["metric_ce"][row]))
+        return TopKSequence(
+            arrays["ids"][a:b],
+            arrays["logprobs"][a:b],
+            float(arrays["metric_ce"][row]),
+            float(arrays["ce_per_byte"][row]),
+        )
 
     def metric_ce(self) -> np.ndarray:
-        """Every sequence's metric_ce, in dataset order (what MinCE compares across models)."""
-        return np.concatenate([self.shard_arrays(j)["metric_ce"] for j in range(self.n_shards)])
+        """Every sequence's metric_ce (nats per token), in dataset order (the paper's MinCE compares these)."""
+        return self.metric("ce_per_token")
+
+    def metric(self, name: str) -> np.ndarray:
+        """Every sequence's `fusion.metric` (ce_per_token | ce_per_byte), in dataset order."""
+        key = {"ce_per_token": "metric_ce", "ce_per_byte": "ce_per_byte"}.get(name)
+        if key is None:
+            raise ValueError(f"unknown metric {name!r} (ce_per_token or ce_per_byte)")
+        return np.concatenate([self.shard_arrays(j)[key] for j in range(self.n_shards)])
 
     def n_tokens(self) -> int:
         return sum(int(_header(self.shard_file(j))["ids"]["shape"][0]) for j in range(self.n_shards))
@@ -259,8 +289,15 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise FusemergeError(f"unreadable {MANIFEST}: {exc}", file=path) from exc
-    if manifest.get("format") != STORE_FORMAT:
-        raise FusemergeError(f"not a {STORE_FORMAT} store (format {manifest.get('format')!r})", file=path)
+    found = manifest.get("format")
+    if found != STORE_FORMAT:
+        if isinstance(found, str) and found.startswith(STORE_FORMAT_PREFIX):
+            raise FusemergeError(
+                f"top-K store of an older format ({found}, now {STORE_FORMAT}: it lacks ce_per_byte); "
+                "delete this folder and rerun `fusemerge fuse RECIPE --steps teach,align`",
+                file=path,
+            )
+        raise FusemergeError(f"not a {STORE_FORMAT} store (format {found!r})", file=path)
     return manifest
 
 

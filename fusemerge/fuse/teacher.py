@@ -1,4 +1,8 @@
-"""The teacher pass: one model over every sequence, keeping top-K next-token log-probs and metric_ce.
+"""The teacher pass: one model over every sequence, keeping top-K next-token log-probs and its CE.
+
+Each sequence's cross-entropy is kept two ways, for `fusion.metric`: per assistant token (`metric_ce`,
+FuseChat's) and per UTF-8 byte of the assistant text those tokens cover (`ce_per_byte`, the measure
+`fusemerge eval` reports, counted by its `scored_positions`), which compares fairly across tokenizers.
 
     from fusemerge.fuse.teacher import TeacherSettings, run_teacher
     store = run_teacher("path/to/model", data, "work/teacher/model", settings=TeacherSettings(top_k=10))
@@ -25,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from fusemerge.errors import FusemergeError
+from fusemerge.evaluate import scored_positions
 from fusemerge.fuse.store import TopKStore
 from fusemerge.lm.chat_data import ChatData
 from fusemerge.lm.forward import topk_forward
@@ -233,10 +238,11 @@ def run_teacher(
     try:
         for shard in mine:
             seqs = [data.sequences[i] for i in store.shard_sequences(shard)]
-            tokenized = [chat_tok(s) for s in seqs]
+            tokenized = [_scored(s, chat_tok) for s in seqs]
             ids, lps, ces = _teach_shard(lm, tokenized, settings, pad, device, bar)
             check_store_values(store.path, store.shard_sequences(shard), lps, ces, identity["dtype"])
-            store.write_shard(shard, ids, lps, ces)
+            per_byte = [per_byte_ce(ce, tok[1], tok[2]) for ce, tok in zip(ces, tokenized, strict=True)]
+            store.write_shard(shard, ids, lps, ces, ce_per_byte=per_byte)
     finally:
         bar.close()
     state.wait_for_everyone()
@@ -297,6 +303,22 @@ def check_store_values(
                 "(its `dtype` in the recipe); nothing of this shard was written",
                 file=store,
             )
+
+
+def _scored(seq: Any, chat_tok: ChatTokenizer) -> tuple[np.ndarray, np.ndarray, int]:
+    """(ids, assistant mask, UTF-8 bytes of the scored assistant text): eval's count, so the two agree."""
+    ids, scored, nbytes = scored_positions(seq, chat_tok)
+    mask = np.zeros(len(ids), dtype=bool)
+    mask[scored] = True  # eval's scored tokens: the assistant tokens after the first (what metric_ce sums)
+    return ids, mask, nbytes
+
+
+def per_byte_ce(mean_ce: float, assistant_mask: np.ndarray, nbytes: int) -> float:
+    """Nats per byte: the summed NLL of the scored assistant tokens (mean x count) over their bytes."""
+    count = int(np.asarray(assistant_mask)[1:].sum())
+    if not count or nbytes <= 0 or not np.isfinite(mean_ce):
+        return float("nan")
+    return float(mean_ce) * count / nbytes
 
 
 def metric_ce(next_logprob: np.ndarray, assistant_mask: np.ndarray) -> float:

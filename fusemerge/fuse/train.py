@@ -211,6 +211,7 @@ def train_target(
         last_complete_checkpoint(checkpoints=checkpoints, echo=lambda line: echo(f"train {out.name}: {line}"))
     state.wait_for_everyone()
 
+    selection = teacher_selection(recipe, data, stores)
     trainer = build_trainer(recipe, data, stores, checkpoints=checkpoints, progress=progress, echo=echo)
     last = last_complete_checkpoint(checkpoints=checkpoints)
     what = (
@@ -223,6 +224,10 @@ def train_target(
         f"sequences, {what}; checkpoints in {checkpoints}"
         + (f"; resuming from {Path(last).name}" if last else "")
     )
+    for line in selection:
+        echo(
+            f"train {out.name}: {'MinCE picks' if recipe.fusion.function == 'mince' else 'heaviest avgce teacher'} {line}"
+        )
     trainer.train(resume_from_checkpoint=last)
     staging = checkpoints / FINAL_CHECKPOINT
     trainer.save_model(str(staging))  # gathers ZeRO-3 / FSDP shards; adapters only for lora / qlora
@@ -235,6 +240,7 @@ def train_target(
             identity=stamp,
             tokenizer=trainer.processing_class,
             replace=replace,
+            selection=selection,
         )
         echo(f"train {out.name}: {line}")
         if not recipe.training.keep_checkpoints:
@@ -242,6 +248,22 @@ def train_target(
         echo(f"train {out.name}: saved {out}")
     state.wait_for_everyone()
     return out
+
+
+def teacher_selection(recipe: FuseRecipe, data: ChatData, stores: Mapping[str, TopKStore]) -> list[str]:
+    """Per domain, which candidate wins the sequence-level choice by `fusion.metric` (none: a fine-tune).
+
+    Logged before training and written into the card: a teacher that wins a domain it models worse per
+    byte than the pivot (per-token MinCE with a finer tokenizer) shows here first."""
+    if recipe.fine_tune or len(stores) < 2 or recipe.fusion.function == "mince_token":
+        return []  # mince_token chooses per token; the sequence-level choice is only its fallback
+    from fusemerge.fuse.report import selection_counts, selection_lines, sequence_domains
+
+    names = {"pivot": "pivot", **{k: Path(k.rstrip("/")).name or k for k in stores if k != "pivot"}}
+    counts = selection_counts(
+        {names[k]: v for k, v in stores.items()}, recipe.fusion.metric, sequence_domains(recipe, data)
+    )
+    return selection_lines(counts, recipe.fusion.metric)
 
 
 def build_trainer(
@@ -266,6 +288,7 @@ def build_trainer(
         stores.get("pivot"),
         {k: v for k, v in stores.items() if k != "pivot"},
         function=recipe.fusion.function,
+        metric=recipe.fusion.metric,
         temperature=recipe.fusion.temperature,
         pad_id=pad,
         with_targets=lambda_ < 1.0,
@@ -291,13 +314,15 @@ def save_target(
     identity: dict,
     tokenizer: Any = None,
     replace: bool = False,
+    selection: list[str] | None = None,
 ) -> str:
     """The trained weights (adapters folded into float32 pivot weights) as a model folder in the dtype
     `training.save_dtype` picks, with tokenizer, config, card and stamp; it appears under `out` only when
     complete. Returns the line that says which dtype and why (`fusemerge.fuse.save_dtype`).
 
     `tokenizer` is the pivot's, already loaded by the trainer (loaded here when not given); `replace`: a
-    stale target at `out` (trained from older weights) gives way once the new one is complete."""
+    stale target at `out` (trained from older weights) gives way once the new one is complete;
+    `selection`: the lines of `teacher_selection` for the card."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -334,6 +359,7 @@ def save_target(
             sources=sources,
             recipe_text=recipe.raw_yaml,
             extra_tags=[recipe.fusion.function, f"{recipe.training.mode}-training"],
+            selection=selection,
         )
     with staged_folder(out, replace=replace) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -13,7 +13,7 @@ import json
 import pytest
 
 from fusemerge.demo.corpus import DOMAINS, CorpusPlan, Split, build_corpus, chat_records, record_text
-from fusemerge.demo.fusion import DemoPlan, run_fusion_demo
+from fusemerge.demo.fusion import PAPER, RECOMMENDED, DemoPlan, describe, run_fusion_demo
 from fusemerge.demo.pretrain import ModelPlan, demo_tokenizer
 from fusemerge.demo.report import check_lines, claims
 from fusemerge.demo.results import DemoResult
@@ -99,6 +99,8 @@ def test_scaled_down_demo_runs_every_stage(tmp_path):
         "pivot + CLM only (baseline)",
         "fused with code specialist",
         "fused with chat specialist",
+        "fused with code specialist (paper's setting)",
+        "fused with chat specialist (paper's setting)",
         "VaRM merge",
         "linear merge",
     ]
@@ -111,6 +113,14 @@ def test_scaled_down_demo_runs_every_stage(tmp_path):
     text = "\n".join(lines)
     assert "held-out bits per byte" in text and "VaRM merge no worse than linear" in text
     assert text.count("beats CLM-only") == 2
+    # the recommended setting is the demo's, the paper's is a row beside it: both named, one line each
+    assert (
+        f"recommended setting (the best setting of bench/fusion_ablation.py): {describe(RECOMMENDED)}" in text
+    )
+    assert f"paper's setting, trained beside it: {describe(PAPER)}" in text
+    assert text.count("  at the paper's setting: ") == 2
+    assert "metric: ce_per_token" in (tmp_path / "demo" / "fuse-paper.yml").read_text()
+    assert "metric: ce_per_byte" in (tmp_path / "demo" / "fuse.yml").read_text()
     # Each printed verdict is the comparison of the numbers in the table, whichever way it went here.
     bpb = result.bits_per_byte
     for domain in DOMAINS:

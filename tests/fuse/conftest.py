@@ -52,7 +52,7 @@ def make_store(
     identity = {"kind": "aligned" if aligned else "teacher", "top_k": k, "seed": seed, "vocab": "pivot"}
     store = TopKStore.create_or_resume(path, identity, n_sequences=len(data.sequences), shard_size=shard_size)
     for shard in range(store.n_shards):
-        ids_list, lps_list, ces = [], [], []
+        ids_list, lps_list, ces, per_byte = [], [], [], []
         for i in store.shard_sequences(shard):
             ids, _ = tok(data.sequences[i])
             rows = len(ids)
@@ -66,7 +66,8 @@ def make_store(
             ids_list.append(top)
             lps_list.append(lps.astype(np.float16))
             ces.append(float(rng.uniform(1.0, 3.0)) + ce_offset)
-        store.write_shard(shard, ids_list, lps_list, ces)
+            per_byte.append(ces[-1] / 3.0)  # as if every token were 3 bytes
+        store.write_shard(shard, ids_list, lps_list, ces, ce_per_byte=per_byte)
     store.finalize()
     return TopKStore.open(path)
 

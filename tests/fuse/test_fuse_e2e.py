@@ -25,7 +25,9 @@ def test_fuse_then_merge_on_three_tokenizers(tmp_path, tiny_models, chat_jsonl, 
         dataset={"path": str(chat_jsonl), "limit": 12},
         teacher={"shard_size": 8, "device": "cpu"},
         alignment={"tokens": "dtw", "vocab": "stats"},
-        fusion={"function": "mince", "lambda": 0.5},
+        # per token: random tiny models have about log(V) nats per token, so per byte the pivot (the coarsest
+        # tokenizer) wins every sequence and both targets would be the same self-distillation of the pivot
+        fusion={"function": "mince", "lambda": 0.5, "metric": "ce_per_token"},
         training={
             "mode": "full",
             "learning_rate": 1e-3,
@@ -45,6 +47,7 @@ def test_fuse_then_merge_on_three_tokenizers(tmp_path, tiny_models, chat_jsonl, 
         tmp_path / "fused" / "qwen-pivot-gpt2-source",
     ]
     assert f"targets: {targets[0]}, {targets[1]}" in result.output
+    fuse_output = result.output
     command = re.search(r"^next: fusemerge merge (\S+) (\S+)$", result.output, re.M)
     assert command, result.output
     merge_recipe, merged = command.groups()
@@ -64,12 +67,31 @@ def test_fuse_then_merge_on_three_tokenizers(tmp_path, tiny_models, chat_jsonl, 
         assert len(changed) > len(pivot) // 2, f"{target.name}: only {changed} changed"
         card = (target / "README.md").read_text()
         assert "source: `" in card and "pivot (base)" in card
+        # which teacher MinCE took, per domain (records without a domain field: "all"), in log and card
+        picks = re.search(
+            rf"train {target.name}: MinCE picks (all: .* of 12 sequences by ce_per_token)$",
+            fuse_output,
+            re.M,
+        )
+        assert picks, fuse_output
+        assert "## Teacher per sequence" in card and f"- {picks.group(1)}" in card
     a, b = (load_file(t / "model.safetensors") for t in targets)
     assert any(not torch.equal(a[n], b[n]) for n in a)  # two sources, two different targets
     model = AutoModelForCausalLM.from_pretrained(merged)
     assert (
         model.config.vocab_size == AutoModelForCausalLM.from_pretrained(tiny_models["qwen"]).config.vocab_size
     )
+
+    report = runner.invoke(main, ["fuse", str(recipe), "--report", "-q"])
+    assert report.exit_code == 0, report.output + repr(report.exception)
+    saved = json.loads((tmp_path / "fused" / "work" / "report.json").read_text())
+    assert list(saved) == ["gpt2-source", "mistral-source"]
+    for name, rows in saved.items():
+        (row,) = rows  # one domain: "all"
+        assert row["domain"] == "all" and row["sequences"] == 12 and 0 < row["covered"] <= row["positions"]
+        assert 0 < row["fusion_share"] < 1 and row["grad_clm"] > 0 and sum(row["picks"].values()) == 12
+        assert f"report {name} (MinCE by ce_per_token):" in report.output
+    assert report.output.count("with a teacher distribution") == 2
 
     again = runner.invoke(main, ["fuse", str(recipe), "-q"])
     assert again.exit_code == 0, again.output

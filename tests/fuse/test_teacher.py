@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fusemerge.errors import FusemergeError
+from fusemerge.evaluate import scored_positions
 from fusemerge.fuse.data import build_chat_data
 from fusemerge.fuse.recipe import DatasetSpec
 from fusemerge.fuse.store import TopKStore
@@ -84,6 +85,9 @@ def test_topk_and_metric_ce_equal_a_direct_computation(
         gathered = logp.gather(1, torch.from_numpy(got.ids.astype(np.int64))).numpy()
         np.testing.assert_allclose(gathered, values.numpy(), rtol=1e-5, atol=1e-5)
         assert got.metric_ce == pytest.approx(loss, rel=1e-5)
+        # per byte: the same summed NLL over the bytes eval counts for this model's scored tokens
+        _, scored, nbytes = scored_positions(chat_data.sequences[i], ChatTokenizer(tok))
+        assert got.ce_per_byte == pytest.approx(loss * len(scored) / nbytes, rel=1e-5)
 
 
 def test_batch_size_does_not_change_results(tmp_path, tiny_models, chat_data, gpt2_store):

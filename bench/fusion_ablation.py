@@ -1,0 +1,283 @@
+"""The fusion ablation on the demo's data: which setting makes a fused target beat CLM-only by the most.
+
+    python bench/fusion_ablation.py --out bench-out/fusion-ablation            # every setting, seeds 42 1 2
+    python bench/fusion_ablation.py --out /tmp/abl --settings paper,per_byte --seeds 42 --tiny   # a smoke run
+    python bench/fusion_ablation.py --out bench-out/fusion-ablation --table     # the table of what is done
+
+The demo's corpus and pre-trained models (`fusemerge.demo.corpus`, `fusemerge.demo.pretrain`, the demo's
+own plans) are built once under OUT and reused (a model folder whose stamp matches is kept); the teacher
+pass runs once (its stores hold both metrics); each alignment runs once in its own work dir (the teacher
+stores shared by a symlink); then per seed the CLM-only baseline and, per setting, both pairwise targets
+are trained and scored on the held-out file in bits per byte, as `fusemerge demo` does.
+
+Settings vary one factor at a time from the paper's (lambda 0.9, MinCE per token, dtw + stats, T = 1),
+plus one row with both fixes of ours (`per_byte+offsets`: MinCE per byte, offsets + prefix alignment). Each finished
+(setting, seed) prints one JSON line (also appended to OUT/results.jsonl, so a rerun skips it) with, per
+domain, the target's and the CLM-only baseline's bits per byte and the gain in percent (negative: the
+fused target is better). The end prints a markdown table: mean and spread (sample standard deviation)
+over seeds of each gain. Seeds run in the outer loop, so an interrupted run still has whole seeds.
+
+Timings and results are from a 2-core CPU shared with other jobs; torch runs on one thread (faster there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PAPER = {"lambda": 0.9, "metric": "ce_per_token", "alignment": "dtw+stats", "temperature": 1.0}
+SETTINGS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "lambda0.7": {"lambda": 0.7},
+    "lambda0.5": {"lambda": 0.5},
+    "per_byte": {"metric": "ce_per_byte"},
+    "offsets+prefix": {"alignment": "offsets+prefix"},
+    "T2": {"temperature": 2.0},
+    "per_byte+offsets": {"metric": "ce_per_byte", "alignment": "offsets+prefix"},
+    "per_byte+offsets+lambda0.7": {"lambda": 0.7, "metric": "ce_per_byte", "alignment": "offsets+prefix"},
+}
+ALIGNMENTS = {"dtw+stats": ("dtw", "stats"), "offsets+prefix": ("offsets", "prefix")}
+
+
+def setting(name: str) -> dict[str, Any]:
+    return {**PAPER, **SETTINGS[name]}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def build_inputs(out: Path, plan: Any) -> tuple[Any, Path, dict[str, Path]]:
+    """The demo's corpus and models under OUT (reused when their stamps match)."""
+    from fusemerge.demo.corpus import build_corpus
+    from fusemerge.demo.pretrain import pretrain
+
+    corpus = build_corpus(out / "data", plan.corpus)
+    models = out / "models"
+    pivot = pretrain(
+        models / plan.pivot.name, plan.pivot, corpus.pretraining_texts("pivot"), progress=False, echo=log
+    )
+    specialists = {
+        d: pretrain(models / p.name, p, corpus.texts["specialist"][d], progress=False, echo=log)
+        for d, p in plan.specialists
+    }
+    return corpus, pivot, specialists
+
+
+def recipe_body(
+    plan: Any,
+    pivot: Path,
+    specialists: dict[str, Path],
+    corpus: Any,
+    work: Path,
+    s: dict,
+    seed: int,
+    tiny: bool,
+) -> dict[str, Any]:
+    tokens, vocab = ALIGNMENTS[s["alignment"]]
+    fuse = json.loads(json.dumps(plan.fuse))
+    fuse["alignment"] = {"tokens": tokens, "vocab": vocab}
+    fuse["fusion"] = {
+        **fuse["fusion"],
+        "lambda": s["lambda"],
+        "metric": s["metric"],
+        "temperature": s["temperature"],
+    }
+    fuse["training"] = {**fuse["training"], "seed": seed}
+    if tiny:
+        fuse["training"]["max_steps"] = 2
+    dataset = {"path": str(corpus.fusion_file), "format": "openai", "max_length": 512}
+    if tiny:
+        dataset["limit"] = 24
+    return {
+        "pivot": str(pivot),
+        "sources": [str(p) for p in specialists.values()],
+        "dataset": dataset,
+        **fuse,
+        "work_dir": str(work),
+    }
+
+
+def write_recipe(path: Path, body: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(body, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def prepare_work(out: Path, body_for: Any) -> None:
+    """Teach once (in the first alignment's work dir), share its stores, align each variant once."""
+    from fusemerge.fuse.pipeline import run_fuse
+
+    first = None
+    for alignment in ALIGNMENTS:
+        work = out / f"work-{alignment}"
+        if first is None:
+            first = work
+            recipe = write_recipe(out / "recipes" / f"teach-{alignment}.yml", body_for(alignment, "teach"))
+            run_fuse(recipe, steps=["teach"], progress=False, echo=log)
+        else:
+            work.mkdir(parents=True, exist_ok=True)
+            link = work / "teacher"
+            if not link.exists():
+                link.symlink_to((first / "teacher").resolve(), target_is_directory=True)
+        recipe = write_recipe(out / "recipes" / f"align-{alignment}.yml", body_for(alignment, "align"))
+        run_fuse(recipe, steps=["align"], progress=False, echo=log)
+
+
+def split_heldout(heldout: Path, folder: Path) -> dict[str, Path]:
+    """The held-out file cut by its records' domain, so a target is scored on its teacher's domain only."""
+    by_domain: dict[str, list[str]] = {}
+    for line in heldout.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            by_domain.setdefault(json.loads(line)["domain"], []).append(line + "\n")
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for domain, lines in by_domain.items():
+        files[domain] = folder / f"heldout-{domain}.jsonl"
+        files[domain].write_text("".join(lines), encoding="utf-8")
+    return files
+
+
+def bits_per_byte(folder: Path, heldout: Path, domain: str) -> float:
+    """Held-out bits per byte of one model on one domain, as `fusemerge demo` scores it (float32)."""
+    from fusemerge.evaluate import evaluate_models
+
+    report = evaluate_models([folder], [heldout], dtype="float32", progress=False)
+    return report.score(str(folder), domain).bits_per_byte
+
+
+def read_done(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: per setting, mean and spread over seeds of each fused target's gain over CLM-only."""
+    lines = [
+        "| setting | lambda | metric | alignment | T | seeds | code target vs CLM-only, code (%) "
+        "| chat target vs CLM-only, chat (%) | code bits/byte | chat bits/byte |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    names = [n for n in SETTINGS if any(r["setting"] == n for r in rows)]
+    for name in names:
+        runs = [r for r in rows if r["setting"] == name]
+        s = setting(name)
+
+        def stat(key: str, runs: list[dict[str, Any]] = runs, pct: bool = True) -> str:
+            values = [r[key] for r in runs]
+            mean = statistics.fmean(values)
+            spread = statistics.stdev(values) if len(values) > 1 else float("nan")
+            digits = 2 if pct else 4
+            tail = "" if math.isnan(spread) else f" ± {spread:.{digits}f}"
+            return f"{mean:+.{digits}f}{tail}" if pct else f"{mean:.{digits}f}{tail}"
+
+        lines.append(
+            f"| {name} | {s['lambda']} | {s['metric']} | {s['alignment']} | {s['temperature']:g} "
+            f"| {len(runs)} | {stat('code_gain_pct')} | {stat('chat_gain_pct')} "
+            f"| {stat('code_bpb', pct=False)} | {stat('chat_bpb', pct=False)} |"
+        )
+    clm = {r["seed"]: r for r in rows}
+    if clm:
+        code = [r["clm_code_bpb"] for r in clm.values()]
+        chat = [r["clm_chat_bpb"] for r in clm.values()]
+        sd = lambda v: f" ± {statistics.stdev(v):.4f}" if len(v) > 1 else ""  # noqa: E731
+        lines.append(
+            f"| CLM-only (baseline) | 1 | - | - | - | {len(clm)} | 0 | 0 "
+            f"| {statistics.fmean(code):.4f}{sd(code)} | {statistics.fmean(chat):.4f}{sd(chat)} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench-out/fusion-ablation"))
+    parser.add_argument(
+        "--settings", default=",".join(SETTINGS), help="comma-separated, of " + ", ".join(SETTINGS)
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
+    parser.add_argument("--tiny", action="store_true", help="24 records, 2 optimizer steps: a smoke run")
+    parser.add_argument("--table", action="store_true", help="print the table of OUT/results.jsonl and stop")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy CPU)")
+    args = parser.parse_args(argv)
+    names = [n for n in args.settings.split(",") if n]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+    out: Path = args.out.resolve()
+    results = out / "results.jsonl"
+    if args.table:
+        print(table(read_done(results)))
+        return 0
+
+    import torch
+
+    from fusemerge.demo.fusion import DemoPlan
+    from fusemerge.fuse.pipeline import run_fuse
+    from fusemerge.fuse.recipe import load_fuse_recipe
+    from fusemerge.fuse.workdir import FuseWorkDir
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    start = time.monotonic()
+    plan = DemoPlan()
+    corpus, pivot, specialists = build_inputs(out, plan)
+
+    def body_for(alignment: str, what: str, s: dict | None = None, seed: int = 42) -> dict[str, Any]:
+        s = s or {**PAPER, "alignment": alignment}
+        return recipe_body(
+            plan, pivot, specialists, corpus, out / f"work-{alignment}", s, seed, args.tiny
+        ) | {"output": str(out / "runs" / what)}
+
+    prepare_work(out, body_for)
+    log(f"inputs ready ({time.monotonic() - start:.0f} s)")
+    heldout = split_heldout(corpus.heldout_file, out / "data-by-domain")
+    done = {(r["setting"], r["seed"]) for r in read_done(results)}
+    for seed in args.seeds:
+        base_body = body_for("dtw+stats", f"clm-only-s{seed}", seed=seed)
+        base_body["fusion"] = {"function": "none"}
+        clm_recipe = write_recipe(out / "recipes" / f"clm-only-s{seed}.yml", base_body)
+        clm = run_fuse(clm_recipe, steps=["train"], progress=False, echo=log)
+        clm_folder = next(p for k, p in clm.items() if k.startswith("target/"))
+        clm_bpb: dict[str, float] = {}
+        for name in names:
+            if (name, seed) in done:
+                continue
+            if not clm_bpb:
+                clm_bpb = {d: bits_per_byte(clm_folder, heldout[d], d) for d in specialists}
+            s = setting(name)
+            t0 = time.monotonic()
+            recipe = write_recipe(
+                out / "recipes" / f"{name}-s{seed}.yml", body_for(s["alignment"], f"{name}-s{seed}", s, seed)
+            )
+            made = run_fuse(recipe, steps=["train"], progress=False, echo=log)
+            layout = FuseWorkDir(load_fuse_recipe(recipe))
+            targets = {d: made[t.key] for d, t in zip(specialists, layout.targets, strict=True)}
+            row: dict[str, Any] = {"setting": name, "seed": seed, **s}
+            for domain in specialists:
+                mine, base = bits_per_byte(targets[domain], heldout[domain], domain), clm_bpb[domain]
+                row[f"{domain}_bpb"] = mine
+                row[f"clm_{domain}_bpb"] = base
+                row[f"{domain}_gain_pct"] = 100.0 * (mine - base) / base
+            row["seconds"] = round(time.monotonic() - t0, 1)
+            print(json.dumps(row), flush=True)
+            with results.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+    print(table(read_done(results)))
+    log(f"done in {(time.monotonic() - start) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
