@@ -100,7 +100,7 @@ def fake_teacher_store(folder: Path, name: str, tokenizer, data, seed: int):
             ids.append(rng.integers(0, len(tokenizer), (rows, 10)).astype(np.int32))
             lps.append(np.sort(np.log(rng.dirichlet(np.ones(10), rows)), axis=1)[:, ::-1].astype(np.float16))
             ces.append(float(rng.uniform(1, 3)))
-        store.write_shard(shard, ids, lps, ces)
+        store.write_shard(shard, ids, lps, ces, ce_per_byte=[c / 3 for c in ces])  # synthetic: ~3 bytes/token
     store.finalize()
     return store
 

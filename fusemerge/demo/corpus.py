@@ -107,7 +107,7 @@ def record_text(record: dict) -> str:
     )
 
 
-def _unique(records: list[dict]) -> list[dict]:
+def unique_records(records: list[dict]) -> list[dict]:
     """The records without repeats (chatterbot repeats conversations across topics, the standard library
     repeats some blocks): a repeat split across parts would leak held-out or fusion text into training."""
     seen: set[str] = set()
@@ -129,7 +129,7 @@ def build_corpus(folder: str | Path, plan: CorpusPlan = CorpusPlan()) -> Corpus:
         ("code", code_records(plan), plan.code),
         ("chat", chat_records(), plan.chat),
     ):
-        records = _unique(records)
+        records = unique_records(records)
         random.Random(plan.seed).shuffle(records)
         need = split.heldout + split.fusion + split.pivot + split.specialist
         if len(records) < need:

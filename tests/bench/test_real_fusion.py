@@ -39,7 +39,7 @@ def test_split_is_disjoint_per_domain_deduplicated_and_stable(bench):
         _rec("code", f"c{i}", "x") for i in range(8)
     ]
     records += [_rec("chat", "q3", "a3"), _rec("chat", " q3", "a3 ")]  # repeats (whitespace aside)
-    assert len(bench.unique(records)) == 18
+    assert len(bench.unique_records(records)) == 18
     fusion, heldout = bench.split_records(records, 5, 3, seed=1)
     assert [sum(r["domain"] == d for r in fusion) for d in ("chat", "code")] == [5, 5]
     assert [sum(r["domain"] == d for r in heldout) for d in ("chat", "code")] == [3, 3]
