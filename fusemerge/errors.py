@@ -55,6 +55,10 @@ class FusemergeError(Exception):
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 _OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")
+# torch.save's zip writer (a Trainer checkpoint's optimizer state) reports a failed write without an errno:
+# "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534" raised from
+# "basic_ios::clear: iostream error" when the disk fills up (measured on a 64 kB tmpfs)
+_TORCH_WRITE_FAILED = ("inline_container.cc", "PytorchStreamWriter failed writing", "iostream error")
 
 
 def environment_error(exc: BaseException) -> FusemergeError | None:
@@ -83,8 +87,18 @@ def environment_error(exc: BaseException) -> FusemergeError | None:
                 f"{os.strerror(code)}: make the folder writable or choose another output / work_dir",
                 file=filename,
             )
+        if isinstance(current, RuntimeError) and any(mark in str(current) for mark in _TORCH_WRITE_FAILED):
+            return FusemergeError(
+                f"writing a torch file (a training checkpoint) failed ({_first_line(str(current))}): most "
+                "often a full disk; free some space, then rerun the same command (the last complete "
+                "checkpoint is resumed from, a half-written one skipped)"
+            )
         current = current.__cause__ or current.__context__
     return None
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
 
 
 def exit_2_on_user_error(fn: Callable[..., Any]) -> Callable[..., Any]:
