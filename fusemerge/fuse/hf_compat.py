@@ -94,3 +94,16 @@ def _argument_names() -> set[str]:
     from transformers import TrainingArguments
 
     return {f.name for f in fields(TrainingArguments)}
+
+
+def launched_rank_zero() -> bool:
+    """True in the one process of a plain run, and in rank 0 of a launched one (torchrun and
+    `accelerate launch` set RANK).
+
+    Read from the environment, not from accelerate's `PartialState`: on the CPU, under
+    `torch.distributed.run`, a PartialState made before the Trainer's says "not distributed" in every
+    process (measured: both ranks report main), so each would take the run's lock for itself.
+    """
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0

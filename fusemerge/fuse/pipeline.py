@@ -33,6 +33,7 @@ from typing import Any
 from fusemerge.checkpoint.layout import exclusive_lock
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse import checked_steps
+from fusemerge.fuse.hf_compat import launched_rank_zero
 from fusemerge.fuse.inputs import check_fuse_inputs, check_writable_folders
 from fusemerge.fuse.recipe import FuseRecipe, load_fuse_recipe
 from fusemerge.fuse.workdir import FuseWorkDir, disk_line
@@ -94,7 +95,7 @@ def run_fuse(
 
     repo_ids = _repo_ids(recipe, push_to_hub) if push_to_hub else {}  # before anything is made on disk
     layout = FuseWorkDir(recipe)
-    main = PartialState().is_main_process
+    main = launched_rank_zero()
     if main:  # the lock below is a file in the work folder: an unwritable one is named by its key first
         check_writable_folders(recipe, steps, recipe_path=recipe_path)
     # one fuse per work dir: a second one would resume from the first one's checkpoints and train into

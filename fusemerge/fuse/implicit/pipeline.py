@@ -28,6 +28,7 @@ from typing import Any
 
 from fusemerge.checkpoint.layout import exclusive_lock
 from fusemerge.errors import FusemergeError
+from fusemerge.fuse.hf_compat import launched_rank_zero
 from fusemerge.fuse.implicit.spec import DataFileSpec, ImplicitSpec
 from fusemerge.fuse.recipe import FuseRecipe, ModelSpec
 from fusemerge.fuse.workdir import FuseWorkDir
@@ -85,7 +86,7 @@ def run_implicit(
 
     layout = FuseWorkDir(recipe)
     state = PartialState()
-    main = state.is_main_process
+    main = launched_rank_zero()  # not state.is_main_process: see launched_rank_zero
     layout.implicit_dir.mkdir(parents=True, exist_ok=True)
     lock: AbstractContextManager[None] = (
         exclusive_lock(layout.implicit_dir, what="implicit fuse") if main else nullcontext()
