@@ -155,6 +155,13 @@ def _all(flags: Sequence[bool]) -> str:
     return TODO if not done else f"{done} of {len(flags)} done"
 
 
+def _alignment(recipe: FuseRecipe) -> str:
+    """The alignment settings that change what the train step sees, so a dry run shows which rule applies."""
+    spec = recipe.alignment
+    workers = spec.workers if spec.workers else "auto"
+    return f"{spec.tokens} / {spec.vocab}, spans {spec.spans}, workers {workers}"
+
+
 def _explicit_steps(recipe: FuseRecipe, layout: FuseWorkDir, steps: Sequence[str]) -> list[str]:
     stores = [(f / MANIFEST).is_file() for f in layout.teacher_stores]
     aligned = [(f / MANIFEST).is_file() for f in layout.aligned_stores]
@@ -163,8 +170,13 @@ def _explicit_steps(recipe: FuseRecipe, layout: FuseWorkDir, steps: Sequence[str
     lines = [
         "steps:",
         _step("teach", steps, f"{_all(stores)} (top-{recipe.teacher.top_k} of {len(stores)} models)"),
-        _step("align", steps, f"{_all(aligned)} ({recipe.alignment.tokens} / {recipe.alignment.vocab})"),
-        _step("train", steps, f"{_all(trained)} ({recipe.training.mode}, {recipe.fusion.function})"),
+        _step("align", steps, f"{_all(aligned)} ({_alignment(recipe)})"),
+        _step(
+            "train",
+            steps,
+            f"{_all(trained)} ({recipe.training.mode}, {recipe.fusion.function} by {recipe.fusion.metric}, "
+            f"lambda {recipe.fusion.lambda_})",
+        ),
         "outputs:",
     ]
     lines += [f"  {layout.target_folder(t)}" for t in targets]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 
 import pytest
 import torch
@@ -38,7 +37,6 @@ def test_fuse_then_merge_on_three_tokenizers(tmp_path, tiny_models, chat_jsonl, 
         },
         output=str(tmp_path / "fused"),
     )
-    start = time.perf_counter()
     runner = CliRunner()
     result = runner.invoke(main, ["fuse", str(recipe), "-q"])
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -56,8 +54,6 @@ def test_fuse_then_merge_on_three_tokenizers(tmp_path, tiny_models, chat_jsonl, 
 
     result = runner.invoke(main, ["merge", merge_recipe, merged, "-q"])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 180, f"fuse + merge took {elapsed:.0f} s"
 
     pivot = load_file(tiny_models["qwen"] / "model.safetensors")
     for target in targets:
