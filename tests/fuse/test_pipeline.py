@@ -121,5 +121,10 @@ def test_shipped_fuse_recipes_validate():
     for path in recipes:
         recipe = load_fuse_recipe(path)
         if path.name.startswith("fusechat-7b"):  # a reproduction pins the paper's rules, not our defaults
-            spec = (recipe.alignment.tokens, recipe.alignment.vocab, recipe.alignment.spans, recipe.fusion.metric)
+            spec = (
+                recipe.alignment.tokens,
+                recipe.alignment.vocab,
+                recipe.alignment.spans,
+                recipe.fusion.metric,
+            )
             assert spec == ("dtw", "stats", "exact", "ce_per_token"), (path.name, spec)
