@@ -12,8 +12,10 @@ takes none of its own, and two runs of one recipe would otherwise race on the sa
 Prepared data (`implicit.sft_data`, `implicit.preference_data`) replaces the pairs step's file for its
 stage; when it covers every stage, sample, score and pairs have nothing to do and say so.
 
-Under `accelerate launch` the main process runs the data steps (sample, score, pairs) while the others
-wait; sft and preference run on every process, as explicit fusion's training does.
+Under `accelerate launch` (or torchrun) `sample` runs on every process, each generating its share of the
+shards (`fusemerge.fuse.implicit.sample`: the same files as one process); the main process then runs
+score and pairs while the others wait; sft and preference run on every process, as explicit fusion's
+training does.
 
 `implicit.targets: per_domain` trains the stages once per domain of `implicit.domains`, each on that
 domain's records of the same stage files (sample, score and pairs run once, for all of them), into
@@ -97,20 +99,20 @@ def run_implicit(
         progress: progress bars.
         echo: where one-line status messages go.
     """
-    from accelerate import PartialState
+    from fusemerge.fuse.implicit.sample import launched_state, wait_for_everyone
 
     layout = FuseWorkDir(recipe)
-    state = PartialState()
-    main = launched_rank_zero()  # not state.is_main_process: see launched_rank_zero
+    state = launched_state()  # the launcher's process group, on the CPU too
+    main = launched_rank_zero()  # not a PartialState's view before launched_state: see launched_rank_zero
     layout.implicit_dir.mkdir(parents=True, exist_ok=True)
     lock: AbstractContextManager[None] = (
         exclusive_lock(layout.implicit_dir, what="implicit fuse") if main else nullcontext()
     )
     folders: dict[str, Path] = {}
     with lock:
-        if main and any(s in steps for s in DATA_STEPS):
-            folders.update(data_steps(recipe, layout, steps=steps, progress=progress, echo=echo))
-        state.wait_for_everyone()
+        if any(s in steps for s in DATA_STEPS):
+            folders.update(data_steps(recipe, layout, steps=steps, main=main, progress=progress, echo=echo))
+        wait_for_everyone(state)  # patient: the main process may score for hours
         folders.update(training_steps(recipe, layout, steps=steps, progress=progress, echo=echo))
     return folders
 
@@ -120,15 +122,22 @@ def data_steps(
     layout: FuseWorkDir,
     *,
     steps: Sequence[str],
+    main: bool = True,
     progress: bool,
     echo: Callable[[str], None],
 ) -> dict[str, Path]:
-    """sample, score and pairs over every answering model (skipped when prepared data covers all stages)."""
+    """sample, score and pairs over every answering model (skipped when prepared data covers all stages).
+
+    Every process of a launched run calls this: each samples its share; only the main one (`main`)
+    reports, scores and pairs.
+    """
     from fusemerge.fuse.implicit.pairs import run_pairs
     from fusemerge.fuse.implicit.score import run_score
     from fusemerge.fuse.implicit.scorers import ScorerContext
 
     spec = implicit_spec(recipe)
+    if not main:
+        progress, echo = False, lambda _: None
     if not generated_stages(spec):
         for step in (s for s in DATA_STEPS if s in steps):
             echo(
@@ -137,7 +146,8 @@ def data_steps(
         return {}
     folders: dict[str, Path] = {}
     answering = layout.answering
-    prompts = load_prompts(recipe, echo=echo) if ("sample" in steps or "score" in steps) else None
+    wanted = "sample" in steps or ("score" in steps and main)
+    prompts = load_prompts(recipe, echo=echo) if wanted else None
     if "sample" in steps:
         from fusemerge.fuse.implicit.sample import run_sample
 
@@ -153,6 +163,8 @@ def data_steps(
                 echo=echo,
             )
             folders[f"samples/{name}"] = folder
+    if not main:
+        return folders
     if "score" in steps:
         assert prompts is not None
         context = ScorerContext(spec.scoring, progress=progress)  # one reward model load for every model
