@@ -328,9 +328,10 @@ def run_sample(
             mine = list(share)
         on = f" on {processes} processes" if processes > 1 else ""
         echo(f"sample {model.name}: {len(pending)} of {n_shards} shards, {total} samples to generate{on}")
-        start = time.perf_counter()
-        generated = (
-            _generate(
+        # the step's time from this process's first sample (its model loaded) to the last process's end
+        start, generated = time.perf_counter(), dict[str, Any]()
+        if mine:
+            start, generated = _generate(
                 model=model,
                 prompts=prompts,
                 spec=spec,
@@ -341,9 +342,6 @@ def run_sample(
                 report=report,
                 progress=progress,
             )
-            if mine
-            else {}
-        )
         wait_for_everyone(state)  # every shard is written
         report.seconds = time.perf_counter() - start
         if main:
@@ -371,9 +369,12 @@ def _generate(
     end: TurnEnd,
     report: SampleReport,
     progress: bool,
-) -> dict[str, Any]:
-    """This process's shards, each generated from its own seed and written whole; returns the manifest's
-    `generator` entry (what the backend says it ran on)."""
+) -> tuple[float, dict[str, Any]]:
+    """This process's shards, each generated from its own seed and written whole.
+
+    Returns when generation started (`time.perf_counter()`, the model loaded: a rate is of sampling, not
+    of loading) and the manifest's `generator` entry (what the backend says it ran on).
+    """
     size = spec.shard_size
     total = sum(sum(counts[j * size : (j + 1) * size]) for j in shards)
     generator = backend.fn(
@@ -417,4 +418,4 @@ def _generate(
             write_jsonl(report.folder / shard_name(j), lines)
             report.shards_done += 1
             report.samples += len(lines)
-    return {"generator": generator.describe()}
+    return start, {"generator": generator.describe()}
