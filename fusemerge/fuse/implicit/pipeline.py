@@ -220,6 +220,9 @@ def training_steps(
         for domain in domains:  # before any data is read: the step to run first is the clearer message
             require_sft_target(layout, domain)
     data = {stage: domain_records(recipe, layout, stage, domains) for stage in spec.stages if stage in steps}
+    if len(domains) > 1:  # a later stage's data, when it is there, is checked too: before hours of SFT
+        for stage in (s for s in spec.stages if s not in steps and stage_data_exists(recipe, layout, s)):
+            domain_records(recipe, layout, stage, domains)
     for domain in domains:
         folders.update(domain_targets(recipe, layout, domain, data=data, progress=progress, echo=echo))
     if len(domains) > 1 and spec.stages[-1] in steps and launched_rank_zero():
@@ -360,6 +363,15 @@ def stage_data(recipe: FuseRecipe, layout: FuseWorkDir, stage: str) -> tuple[Dat
             file=path,
         )
     return DataFileSpec(path=str(path)), f"pairs ({path.name})"
+
+
+def stage_data_exists(recipe: FuseRecipe, layout: FuseWorkDir, stage: str) -> bool:
+    """Whether a stage's data is there to read: its prepared file, or the pairs step's."""
+    spec = implicit_spec(recipe)
+    prepared = spec.sft_data if stage == "sft" else spec.preference_data
+    if prepared is not None:
+        return Path(prepared.path).exists()
+    return (layout.sft_pairs if stage == "sft" else layout.preference_pairs).is_file()
 
 
 def data_names(recipe: FuseRecipe, data: DataFileSpec, domain: str | None = None) -> list[str]:

@@ -275,3 +275,21 @@ def test_two_domains_train_two_targets_merged_by_merge_yml_and_a_rerun_skips_the
         "preference pivot-implicit-code",
     ], again.output
     assert written == {t: (t / TARGET_STAMP).stat().st_mtime_ns for t in written}
+
+
+def test_a_later_stages_missing_domain_stops_the_sft_step_before_it_trains(tmp_path, chat_models):
+    from train_helpers import preference_rows
+
+    recipe = _prepared_recipe(tmp_path, chat_models, [_sft("math"), _sft("code", 1)])
+    body = yaml.safe_load(recipe.read_text())
+    pairs = [{**row, "domain": "math"} for row in preference_rows(2)]  # no pair of domain code
+    write_jsonl(tmp_path / "dpo.jsonl", pairs)
+    body["implicit"] |= {
+        "stages": ["sft", "preference"],
+        "preference_data": {"path": str(tmp_path / "dpo.jsonl")},
+    }
+    recipe.write_text(yaml.safe_dump(body, sort_keys=False), encoding="utf-8")
+    with pytest.raises(FusemergeError, match="no preference records of domain 'code'") as info:
+        run_fuse(recipe, steps=["sft"], progress=False, echo=lambda _: None)
+    assert info.value.key == "implicit.domains" and str(info.value).startswith(str(tmp_path / "dpo.jsonl"))
+    assert not (tmp_path / "out" / "pivot-implicit-sft-math").exists()
