@@ -55,7 +55,7 @@ class SamplingSpec(_Frozen):
     batch_size: PositiveInt = 8  # prompts per generation batch
     backend: str = "transformers"  # a registered generation backend
     seed: int = 42
-    shard_size: PositiveInt = 256  # prompts per stage shard: the unit of resumption
+    shard_size: PositiveInt = 256  # prompts per shard: the unit of resumption and of the data-parallel split
     include_pivot: bool = True  # the pivot answers too (WRPO's on-policy target responses)
 
 
