@@ -36,7 +36,7 @@ from fusemerge.fuse import checked_steps
 from fusemerge.fuse.hf_compat import launched_rank_zero
 from fusemerge.fuse.inputs import check_fuse_inputs, check_writable_folders
 from fusemerge.fuse.recipe import FuseRecipe, load_fuse_recipe
-from fusemerge.fuse.workdir import FuseWorkDir, disk_line
+from fusemerge.fuse.workdir import FuseWorkDir, disk_line, write_merge_recipe  # merge.yml: workdir's
 
 
 def run_fuse(
@@ -364,37 +364,3 @@ def train(
     echo(f"merge recipe: {merge_recipe}")
     echo(f"next: fusemerge merge {merge_recipe} {layout.merged_folder}")
     return out
-
-
-def write_merge_recipe(recipe: FuseRecipe, targets: list[Path]) -> Path:
-    """<output>/merge.yml: FuseChat's merge (VaRM) of the targets with the pivot as base (a mergekit recipe)."""
-    import yaml
-
-    from fusemerge.checkpoint.layout import atomic_write_text
-
-    body: dict[str, Any] = {
-        "merge_method": "variation_ratio",
-        "base_model": recipe.pivot.model,
-        "models": [{"model": str(t)} for t in targets],
-    }
-    header = "# Written by `fusemerge fuse`: merge the fused targets (FuseChat's VaRM, the pivot as base).\n"
-    pivot_dtype = _saved_dtype(Path(recipe.pivot.model))  # None for a Hub id: then say float32 anyway
-    if pivot_dtype != "float32" and any(_saved_dtype(t) == "float32" for t in targets):
-        # unset, the merge is written in the base's dtype: rounding it there would erase the targets' change
-        body["out_dtype"] = "float32"
-        header += "# out_dtype float32: the targets were saved in float32 (training.save_dtype).\n"
-    path = FuseWorkDir(recipe).merge_recipe
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, header + yaml.safe_dump(body, sort_keys=False))
-    return path
-
-
-def _saved_dtype(target: Path) -> str | None:
-    """The dtype a target folder's config.json names (transformers writes `dtype`; older: `torch_dtype`)."""
-    import json
-
-    try:
-        config = json.loads((target / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return config.get("dtype") or config.get("torch_dtype")

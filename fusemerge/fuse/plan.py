@@ -212,10 +212,11 @@ def _implicit_steps(recipe: FuseRecipe, layout: FuseWorkDir, steps: Sequence[str
         ]
     else:
         data = [_step(s, steps, "nothing to do (prepared data covers every stage)") for s in DATA_STEPS]
-    targets = layout.implicit_targets
+    domains = layout.implicit_domains
+    plans = {domain: layout.implicit_targets(domain) for domain in domains}
     training = []
     for stage in ("sft", "preference"):
-        if stage not in targets:
+        if stage not in spec.stages:
             training.append(_step(stage, steps, "not among implicit.stages"))
             continue
         prepared = _prepared(spec, stage)
@@ -224,15 +225,20 @@ def _implicit_steps(recipe: FuseRecipe, layout: FuseWorkDir, steps: Sequence[str
             if prepared is not None
             else f"{layout.sft_pairs if stage == 'sft' else layout.preference_pairs} (the pairs step)"
         )
-        done = (layout.target_folder(targets[stage]) / TARGET_STAMP).is_file()
+        done = _all([(layout.target_folder(t[stage]) / TARGET_STAMP).is_file() for t in plans.values()])
         how = (
             f"{recipe.training.mode}, {recipe.training.epochs:g} epochs, lr {recipe.training.learning_rate:g}"
             if stage == "sft"
             else f"{spec.preference.loss}, beta {spec.preference.beta:g}, lr {spec.preference.learning_rate:g}"
         )
-        training.append(_step(stage, steps, f"{DONE if done else TODO} ({how}; data: {source})"))
+        per = f"; one target per domain: {', '.join(map(str, domains))}" if len(domains) > 1 else ""
+        training.append(_step(stage, steps, f"{done} ({how}; data: {source}{per})"))
     lines = ["steps:", *data, *training, "outputs:"]
-    lines += [f"  {layout.target_folder(t)} ({stage})" for stage, t in targets.items()]
+    for domain, targets in plans.items():
+        of = "" if domain is None else f", domain {domain}"
+        lines += [f"  {layout.target_folder(t)} ({stage}{of})" for stage, t in targets.items()]
+    if len(domains) > 1:
+        lines.append(f"  {layout.merge_recipe} (the VaRM merge of the domains' targets)")
     return lines
 
 

@@ -28,6 +28,8 @@ and under the recipe's output:
     merge.yml              the next stage: `variation_ratio` over the targets with the pivot as base
     <pivot>-implicit-sft/  implicit fusion: the SFT target (the pivot trained on the best answers)
     <pivot>-implicit/      ... and the preference target trained from it (the final model)
+    <pivot>-implicit[-sft]-<domain>/   or those per domain (`implicit.targets: per_domain`), merged by
+                                       merge.yml as explicit fusion's targets are
 
 Sharing a work_dir: the stores depend only on the models, the data and the teacher and alignment
 settings, so recipes that differ in `fusion` or `training` share them (the teach step runs once). A train
@@ -52,6 +54,7 @@ from typing import Any, NamedTuple
 from fusemerge.checkpoint.layout import orphan_tmp_siblings, remove_path
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse.implicit.pairs import PREFERENCE_NAME, SFT_NAME
+from fusemerge.fuse.implicit.spec import domain_slug
 from fusemerge.fuse.recipe import FuseRecipe, ModelSpec
 from fusemerge.fuse.store import MANIFEST, TopKStore
 
@@ -150,7 +153,8 @@ class FuseWorkDir:
             "training": recipe.training.model_dump(mode="json", exclude=OBSERVING),
         }
         if recipe.fusion.kind == "implicit" and recipe.implicit is not None:
-            what["implicit"] = recipe.implicit.model_dump(mode="json")
+            # which targets there are is in the target's name; a domain's data is in its stamp
+            what["implicit"] = recipe.implicit.model_dump(mode="json", exclude={"targets", "domains"})
         elif recipe.fine_tune:
             what["fusion"] = {"function": "none"}
         else:
@@ -209,14 +213,29 @@ class FuseWorkDir:
         return self.implicit_dir / PREFERENCE_NAME
 
     @property
-    def implicit_targets(self) -> dict[str, Target]:
+    def implicit_domains(self) -> list[str | None]:
+        """What each set of implicit targets learns: [None] (one set, every domain), or each domain of
+        `implicit.domains` in recipe order (`implicit.targets: per_domain`)."""
+        implicit = self.recipe.implicit
+        if implicit is None or implicit.targets == "one":
+            return [None]
+        return list(implicit.domains)
+
+    def implicit_targets(self, domain: str | None = None) -> dict[str, Target]:
         """stage -> its target, for the recipe's `implicit.stages` in order; the last is the fused model.
 
-        Every target learns from all the sources (members), so the card and the Hub push name them all.
+        `<pivot>-implicit-sft` and `<pivot>-implicit`; a domain's (per_domain) end in `-<domain>`. Every
+        target learns from all the sources (members), so the card and the Hub push name them all.
         """
         stages = self.recipe.implicit.stages if self.recipe.implicit is not None else []
         members = list(range(len(self.source_names)))
-        return {s: Target(f"{self.pivot_name}-{IMPLICIT_TARGETS[s]}", members) for s in stages}
+        suffix = "" if domain is None else f"-{domain_slug(domain)}"
+        return {s: Target(f"{self.pivot_name}-{IMPLICIT_TARGETS[s]}{suffix}", members) for s in stages}
+
+    @property
+    def implicit_final_targets(self) -> list[Target]:
+        """The last stage's target of each domain (one without per_domain): what is pushed and merged."""
+        return [list(self.implicit_targets(d).values())[-1] for d in self.implicit_domains]
 
     def require_teacher_stores(self) -> None:
         """Refuse to go on without a finished teach step: every model's teacher store must be there."""
@@ -355,3 +374,39 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} B"
+
+
+def write_merge_recipe(recipe: FuseRecipe, targets: list[Path]) -> Path:
+    """<output>/merge.yml: FuseChat's merge (VaRM) of the targets with the pivot as base (a mergekit recipe).
+
+    The one writer of it, for explicit fusion's targets (one per source) and implicit fusion's (one per
+    domain, `implicit.targets: per_domain`).
+    """
+    import yaml
+
+    from fusemerge.checkpoint.layout import atomic_write_text
+
+    body: dict[str, Any] = {
+        "merge_method": "variation_ratio",
+        "base_model": recipe.pivot.model,
+        "models": [{"model": str(t)} for t in targets],
+    }
+    header = "# Written by `fusemerge fuse`: merge the fused targets (FuseChat's VaRM, the pivot as base).\n"
+    pivot_dtype = _saved_dtype(Path(recipe.pivot.model))  # None for a Hub id: then say float32 anyway
+    if pivot_dtype != "float32" and any(_saved_dtype(t) == "float32" for t in targets):
+        # unset, the merge is written in the base's dtype: rounding it there would erase the targets' change
+        body["out_dtype"] = "float32"
+        header += "# out_dtype float32: the targets were saved in float32 (training.save_dtype).\n"
+    path = FuseWorkDir(recipe).merge_recipe
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, header + yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+def _saved_dtype(target: Path) -> str | None:
+    """The dtype a target folder's config.json names (transformers writes `dtype`; older: `torch_dtype`)."""
+    try:
+        config = json.loads((target / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return config.get("dtype") or config.get("torch_dtype")

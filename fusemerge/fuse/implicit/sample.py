@@ -11,6 +11,14 @@ from its own seed, giving the same lines. The manifest (`.fusemerge/manifest.jso
 first shard) records what the samples depend on: the model's fingerprint, the sampling settings, the
 backend, the prompts' hash. A rerun whose identity differs is refused (`rebuild=True` starts over),
 never silently mixed with the old shards. One writer per folder (`exclusive_lock`).
+
+Data-parallel: under `accelerate launch` or torchrun with N processes, the shards still to do are split
+between the processes (accelerate's `split_between_processes`); each generates its share on its own
+device and writes each shard as above, and the main process marks the folder complete once every
+process is done. A shard's samples come from its own seed and its own fixed batches (`derive_seed`, the
+`transformers` backend), never from which process made it, so N processes give the files one process
+gives, and a rerun with any number of processes reuses the finished shards. The unit of work is a shard:
+with fewer shards to do than processes the rest wait (a smaller `shard_size` spreads a small set).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +52,7 @@ from fusemerge.fuse.implicit.generate import (
 )
 from fusemerge.fuse.implicit.prompts import PromptRecord, PromptSet
 from fusemerge.fuse.implicit.spec import SamplingSpec
-from fusemerge.fuse.implicit.turns import strip_turn_end, turn_end
+from fusemerge.fuse.implicit.turns import TurnEnd, strip_turn_end, turn_end
 from fusemerge.progress import progress_bar
 
 SHARD_PATTERN = "shard-*.jsonl"
@@ -114,6 +123,47 @@ def check_identity(folder: Path, identity: dict[str, Any], *, what: str, rebuild
 def finish_state(folder: Path, **stats: Any) -> None:
     state = read_state(folder)
     write_state(folder, {**state, "complete": True, "stats": {**state.get("stats", {}), **stats}})
+
+
+# -- the processes of a launched run ---------------------------------------------------------------------
+def launched_state() -> Any:
+    """accelerate's PartialState of this process, with the launcher's process group on the CPU too.
+
+    On the CPU under torchrun, a `PartialState()` made before the Trainer's says "not distributed" in
+    every process (`fusemerge.fuse.hf_compat.launched_rank_zero`): each would sample every shard and its
+    barriers would wait for nobody. When the launcher's WORLD_SIZE names more processes than the state
+    knows, the state is made again with `cpu=True` (gloo), as the Trainer makes its own for a CPU run.
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and state.num_processes != world:
+        PartialState._reset_state()
+        state = PartialState(cpu=True)
+    return state
+
+
+_PATIENT_GROUP: list[Any] = []  # the gloo group of `wait_for_everyone`, made once per process
+
+
+def wait_for_everyone(state: Any) -> None:
+    """Wait until every process of a launched run gets here (nothing to wait for in a single process).
+
+    Through a gloo group with a timeout of a week, not `state.wait_for_everyone()`: under NCCL its
+    barrier gives up after 10 minutes by default and kills the run, while one process finishes a long
+    shard of a 70B source, or the main process scores every response with a reward model. Every process
+    must call this at the same points (the group is made collectively, at the first call).
+    """
+    if state.num_processes <= 1:
+        return
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if not _PATIENT_GROUP:
+        _PATIENT_GROUP.append(dist.new_group(backend="gloo", timeout=timedelta(days=7)))
+    dist.barrier(group=_PATIENT_GROUP[0])
 
 
 # -- the step ---------------------------------------------------------------------------------------------
@@ -228,16 +278,24 @@ def run_sample(
 ) -> SampleReport:
     """Generate (or finish) one model's samples of every prompt; a complete matching folder is skipped.
 
+    Under a launcher every process calls this: the shards to do are split between them (module
+    docstring); the main process checks the folder, reports, and marks it complete. The report is
+    this process's share; `SampleReport.seconds` and the manifest's rate are the whole step's.
+
     Args:
         model: the model that answers, and how to load it.
         prompts: the prompt records (`read_prompts`).
         spec: the recipe's `implicit.sampling` section.
         folder: `<work_dir>/implicit/samples/<model>`.
-        progress: a bar with samples/s and tokens/s.
-        echo: where one-line status messages go.
+        progress: a bar with samples/s and tokens/s (the main process's share).
+        echo: where one-line status messages go (the main process's).
         rebuild: start over when the folder was made from different inputs (else that is an error).
     """
     folder = Path(folder)
+    state = launched_state()
+    main, processes = state.is_main_process, state.num_processes
+    if not main:
+        progress, echo = False, _quiet
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer, template = model_chat(model)
     identity = _identity(model=model, prompts=prompts, spec=spec, tokenizer=tokenizer, template=template)
@@ -245,61 +303,119 @@ def run_sample(
     n_shards = identity["n_shards"]
     report = SampleReport(model.name, folder, n_shards)
     backend = GENERATION_BACKENDS.get(spec.backend, key="implicit.sampling.backend")
-    with exclusive_lock(folder, what="sample"):
-        check_identity(folder, identity, what="sample", rebuild=rebuild)
+    # one writer per folder: the main process holds the lock for the processes of its run
+    lock: AbstractContextManager[None] = exclusive_lock(folder, what="sample") if main else nullcontext()
+    with lock:
+        if main:
+            check_identity(folder, identity, what="sample", rebuild=rebuild)
+        wait_for_everyone(state)
+        if read_state(folder).get("identity") != identity:  # another process's inputs differ from main's
+            raise FusemergeError(
+                "this process's prompts or model differ from the main process's", file=folder
+            )
         pending = [j for j in range(n_shards) if not (folder / shard_name(j)).is_file()]
+        wait_for_everyone(state)  # every process has listed the same shards before any writes one
         if not pending:
-            finish_state(folder)
+            if main:
+                finish_state(folder)
             report.skipped = True
             echo(f"sample {model.name}: {n_shards} shards complete, skipped ({folder})")
             return report
         counts = sample_counts(prompts.prompts, spec=spec)
         size = spec.shard_size
         total = sum(sum(counts[j * size : (j + 1) * size]) for j in pending)
-        echo(f"sample {model.name}: {len(pending)} of {n_shards} shards, {total} samples to generate")
-        generator = backend.fn(
-            model=model.model,
-            settings=generation_settings(spec, chat_template=model.chat_template),
-            load=model.load,
-            progress=progress,
-        )
-        start = time.perf_counter()
-        with progress_bar(total, f"sample {model.name}", enabled=progress, unit="sample") as pbar:
-
-            def advance(batch: list[Generation]) -> None:
-                report.tokens += sum(g.tokens for g in batch)
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                pbar.set_postfix_str(f"{report.tokens / elapsed:,.0f} tok/s", refresh=False)
-                pbar.update(len(batch))
-
-            for j in pending:
-                shard = prompts.prompts[j * size : (j + 1) * size]
-                # seeded by the model's name, not its path: the same model in another folder (a demo run
-                # in another --out) draws the same samples
-                answers = generator.generate(
-                    [p.messages for p in shard],
-                    counts[j * size : (j + 1) * size],
-                    seed=derive_seed(spec.seed, model.name, "shard", j),
-                    on_batch=advance,
-                )
-                lines = [
-                    {
-                        **prompt.as_json(),
-                        "model": model.name,
-                        "sample_index": k,
-                        "response": strip_turn_end(g.text, end) if g.finish_reason == "stop" else g.text,
-                        "finish_reason": g.finish_reason,
-                        "tokens": g.tokens,
-                    }
-                    for prompt, generations in zip(shard, answers, strict=True)
-                    for k, g in enumerate(generations)
-                ]
-                write_jsonl(folder / shard_name(j), lines)
-                report.shards_done += 1
-                report.samples += len(lines)
+        with state.split_between_processes(pending) as share:
+            mine = list(share)
+        on = f" on {processes} processes" if processes > 1 else ""
+        echo(f"sample {model.name}: {len(pending)} of {n_shards} shards, {total} samples to generate{on}")
+        # the step's time from this process's first sample (its model loaded) to the last process's end
+        start, generated = time.perf_counter(), dict[str, Any]()
+        if mine:
+            start, generated = _generate(
+                model=model,
+                prompts=prompts,
+                spec=spec,
+                shards=mine,
+                counts=counts,
+                backend=backend,
+                end=end,
+                report=report,
+                progress=progress,
+            )
+        wait_for_everyone(state)  # every shard is written
         report.seconds = time.perf_counter() - start
-        finish_state(folder, samples_per_s=round(report.samples_per_s, 3), generator=generator.describe())
-    echo(
-        f"sample {model.name}: {report.samples} samples in {report.seconds:.1f}s ({report.samples_per_s:.2f}/s)"
-    )
+        if main:
+            missing = [shard_name(j) for j in pending if not (folder / shard_name(j)).is_file()]
+            if missing:
+                raise FusemergeError(f"shards missing after sampling: {', '.join(missing)}", file=folder)
+            rate = total / report.seconds if report.seconds > 0 else 0.0
+            finish_state(folder, samples_per_s=round(rate, 3), processes=processes, **generated)
+            echo(f"sample {model.name}: {total} samples in {report.seconds:.1f}s ({rate:.2f}/s{on})")
     return report
+
+
+def _quiet(_: str) -> None:
+    """The status lines of a process other than the main one (the main process reports the step)."""
+
+
+def _generate(
+    *,
+    model: SampleModel,
+    prompts: PromptSet,
+    spec: SamplingSpec,
+    shards: Sequence[int],
+    counts: Sequence[int],
+    backend: Any,
+    end: TurnEnd,
+    report: SampleReport,
+    progress: bool,
+) -> tuple[float, dict[str, Any]]:
+    """This process's shards, each generated from its own seed and written whole.
+
+    Returns when generation started (`time.perf_counter()`, the model loaded: a rate is of sampling, not
+    of loading) and the manifest's `generator` entry (what the backend says it ran on).
+    """
+    size = spec.shard_size
+    total = sum(sum(counts[j * size : (j + 1) * size]) for j in shards)
+    generator = backend.fn(
+        model=model.model,
+        settings=generation_settings(spec, chat_template=model.chat_template),
+        load=model.load,
+        progress=progress,
+    )
+    start = time.perf_counter()
+    with progress_bar(total, f"sample {model.name}", enabled=progress, unit="sample") as pbar:
+
+        def advance(batch: list[Generation]) -> None:
+            report.tokens += sum(g.tokens for g in batch)
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            pbar.set_postfix_str(f"{report.tokens / elapsed:,.0f} tok/s", refresh=False)
+            pbar.update(len(batch))
+
+        for j in shards:
+            shard = prompts.prompts[j * size : (j + 1) * size]
+            # seeded by the model's name, not its path: the same model in another folder (a demo run
+            # in another --out) draws the same samples; and by the shard alone, not by which process
+            # makes it: any number of processes gives the same files
+            answers = generator.generate(
+                [p.messages for p in shard],
+                counts[j * size : (j + 1) * size],
+                seed=derive_seed(spec.seed, model.name, "shard", j),
+                on_batch=advance,
+            )
+            lines = [
+                {
+                    **prompt.as_json(),
+                    "model": model.name,
+                    "sample_index": k,
+                    "response": strip_turn_end(g.text, end) if g.finish_reason == "stop" else g.text,
+                    "finish_reason": g.finish_reason,
+                    "tokens": g.tokens,
+                }
+                for prompt, generations in zip(shard, answers, strict=True)
+                for k, g in enumerate(generations)
+            ]
+            write_jsonl(report.folder / shard_name(j), lines)
+            report.shards_done += 1
+            report.samples += len(lines)
+    return start, {"generator": generator.describe()}

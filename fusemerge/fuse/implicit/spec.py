@@ -15,6 +15,10 @@
 
 Bring your own data: `implicit.sft_data` (chat `messages` records) and/or `implicit.preference_data`
 (`prompt`, `chosen`, `rejected`, in TRL's formats) skip the steps that would have produced them.
+
+One target per domain: `implicit: {targets: per_domain, domains: [math, code]}` trains the stages once
+per domain on its own records of the same pairs, then writes `<output>/merge.yml` over them (VaRM, the
+pivot as base), as explicit fusion does for its pairwise targets.
 These models are the contract between the data half (sample, score, pairs) and the training half
 (sft, preference) of `fusemerge/fuse/implicit/`; the stage files they exchange are described in
 `fusemerge/fuse/implicit/__init__.py`.
@@ -22,9 +26,18 @@ These models are the contract between the data half (sample, score, pairs) and t
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class _Frozen(BaseModel):
@@ -42,7 +55,7 @@ class SamplingSpec(_Frozen):
     batch_size: PositiveInt = 8  # prompts per generation batch
     backend: str = "transformers"  # a registered generation backend
     seed: int = 42
-    shard_size: PositiveInt = 256  # prompts per stage shard: the unit of resumption
+    shard_size: PositiveInt = 256  # prompts per shard: the unit of resumption and of the data-parallel split
     include_pivot: bool = True  # the pivot answers too (WRPO's on-policy target responses)
 
 
@@ -120,6 +133,37 @@ class ImplicitSpec(_Frozen):
     sft_data: DataFileSpec | None = None  # prepared SFT data: skip sample/score/pairs for the SFT stage
     preference_data: DataFileSpec | None = None  # prepared preference pairs: skip them for preference
     stages: list[Literal["sft", "preference"]] = ["sft", "preference"]
+    # one: a target that learns every domain; per_domain: one target per domain of `domains`, each trained
+    # on that domain's pairs alone, and <output>/merge.yml merging them (as explicit fusion's pairwise
+    # targets are merged)
+    targets: Literal["one", "per_domain"] = "one"
+    domains: list[str] = Field([], validate_default=True)  # per_domain: the prompts' `domain` values
+
+    @field_validator("domains")
+    @classmethod
+    def _domains_for_targets(cls, domains: list[str], info: ValidationInfo) -> list[str]:
+        # a field check, so that the error names implicit.domains at its line (the section's when absent)
+        per_domain = info.data.get("targets") == "per_domain"
+        if not per_domain:
+            if domains:
+                raise ValueError("only for implicit.targets: per_domain (set it, or remove domains)")
+            return domains
+        if len(set(domains)) < 2:
+            got = f"got {len(set(domains))}: {', '.join(sorted(set(domains)))}" if domains else "got none"
+            raise ValueError(
+                "implicit.targets: per_domain trains one target per domain and merges them: name two or "
+                f"more domains here ({got}); one domain is implicit.targets: one"
+            )
+        slugs = [domain_slug(d) for d in domains]
+        for i, slug in enumerate(slugs):
+            if not domains[i].strip():
+                raise ValueError("a domain name is empty")
+            if slugs.index(slug) != i:
+                raise ValueError(
+                    f"{domains[slugs.index(slug)]!r} and {domains[i]!r} are one domain, or name the same "
+                    "target folder: list each domain once"
+                )
+        return domains
 
     @model_validator(mode="after")
     def _reward_model_where_used(self) -> ImplicitSpec:
@@ -133,3 +177,8 @@ class ImplicitSpec(_Frozen):
         needs_sft = "sft" in self.stages and self.sft_data is None
         needs_pref = "preference" in self.stages and self.preference_data is None
         return needs_sft or needs_pref
+
+
+def domain_slug(domain: str) -> str:
+    """A domain as part of a target's folder name (`fusemerge.fuse.workdir.FuseWorkDir.implicit_targets`)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", domain.strip()).strip("-") or "domain"
