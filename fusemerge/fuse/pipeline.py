@@ -33,7 +33,7 @@ from typing import Any
 from fusemerge.checkpoint.layout import exclusive_lock
 from fusemerge.errors import FusemergeError
 from fusemerge.fuse import checked_steps
-from fusemerge.fuse.hf_compat import launched_rank_zero
+from fusemerge.fuse.hf_compat import launched_rank_zero, launched_state, wait_for_everyone
 from fusemerge.fuse.inputs import check_fuse_inputs, check_writable_folders
 from fusemerge.fuse.recipe import FuseRecipe, load_fuse_recipe
 from fusemerge.fuse.workdir import FuseWorkDir, disk_line, write_merge_recipe  # merge.yml: workdir's
@@ -91,8 +91,6 @@ def run_fuse(
 
         print_plan(recipe, recipe_path=Path(recipe_path), steps=steps, push_to_hub=push_to_hub, echo=echo)
         return {}
-    from accelerate import PartialState
-
     repo_ids = _repo_ids(recipe, push_to_hub) if push_to_hub else {}  # before anything is made on disk
     layout = FuseWorkDir(recipe)
     main = launched_rank_zero()
@@ -105,7 +103,7 @@ def run_fuse(
             layout.remove_orphans(echo)
             if recipe.fusion.kind != "implicit" and not recipe.fine_tune:
                 layout.drop_stale_stores(rebuild="teach" in steps, echo=echo)
-        PartialState().wait_for_everyone()
+        wait_for_everyone(launched_state())  # the launcher's group on the CPU too (hf_compat)
         return _run_steps(
             recipe,
             Path(recipe_path),
@@ -285,8 +283,6 @@ def align(
     CPU work: under `accelerate launch` the main process does it while the others wait, so that no two
     processes write one store. The teacher stores must be complete (`run_fuse` checks that first).
     """
-    from accelerate import PartialState
-
     from fusemerge.fuse.aligned import run_align
     from fusemerge.lm.loading import load_tokenizer
 
@@ -294,7 +290,7 @@ def align(
     teacher = layout.teacher_stores
     out = {}
     sources = recipe.models[1:]
-    state = PartialState()
+    state = launched_state()
     for (role, spec), store, folder, mapping in zip(
         sources, teacher[1:], layout.aligned_stores, layout.mapping_files, strict=True
     ):
@@ -317,7 +313,7 @@ def align(
             progress=progress,
             echo=echo,
         )
-    state.wait_for_everyone()
+    wait_for_everyone(state)  # patient: aligning a large dataset on one process outlasts NCCL's timeout
     return out
 
 

@@ -99,7 +99,7 @@ def run_implicit(
         progress: progress bars.
         echo: where one-line status messages go.
     """
-    from fusemerge.fuse.implicit.sample import launched_state, wait_for_everyone
+    from fusemerge.fuse.hf_compat import launched_state, wait_for_everyone
 
     layout = FuseWorkDir(recipe)
     state = launched_state()  # the launcher's process group, on the CPU too

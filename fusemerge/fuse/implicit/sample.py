@@ -43,6 +43,7 @@ from fusemerge.checkpoint.layout import (
     write_state,
 )
 from fusemerge.errors import FusemergeError
+from fusemerge.fuse.hf_compat import launched_state, wait_for_everyone
 from fusemerge.fuse.implicit.generate import (
     GENERATION_BACKENDS,
     Generation,
@@ -123,47 +124,6 @@ def check_identity(folder: Path, identity: dict[str, Any], *, what: str, rebuild
 def finish_state(folder: Path, **stats: Any) -> None:
     state = read_state(folder)
     write_state(folder, {**state, "complete": True, "stats": {**state.get("stats", {}), **stats}})
-
-
-# -- the processes of a launched run ---------------------------------------------------------------------
-def launched_state() -> Any:
-    """accelerate's PartialState of this process, with the launcher's process group on the CPU too.
-
-    On the CPU under torchrun, a `PartialState()` made before the Trainer's says "not distributed" in
-    every process (`fusemerge.fuse.hf_compat.launched_rank_zero`): each would sample every shard and its
-    barriers would wait for nobody. When the launcher's WORLD_SIZE names more processes than the state
-    knows, the state is made again with `cpu=True` (gloo), as the Trainer makes its own for a CPU run.
-    """
-    from accelerate import PartialState
-
-    state = PartialState()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and state.num_processes != world:
-        PartialState._reset_state()
-        state = PartialState(cpu=True)
-    return state
-
-
-_PATIENT_GROUP: list[Any] = []  # the gloo group of `wait_for_everyone`, made once per process
-
-
-def wait_for_everyone(state: Any) -> None:
-    """Wait until every process of a launched run gets here (nothing to wait for in a single process).
-
-    Through a gloo group with a timeout of a week, not `state.wait_for_everyone()`: under NCCL its
-    barrier gives up after 10 minutes by default and kills the run, while one process finishes a long
-    shard of a 70B source, or the main process scores every response with a reward model. Every process
-    must call this at the same points (the group is made collectively, at the first call).
-    """
-    if state.num_processes <= 1:
-        return
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    if not _PATIENT_GROUP:
-        _PATIENT_GROUP.append(dist.new_group(backend="gloo", timeout=timedelta(days=7)))
-    dist.barrier(group=_PATIENT_GROUP[0])
 
 
 # -- the step ---------------------------------------------------------------------------------------------
