@@ -16,18 +16,29 @@ from collections.abc import Sequence
 
 import pytest
 
-from fusemerge.demo.arithmetic import DOMAINS, WORDINGS, ArithmeticPlan, build_arithmetic, facts, gold
+from fusemerge.demo.arithmetic import (
+    DOMAINS,
+    WORDINGS,
+    ArithmeticPlan,
+    answer_text,
+    build_arithmetic,
+    fact_text,
+    facts,
+    gold,
+    question,
+)
 from fusemerge.demo.implicit import ImplicitDemoPlan, run_implicit_demo, source_label
 from fusemerge.demo.pretrain import ModelPlan
 from fusemerge.demo.report import implicit_check_lines, implicit_claims
 from fusemerge.demo.results import PIVOT_LABEL, SFT_LABEL, ImplicitResult, preference_label
-from fusemerge.fuse.implicit.scorers import SCORERS, ScoreItem, ScoreResult
+from fusemerge.fuse.implicit.scorers import SCORERS, ScoreItem, ScoreResult, final_answer
 
 LOSSES = ("dpo", "wrpo")
 
 
-def test_held_out_prompts_are_facts_the_pipeline_never_asked_in_that_wording(tmp_path):
-    plan = ArithmeticPlan(specialist_texts=300, pivot_texts=100)
+@pytest.mark.parametrize("asked", [1, 2])
+def test_held_out_prompts_are_facts_the_pipeline_never_asked_in_that_wording(tmp_path, asked):
+    plan = ArithmeticPlan(specialist_texts=300, pivot_texts=100, fusion_wordings=asked)
     a = build_arithmetic(tmp_path / "a", plan)
     b = build_arithmetic(tmp_path / "b", plan)
     assert a.fusion_file.read_text() == b.fusion_file.read_text()
@@ -35,22 +46,40 @@ def test_held_out_prompts_are_facts_the_pipeline_never_asked_in_that_wording(tmp
     fusion = [json.loads(line) for line in a.fusion_file.read_text().splitlines()]
     heldout = [json.loads(line) for line in a.heldout_file.read_text().splitlines()]
     every = {(d, x, y) for d in DOMAINS for x, y in facts(plan.largest)}
-    assert sorted((r["domain"], *map(int, r["prompt_id"].split("-")[1:3])) for r in fusion) == sorted(every)
-    assert len(heldout) == len(every) * (len(WORDINGS) - 1)
+    fact = lambda r: (r["domain"], *map(int, r["prompt_id"].split("-")[1:3]))  # noqa: E731
+    assert sorted(fact(r) for r in fusion) == sorted(f for f in every for _ in range(asked))
+    assert len(heldout) == len(every) * (len(WORDINGS) - asked)
+    assert len({r["prompt_id"] for r in fusion}) == len(fusion)  # the SFT/preference split draws per id
     for r in fusion + heldout:  # prompts only, with the gold answer the scorer checks
         assert [m["role"] for m in r["messages"]] == ["user"]
         domain, x, y = r["prompt_id"].split("-")[:3]
         assert r["answer"] == str(gold(domain, int(x), int(y)))
-    asked = {r["messages"][0]["content"] for r in fusion}
-    assert not asked & {r["messages"][0]["content"] for r in heldout}
+    asked_texts = {r["messages"][0]["content"] for r in fusion}
+    assert not asked_texts & {r["messages"][0]["content"] for r in heldout}
     assert not {r["prompt_id"] for r in fusion} & {r["prompt_id"] for r in heldout}
     # the pivot's texts hold its share of each table's facts, the specialists' texts their whole table
     for domain in DOMAINS:
         assert len(a.pivot_facts[domain]) == round(plan.pivot_share * len(facts(plan.largest)))
         pivot_answers = {t.split("Assistant: ")[1].strip() for t in a.texts["pivot"][domain]}
-        assert pivot_answers <= {str(gold(domain, x, y)) for x, y in a.pivot_facts[domain]}
+        assert pivot_answers <= {answer_text(domain, x, y) for x, y in a.pivot_facts[domain]}
         answers = {t.split("Assistant: ")[1].strip() for t in a.texts["specialist"][domain]}
-        assert answers == {str(gold(domain, x, y)) for x, y in facts(plan.largest)}
+        assert answers == {answer_text(domain, x, y) for x, y in facts(plan.largest)}
+
+
+def test_an_answer_restates_the_fact_in_one_form_whatever_the_wording(tmp_path):
+    """Every wording of a fact is answered by the same text, so a fact learnt in one wording is the
+    continuation of `7 * 8 =` that the other wordings reach too; the bare form is kept for comparison."""
+    for wording in WORDINGS:
+        text = fact_text("multiplication", 7, 8, wording)
+        assert text.endswith("Assistant: 7 * 8 = 56\n\n")
+        assert text.startswith("User: " + question("multiplication", 7, 8, wording))
+        assert fact_text("addition", 7, 8, wording, "bare").endswith("Assistant: 15\n\n")
+    record = {"messages": [{"role": "assistant", "content": answer_text("addition", 3, 4)}]}
+    assert final_answer(record["messages"][0]["content"]) == "7"  # what math_answer reads: the last number
+    bare = build_arithmetic(tmp_path / "bare", ArithmeticPlan(answer="bare"))
+    restated = build_arithmetic(tmp_path / "restated", ArithmeticPlan())
+    assert bare.fusion_file.read_text() == restated.fusion_file.read_text()  # the prompts do not change
+    assert bare.pivot_facts == restated.pivot_facts
 
 
 def _result(pivot: float, sft: float, dpo: float, wrpo: float) -> ImplicitResult:
