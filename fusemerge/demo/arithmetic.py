@@ -16,20 +16,21 @@ So a fused target is evaluated on no prompt it was trained on: it answers a held
 it knows the fact.
 
 Every answer restates the fact in one canonical form, "7 * 8 = 56", whatever the wording (as chat models
-restate a question before answering it). With bare answers ("56") each wording was its own question: the
-specialists, trained on their whole table in every wording, answered 62% (addition) and 79%
-(multiplication) of it in the held-out wordings and 36% / 53% in two wordings no model saw; an SFT
-example taught its answer to its wording only. Restated, the wording has only to be copied into
-"7 * 8 =" and the fact is that one continuation, which every wording reaches: the specialists answer
-99% of their table held-out (76% / 75% in the unseen wordings), and the SFT target answers 60% of its
-new facts in the wordings it never trained on (12.8% with bare answers). The prompts and the pivot's
-facts do not change with the form (`answer="bare"` builds the old texts, for comparison).
+restate a question before answering it). With bare answers ("56") each wording was its own question and
+every fact shared one answer slot: the specialists, trained on their whole table in every wording,
+answered 62% (addition) and 78% (multiplication) of it held-out and 36% / 53% in two wordings no model
+saw; the SFT target, at the demo's settings, answered 38% of its new facts held-out and kept 31% of the
+pivot's own (27.2% in all, below the pivot's 30.2%). Restated, the wording has only to be copied into
+"7 * 8 =" and the fact is that one continuation, which every wording reaches and no other fact shares:
+the specialists answer 100% / 99% of their table held-out (76% / 75% in the unseen wordings), the SFT
+target 69% of its new facts and 65% of the pivot's (49.4% in all, the pivot 28.4%). The prompts and
+the pivot's facts do not change with the form (`answer="bare"` builds the old texts, for comparison).
 
 Each fact is asked in two wordings because FuseChat-3.0 splits prompts, not knowledge: its SFT and
 preference sets are drawn from one prompt distribution, so each covers every skill. Asked once, the 4:6
-split of the prompts became a 4:6 split of the facts: the SFT stage never saw 60% of them, and the pivot's
-own facts among those fell from 100% to 37.5% under full fine-tuning on the other 40%. Asked twice, 64%
-of the facts have an SFT prompt.
+split of the prompts was a 4:6 split of the facts: the SFT stage never saw 60% of them, and the pivot's
+own facts among those fell from 100% to 37.5% under full fine-tuning on the other 40%. Asked twice,
+about two thirds of the facts have an SFT prompt.
 
 Why the tables, and not multi-digit arithmetic whose held-out problems would be new problems: a model
 small enough to train on two CPU cores in seconds learns facts within a few hundred steps (a
