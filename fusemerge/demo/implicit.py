@@ -4,7 +4,8 @@ on the spot.
     fusemerge demo --implicit --out demo-out
 
 1. Data (fusemerge.demo.arithmetic): the addition and multiplication tables (1 to 9) as prompts with gold
-   answers; the pipeline asks each fact in one wording, the evaluation in the two others.
+   answers; the pipeline asks each fact in two wordings, the evaluation in the third; every answer
+   restates the fact ("7 * 8 = 56"), so that a fact learnt in one wording is known in the others.
 2. Models (fusemerge.demo.pretrain), each with its own vocabulary and architecture (Qwen3's BPE cut to
    4k ids with Llama; to 1k ids with Qwen2; to 2k ids with Mistral): a pivot
    pre-trained on a quarter of each table, an addition specialist and a multiplication specialist each
@@ -72,7 +73,7 @@ class ImplicitDemoPlan:
         default_factory=lambda: {
             "sampling": {
                 "samples": 8,
-                "max_new_tokens": 6,
+                "max_new_tokens": 12,  # "7 * 8 = 56" and the stop: 9 to 10 tokens
                 "temperature": 0.8,
                 "top_p": 0.95,
                 "batch_size": 64,
@@ -80,11 +81,14 @@ class ImplicitDemoPlan:
             },
             "scoring": {"default": "math_answer"},
             "pairs": {"sft_fraction": 0.4, "seed": 42},
+            # FuseChat-3.0's proportions: the preference stage at a tenth of the SFT learning rate (its
+            # is 5-15x lower) and a third of its epochs (1 against 3). At 5e-4 for 10 epochs, above the SFT
+            # rate, DPO erased more than it taught (bare answers: the pivot's facts 92.5% -> 72.5% held-out).
             "preference": {
                 "beta": 0.1,
                 "alpha": 0.5,
-                "learning_rate": 5.0e-4,
-                "epochs": 10,
+                "learning_rate": 1.0e-4,
+                "epochs": 3,
                 "batch_size": 8,
                 "gradient_accumulation": 1,
                 "max_length": 64,
@@ -93,13 +97,15 @@ class ImplicitDemoPlan:
     )
     losses: tuple[str, ...] = ("dpo", "wrpo")
     # The SFT stage (`training`): full fine-tuning, float32 (the CPU's precision), the pipeline's schedule.
+    # A schedule that learns its own data: at lr 3e-4 for 5 epochs the SFT target answered 17% of its new
+    # SFT facts in the very prompts it trained on, at 1e-3 for 10 epochs 81%.
     training: dict[str, Any] = field(
         default_factory=lambda: {
             "mode": "full",
-            "learning_rate": 3.0e-4,
+            "learning_rate": 1.0e-3,
             "lr_scheduler": "cosine",
             "warmup_ratio": 0.03,
-            "epochs": 5,
+            "epochs": 10,
             "batch_size": 8,
             "gradient_accumulation": 1,
             "dtype": "float32",

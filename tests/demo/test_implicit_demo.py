@@ -5,8 +5,7 @@ held-out evaluation, the table, results.json and the PNG) on two-layer models of
 small answer nothing right, so its pipeline scores with a stand-in verifier registered here (a response
 "passes" when its length is even: some pass and some fail, as the pairs need); the evaluation still uses
 `math_answer`. Its numbers mean nothing, so only their consistency with the printed verdicts is asserted.
-No slow test asserts the full demo's claims: they do not hold yet (SFT + DPO / WRPO below the pivot on the
-held-out wordings; why, in the README's implicit demo section).
+A slow test (CI runs it) runs `fusemerge demo --implicit` itself and asserts its claims and exit status.
 """
 
 from __future__ import annotations
@@ -16,18 +15,29 @@ from collections.abc import Sequence
 
 import pytest
 
-from fusemerge.demo.arithmetic import DOMAINS, WORDINGS, ArithmeticPlan, build_arithmetic, facts, gold
+from fusemerge.demo.arithmetic import (
+    DOMAINS,
+    WORDINGS,
+    ArithmeticPlan,
+    answer_text,
+    build_arithmetic,
+    fact_text,
+    facts,
+    gold,
+    question,
+)
 from fusemerge.demo.implicit import ImplicitDemoPlan, run_implicit_demo, source_label
 from fusemerge.demo.pretrain import ModelPlan
 from fusemerge.demo.report import implicit_check_lines, implicit_claims
 from fusemerge.demo.results import PIVOT_LABEL, SFT_LABEL, ImplicitResult, preference_label
-from fusemerge.fuse.implicit.scorers import SCORERS, ScoreItem, ScoreResult
+from fusemerge.fuse.implicit.scorers import SCORERS, ScoreItem, ScoreResult, final_answer
 
 LOSSES = ("dpo", "wrpo")
 
 
-def test_held_out_prompts_are_facts_the_pipeline_never_asked_in_that_wording(tmp_path):
-    plan = ArithmeticPlan(specialist_texts=300, pivot_texts=100)
+@pytest.mark.parametrize("asked", [1, 2])
+def test_held_out_prompts_are_facts_the_pipeline_never_asked_in_that_wording(tmp_path, asked):
+    plan = ArithmeticPlan(specialist_texts=300, pivot_texts=100, fusion_wordings=asked)
     a = build_arithmetic(tmp_path / "a", plan)
     b = build_arithmetic(tmp_path / "b", plan)
     assert a.fusion_file.read_text() == b.fusion_file.read_text()
@@ -35,22 +45,40 @@ def test_held_out_prompts_are_facts_the_pipeline_never_asked_in_that_wording(tmp
     fusion = [json.loads(line) for line in a.fusion_file.read_text().splitlines()]
     heldout = [json.loads(line) for line in a.heldout_file.read_text().splitlines()]
     every = {(d, x, y) for d in DOMAINS for x, y in facts(plan.largest)}
-    assert sorted((r["domain"], *map(int, r["prompt_id"].split("-")[1:3])) for r in fusion) == sorted(every)
-    assert len(heldout) == len(every) * (len(WORDINGS) - 1)
+    fact = lambda r: (r["domain"], *map(int, r["prompt_id"].split("-")[1:3]))  # noqa: E731
+    assert sorted(fact(r) for r in fusion) == sorted(f for f in every for _ in range(asked))
+    assert len(heldout) == len(every) * (len(WORDINGS) - asked)
+    assert len({r["prompt_id"] for r in fusion}) == len(fusion)  # the SFT/preference split draws per id
     for r in fusion + heldout:  # prompts only, with the gold answer the scorer checks
         assert [m["role"] for m in r["messages"]] == ["user"]
         domain, x, y = r["prompt_id"].split("-")[:3]
         assert r["answer"] == str(gold(domain, int(x), int(y)))
-    asked = {r["messages"][0]["content"] for r in fusion}
-    assert not asked & {r["messages"][0]["content"] for r in heldout}
+    asked_texts = {r["messages"][0]["content"] for r in fusion}
+    assert not asked_texts & {r["messages"][0]["content"] for r in heldout}
     assert not {r["prompt_id"] for r in fusion} & {r["prompt_id"] for r in heldout}
     # the pivot's texts hold its share of each table's facts, the specialists' texts their whole table
     for domain in DOMAINS:
         assert len(a.pivot_facts[domain]) == round(plan.pivot_share * len(facts(plan.largest)))
         pivot_answers = {t.split("Assistant: ")[1].strip() for t in a.texts["pivot"][domain]}
-        assert pivot_answers <= {str(gold(domain, x, y)) for x, y in a.pivot_facts[domain]}
+        assert pivot_answers <= {answer_text(domain, x, y) for x, y in a.pivot_facts[domain]}
         answers = {t.split("Assistant: ")[1].strip() for t in a.texts["specialist"][domain]}
-        assert answers == {str(gold(domain, x, y)) for x, y in facts(plan.largest)}
+        assert answers == {answer_text(domain, x, y) for x, y in facts(plan.largest)}
+
+
+def test_an_answer_restates_the_fact_in_one_form_whatever_the_wording(tmp_path):
+    """Every wording of a fact is answered by the same text, so a fact learnt in one wording is the
+    continuation of `7 * 8 =` that the other wordings reach too; the bare form is kept for comparison."""
+    for wording in WORDINGS:
+        text = fact_text("multiplication", 7, 8, wording)
+        assert text.endswith("Assistant: 7 * 8 = 56\n\n")
+        assert text.startswith("User: " + question("multiplication", 7, 8, wording))
+        assert fact_text("addition", 7, 8, wording, "bare").endswith("Assistant: 15\n\n")
+    record = {"messages": [{"role": "assistant", "content": answer_text("addition", 3, 4)}]}
+    assert final_answer(record["messages"][0]["content"]) == "7"  # what math_answer reads: the last number
+    bare = build_arithmetic(tmp_path / "bare", ArithmeticPlan(answer="bare"))
+    restated = build_arithmetic(tmp_path / "restated", ArithmeticPlan())
+    assert bare.fusion_file.read_text() == restated.fusion_file.read_text()  # the prompts do not change
+    assert bare.pivot_facts == restated.pivot_facts
 
 
 def _result(pivot: float, sft: float, dpo: float, wrpo: float) -> ImplicitResult:
@@ -159,3 +187,25 @@ def test_scaled_down_demo_runs_every_stage(tmp_path, even_length_scorer):
     assert "training from scratch" not in rerun
     assert "sft sft: target complete, skipped" in rerun
     assert all(f"preference sft-{loss}: target complete, skipped" in rerun for loss in plan.losses)
+
+
+@pytest.mark.slow
+def test_full_demo_shows_what_fusechat3_predicts(tmp_path):
+    """Issue 13's acceptance on the defaults, run as users run it: each SFT + preference target beats the
+    pivot and the SFT target on the held-out wordings, each source beats the pivot on its own table, and
+    the command exits 0 (3 when a claim does not hold)."""
+    from click.testing import CliRunner
+
+    from fusemerge.cli import main
+
+    run = CliRunner().invoke(main, ["demo", "--implicit", "-q", "--out", str(tmp_path / "demo")])
+    assert run.exit_code == 0, run.output
+    accuracy = json.loads((tmp_path / "demo" / "results.json").read_text())["accuracy"]
+    pivot, sft = accuracy[PIVOT_LABEL], accuracy[SFT_LABEL]
+    for domain in DOMAINS:
+        assert accuracy[source_label(domain)][domain] > pivot[domain]
+    for loss in LOSSES:
+        label = preference_label(loss)
+        assert accuracy[label]["average"] > max(pivot["average"], sft["average"]), (label, accuracy[label])
+        assert f"{label} beats the pivot: yes" in run.output
+        assert f"{label} beats SFT alone: yes" in run.output

@@ -104,12 +104,19 @@ def _verified(lines: Sequence[Line]) -> bool:
     return any(line.get("passed") is not None for line in lines)
 
 
+def _answered(lines: Sequence[Line]) -> list[Line]:
+    """The lines with a non-blank response: the SFT and preference readers refuse a blank turn, so a blank
+    answer (a model that stopped at once) is neither a chosen, a rejected nor an SFT response."""
+    return [line for line in lines if str(line.get("response", "")).strip()]
+
+
 def sft_example(lines: Sequence[Line]) -> Line | None:
     """The best source response of one prompt, or None (no responses; no correct one in a verified domain).
 
     Args:
         lines: the scored source lines of one prompt, in model then sample order.
     """
+    lines = _answered(lines)
     if _verified(lines):
         lines = [line for line in lines if line.get("passed") is True]
     best = _best(lines)
@@ -131,6 +138,7 @@ def candidate_pair(lines: Sequence[Line], *, spec: PairsSpec) -> tuple[Line, Lin
         lines: the scored lines the pair may come from (one source's, or every source's).
         spec: the pairs section (reward-gap bounds).
     """
+    lines = _answered(lines)
     if _verified(lines):
         chosen = _best([line for line in lines if line.get("passed") is True])
         rejected = _worst([line for line in lines if line.get("passed") is False])
@@ -157,6 +165,7 @@ def target_chosen(lines: Sequence[Line]) -> Line | None:
     Args:
         lines: the pivot's scored lines of one prompt.
     """
+    lines = _answered(lines)
     if _verified(lines):
         lines = [line for line in lines if line.get("passed") is True]
     return _best(lines)
