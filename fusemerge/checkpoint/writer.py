@@ -106,6 +106,7 @@ class ShardedWriter:
         self._shard_of = {t.name: s for s in shards for t in s.tensors}
         self._pending: dict[str, set[str]] = {}
         self._fds: dict[str, int] = {}
+        self._part_left: dict[str, int] = {}  # bytes still to come of tensors written by parts
 
     # -- resume ----------------------------------------------------------------------------------
     def is_complete(self, shard: Shard) -> bool:
@@ -131,6 +132,29 @@ class ShardedWriter:
         done = 0
         while done < len(view):
             done += _pwrite(fd, view[done:], start + done, self.out_dir / shard.filename)
+        self._tensor_done(shard, name)
+
+    def write_part(self, name: str, start: int, data: memoryview) -> None:
+        """Write bytes `start`.. of tensor `name`'s data (parts in any order, never overlapping): the
+        tensor counts as written, as by `write`, once parts covering all its bytes are in."""
+        shard = self._shard_of[name]
+        first, end = shard.offsets[name]
+        if start < 0 or first + start + len(data) > end:
+            raise RuntimeError(
+                f"{name}: bytes {start}..{start + len(data)} outside its {end - first} planned"
+            )
+        fd = self._open(shard)
+        done = 0
+        while done < len(data):
+            done += _pwrite(fd, data[done:], first + start + done, self.out_dir / shard.filename)
+        left = self._part_left.get(name, end - first) - len(data)
+        if left > 0:
+            self._part_left[name] = left
+            return
+        self._part_left.pop(name, None)
+        self._tensor_done(shard, name)
+
+    def _tensor_done(self, shard: Shard, name: str) -> None:
         pending = self._pending[shard.filename]
         pending.discard(name)
         if not pending:

@@ -282,6 +282,23 @@ def execute(
                 allow_nonfinite=allow_nonfinite,
             )
 
+    from fusemerge.merge.elementwise import execute_streamed, streamable
+
+    if not plan.needs_group_pass and streamable(plan, tasks, device):
+        total = sum(t.read_bytes + t.write_bytes for t in tasks)
+        with progress_bar(total, "merging", enabled=progress, unit="B", unit_scale=True) as streamed:
+            try:
+                return execute_streamed(
+                    plan,
+                    writer,
+                    tasks,
+                    device=device,
+                    allow_nonfinite=allow_nonfinite,
+                    on_bytes=streamed.update,
+                )
+            finally:
+                writer.close()
+
     written: queue.Queue[Any] = queue.Queue(maxsize=2)
 
     buffers = _pool_for(tasks, prefetch_bytes)
