@@ -7,11 +7,11 @@ magnitude thresholds; the torch path there is the reference it must equal (teste
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from fusemerge.merge.kernels import cpu as kernels
 from fusemerge.merge.kernels.chunks import CHUNK_ELEMENTS, spans
 from fusemerge.merge.kernels.views import kernel_view
+from fusemerge.merge.lazy_torch import torch
 
 
 def fused_combine(
