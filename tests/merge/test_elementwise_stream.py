@@ -92,3 +92,20 @@ def test_a_nan_in_a_late_chunk_is_refused_naming_the_tensor(
         )
     assert info.value.tensor == name and str(hostile) in str(info.value.file)
     assert not list((tmp_path / "out").glob("model-*.safetensors"))
+
+
+def test_a_streamed_merge_never_imports_torch(mistral_bf16, tmp_path, write_recipe):
+    """Importing torch costs ~1.4 CPU-s, more than the I/O floor of a small merge: the elementwise stream
+    needs none of it (merge/lazy_torch.py). Run in a fresh interpreter, as the CLI is."""
+    import subprocess
+    import sys
+
+    recipe = write_recipe(RECIPES["task_arithmetic"].format(**{k: str(v) for k, v in mistral_bf16.items()}))
+    code = (
+        "import sys\nfrom fusemerge.merge.api import run_merge\n"
+        f"run_merge({str(recipe)!r}, {str(tmp_path / 'out')!r}, progress=False, echo=lambda _: None)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "False", done.stderr
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
