@@ -73,6 +73,13 @@ def streamable(plan: MergePlan, tasks: list[TensorTask], device: str) -> bool:
     return bool(tasks) and all(chunk_kernel(plan, t, device) is not None for t in tasks)
 
 
+def stream_bytes(tasks: list[TensorTask]) -> int:
+    """The data memory `execute_streamed` holds: one chunk buffer per input slot and two result chunks."""
+    slots = max(len(t.inputs) + (t.base is not None) for t in tasks)
+    item = max(ITEM_SIZE[t.out_dtype] for t in tasks)
+    return (slots + 2) * CHUNK_ELEMENTS * item
+
+
 def execute_streamed(
     plan: MergePlan,
     writer: ShardedWriter,
@@ -86,7 +93,7 @@ def execute_streamed(
     from fusemerge.checkpoint.finite import first_nonfinite_bits
 
     slots = max(len(t.inputs) + (t.base is not None) for t in tasks)
-    item = max(ITEM_SIZE[t.out_dtype] for t in tasks)
+    item = max(ITEM_SIZE[t.out_dtype] for t in tasks)  # stream_bytes counts these buffers
     inputs = [np.empty(CHUNK_ELEMENTS * item, dtype=np.uint8) for _ in range(slots)]
     spare: queue.Queue[np.ndarray] = queue.Queue()
     for _ in range(2):  # result chunks: one being written while the next is computed

@@ -113,6 +113,10 @@ class MergePlan:
 
         `device` is where the arithmetic runs: the CPU kernels need fewer whole-tensor temporaries than
         the torch paths (see `_CPU_EXTRA_BYTES_PER_ELEMENT`)."""
+        from fusemerge.merge.elementwise import stream_bytes, streamable
+
+        if not self.needs_group_pass and streamable(self, self.tasks, device):
+            return stream_bytes(self.tasks)
         cpu = device == "cpu"
         extra = (_CPU_EXTRA_BYTES_PER_ELEMENT if cpu else _EXTRA_BYTES_PER_ELEMENT).get(self.method.name, 0)
         worst = 0
