@@ -156,3 +156,32 @@ def test_tensors_written_and_read_in_byte_ranges(tmp_path):
         folder.read_range("a.weight", 500, memoryview(bytearray(100)))
     with pytest.raises(RuntimeError, match="outside"):
         ShardedWriter(out, shards).write_part("a.weight", 500, memoryview(bytearray(100)))
+
+
+def test_shards_being_written_are_flushed_in_the_background(tmp_path, monkeypatch):
+    """The disk writes while the merge computes (fdatasync every FLUSH_INTERVAL_S), not all at the
+    closing fsync; the flushing thread ends with the writer."""
+    import os
+    import time
+
+    from fusemerge.checkpoint import writer as writer_module
+
+    synced: list[str] = []
+    real = os.fdatasync
+
+    def record(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(writer_module, "FLUSH_INTERVAL_S", 0.01)
+    monkeypatch.setattr(writer_module.os, "fdatasync", record)
+    tensors = _tensors()
+    planned = [PlannedTensor(n, code_for_torch(t.dtype), tuple(t.shape)) for n, t in tensors.items()]
+    writer = ShardedWriter(tmp_path, plan_shards(planned, 1 << 20))
+    writer.write("a.weight", tensors["a.weight"])
+    deadline = time.monotonic() + 5
+    while not synced and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert synced and synced[0].endswith(".partial")
+    writer.close()
+    assert writer._flusher is not None and not writer._flusher.is_alive()
