@@ -20,14 +20,16 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fusemerge.checkpoint.dtypes import ITEM_SIZE
 from fusemerge.checkpoint.writer import ShardedWriter
 from fusemerge.errors import FusemergeError
-from fusemerge.merge.plan import MergePlan, TensorTask
+
+if TYPE_CHECKING:  # the plan asks this module for its estimate: no import back at run time
+    from fusemerge.merge.plan import MergePlan, TensorTask
 
 CHUNK_ELEMENTS = 1 << 19  # 1 MiB of bf16 per input: inputs + result stay in L2/L3 cache
 _NUMPY = {"BF16": np.uint16, "F32": np.float32}  # bf16 goes to the kernels as its raw bits
