@@ -7,7 +7,8 @@ there once) and prints one JSON line per method:
   wall_s, cpu_user_s, cpu_sys_s     the process's clock and CPU times (cpu / wall > 1: stages overlapped)
   read_s, compute_s, write_s        time inside ModelFolder.read (summed over the reader threads),
                                     merge_tensor (main thread), ShardedWriter.write (writer thread)
-  wait_inputs_s                     main thread blocked waiting for the reader (input hand-off)
+  wait_inputs_s                     main thread blocked waiting for the reader (input hand-off); in the
+                                    elementwise stream (streamed_chunks > 0), for a free result buffer
   wait_writer_s                     main thread blocked handing a result to the writer (queue full)
   disk_read_gb, cached_read_gb      /proc/self/io read_bytes (from the device: page-cache misses) and
                                     rchar - read_bytes (served from the page cache)
@@ -97,7 +98,7 @@ def _timed(owner, attr: str, bucket: dict[str, float], key: str, lock: threading
 def profile_one(recipe: Path, out: Path, top: int) -> dict:
     from fusemerge.checkpoint.reader import ModelFolder
     from fusemerge.checkpoint.writer import ShardedWriter
-    from fusemerge.merge import api, engine
+    from fusemerge.merge import api, elementwise, engine
 
     bucket: dict[str, float] = defaultdict(float)
     lock = threading.Lock()
@@ -105,7 +106,29 @@ def profile_one(recipe: Path, out: Path, top: int) -> dict:
         (ModelFolder, "read", _timed(ModelFolder, "read", bucket, "read_s", lock)),
         (ShardedWriter, "write", _timed(ShardedWriter, "write", bucket, "write_s", lock)),
         (engine, "merge_tensor", _timed(engine, "merge_tensor", bucket, "compute_s", lock)),
+        # the elementwise stream (linear, task arithmetic): chunk reads, chunk writes, kernel calls
+        (ModelFolder, "read_range", _timed(ModelFolder, "read_range", bucket, "read_s", lock)),
+        (ShardedWriter, "write_part", _timed(ShardedWriter, "write_part", bucket, "write_s", lock)),
     ]
+    original_kernel = elementwise.chunk_kernel
+
+    def chunk_kernel(*args, **kwargs):
+        kernel = original_kernel(*args, **kwargs)
+        if kernel is None:
+            return None
+
+        def timed(*a):
+            start = time.perf_counter()
+            try:
+                return kernel(*a)
+            finally:
+                bucket["compute_s"] += time.perf_counter() - start
+                bucket["streamed_chunks"] += 1
+
+        return timed
+
+    elementwise.chunk_kernel = chunk_kernel
+    patched.append((elementwise, "chunk_kernel", original_kernel))
     main_id = threading.get_ident()
     original_get, original_put = queue.Queue.get, engine._put
 

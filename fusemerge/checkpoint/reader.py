@@ -268,6 +268,28 @@ class ModelFolder:
                 done += got
         return buffer.view(torch_dtype(info.dtype)).reshape(info.shape)
 
+    def stored_bytes(self, name: str) -> bool:
+        """Whether `read_range` can serve `name`: its bytes in a safetensors file are the tensor as is
+        (not a pickle checkpoint's, and not changed on the way by a subclass, as a LoRA fold does)."""
+        return self._pickle_state is None and type(self).read is ModelFolder.read and name in self.tensors
+
+    def read_range(self, name: str, start: int, out: memoryview) -> None:
+        """Fill `out` with the tensor's stored bytes from byte `start` of its data on: the elementwise
+        merges stream a tensor through a small buffer that stays in the CPU cache, chunk after chunk,
+        as the I/O floor does (`fusemerge.merge.elementwise`); only where `stored_bytes(name)`."""
+        info = self.tensors[name]
+        if start < 0 or start + len(out) > info.nbytes:
+            raise ValueError(f"{name}: bytes {start}..{start + len(out)} outside its {info.nbytes}")
+        fd = self._fd(info.file)
+        done = 0
+        while done < len(out):
+            got = os.preadv(fd, [out[done:]], info.start + start + done)
+            if got <= 0:
+                raise FusemergeError(
+                    "file ended while reading (was it truncated?)", file=info.file, tensor=name
+                )
+            done += got
+
     def _fd(self, file: Path) -> int:
         with self._lock:
             fd = self._fds.get(file)

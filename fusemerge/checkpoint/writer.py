@@ -11,8 +11,10 @@ final model-file name, and a file under a final name is always complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +27,10 @@ if TYPE_CHECKING:
     import torch
 
 HEADER_ALIGN = 8
+# While shards are being written, a background thread fdatasyncs them this often, so the disk writes while
+# the merge reads and computes rather than all at the closing fsync (measured at 1.1B params on our
+# machines: linear 7.7 -> 5.9 s median of 5). 0 turns it off.
+FLUSH_INTERVAL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,9 @@ class ShardedWriter:
         self._shard_of = {t.name: s for s in shards for t in s.tensors}
         self._pending: dict[str, set[str]] = {}
         self._fds: dict[str, int] = {}
+        self._flusher: threading.Thread | None = None
+        self._stop_flushing = threading.Event()
+        self._part_left: dict[str, int] = {}  # bytes still to come of tensors written by parts
 
     # -- resume ----------------------------------------------------------------------------------
     def is_complete(self, shard: Shard) -> bool:
@@ -131,6 +140,29 @@ class ShardedWriter:
         done = 0
         while done < len(view):
             done += _pwrite(fd, view[done:], start + done, self.out_dir / shard.filename)
+        self._tensor_done(shard, name)
+
+    def write_part(self, name: str, start: int, data: memoryview) -> None:
+        """Write bytes `start`.. of tensor `name`'s data (parts in any order, never overlapping): the
+        tensor counts as written, as by `write`, once parts covering all its bytes are in."""
+        shard = self._shard_of[name]
+        first, end = shard.offsets[name]
+        if start < 0 or first + start + len(data) > end:
+            raise RuntimeError(
+                f"{name}: bytes {start}..{start + len(data)} outside its {end - first} planned"
+            )
+        fd = self._open(shard)
+        done = 0
+        while done < len(data):
+            done += _pwrite(fd, data[done:], first + start + done, self.out_dir / shard.filename)
+        left = self._part_left.get(name, end - first) - len(data)
+        if left > 0:
+            self._part_left[name] = left
+            return
+        self._part_left.pop(name, None)
+        self._tensor_done(shard, name)
+
+    def _tensor_done(self, shard: Shard, name: str) -> None:
         pending = self._pending[shard.filename]
         pending.discard(name)
         if not pending:
@@ -149,7 +181,28 @@ class ShardedWriter:
             raise FusemergeError(f"cannot write output shard: {exc.strerror}", file=partial) from exc
         self._fds[shard.filename] = fd
         self._pending[shard.filename] = {t.name for t in shard.tensors}
+        if FLUSH_INTERVAL_S and (self._flusher is None or not self._flusher.is_alive()):
+            self._stop_flushing.clear()
+            self._flusher = threading.Thread(target=self._flush_loop, name="fusemerge-flush", daemon=True)
+            self._flusher.start()
         return fd
+
+    def _flush_loop(self) -> None:
+        """fdatasync the shards being written until none is (or `close`). Through a descriptor of its
+        own, so a shard finished and closed meanwhile is never touched; errors are left to the closing
+        fsync, which reports them (this one only moves the disk's work earlier)."""
+        while not self._stop_flushing.wait(FLUSH_INTERVAL_S):
+            names = list(self._fds)
+            if not names:
+                return
+            for name in names:
+                try:
+                    fd = os.open(partial_path(self.out_dir, name), os.O_RDONLY)
+                except OSError:
+                    continue
+                with contextlib.suppress(OSError):
+                    os.fdatasync(fd)
+                os.close(fd)
 
     def _finish(self, shard: Shard) -> None:
         fd = self._fds.pop(shard.filename)
@@ -192,6 +245,9 @@ class ShardedWriter:
         return path
 
     def close(self) -> None:
+        self._stop_flushing.set()
+        if self._flusher is not None:
+            self._flusher.join()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

@@ -98,7 +98,7 @@ def _run_streaming(
     device = _check_device(options.device)
     side = resolve_side_files(plan)
     if options.dry_run:
-        echo(describe(plan, out))
+        echo(describe(plan, out, device))
         return out
 
     fingerprint = plan.fingerprint()

@@ -4,6 +4,8 @@ Three stages overlap: a reader thread prefetches the next tensors' inputs (bound
 embedding is never double-buffered), the calling thread computes, and a writer thread puts finished tensors
 into their place in the shard files. File reads, writes and torch kernels all release the GIL, so the
 stages really run in parallel. Peak memory is a few tensors, whatever the model size.
+Linear and task arithmetic on CPU bf16/float32 do not come here tensor by tensor: `merge.elementwise`
+streams them chunk-wise through the CPU cache, which is what brings them near their I/O floor.
 """
 
 from __future__ import annotations
@@ -281,6 +283,23 @@ def execute(
                 on_bytes=bar.update,
                 allow_nonfinite=allow_nonfinite,
             )
+
+    from fusemerge.merge.elementwise import execute_streamed, streamable
+
+    if not plan.needs_group_pass and streamable(plan, tasks, device):
+        total = sum(t.read_bytes + t.write_bytes for t in tasks)
+        with progress_bar(total, "merging", enabled=progress, unit="B", unit_scale=True) as streamed:
+            try:
+                return execute_streamed(
+                    plan,
+                    writer,
+                    tasks,
+                    device=device,
+                    allow_nonfinite=allow_nonfinite,
+                    on_bytes=streamed.update,
+                )
+            finally:
+                writer.close()
 
     written: queue.Queue[Any] = queue.Queue(maxsize=2)
 

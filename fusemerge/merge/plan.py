@@ -30,8 +30,8 @@ DEFAULT_PREFETCH_BYTES = 256 * 1024 * 1024
 PREFETCH_TENSORS = 3
 DEFAULT_RANDOM_SEED = 0
 # Whole-tensor temporaries beyond the chunked ones, in bytes per element (per model where noted): the
-# k-th value selections hold |delta| and a copy; DELLA holds one byte of mask per model; the spherical
-# means and Arcee Fusion hold a few float32 copies of the tensor.
+# torch k-th value selections hold |delta| and a copy; DELLA holds one byte of mask per model; the
+# spherical means and Arcee Fusion hold a few float32 copies of the tensor.
 _EXTRA_BYTES_PER_ELEMENT = {
     "ties": 8,
     "breadcrumbs": 8,
@@ -45,6 +45,11 @@ _EXTRA_BYTES_PER_ELEMENT = {
     "nuslerp": 4,
     "model_stock": 4,
 }
+# On the CPU (float32 work) the numba kernels replace the torch selections: TIES' and SCE's top-k is a
+# radix select over histograms (SCE recomputes each variance in every pass), so they hold no whole-tensor
+# temporary; DARE's kernels hold each model's drawn mask as packed bits (1/8 byte per element per model).
+_CPU_EXTRA_BYTES_PER_ELEMENT = {**_EXTRA_BYTES_PER_ELEMENT, "ties": 0, "sce": 0}
+_CPU_MASK_BITS_PER_MODEL = {"dare_ties", "dare_linear"}
 
 
 @dataclass
@@ -103,13 +108,24 @@ class MergePlan:
     def needs_group_pass(self) -> bool:
         return self.method.stats is not None and any(t.group not in (None, t.name) for t in self.tasks)
 
-    def peak_memory_estimate(self, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES) -> int:
-        """Largest tensor's raw inputs + its float32 result + cast + chunk temporaries, plus the prefetch."""
+    def peak_memory_estimate(self, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES, device: str = "cpu") -> int:
+        """Largest tensor's raw inputs + its float32 result + cast + chunk temporaries, plus the prefetch.
+
+        `device` is where the arithmetic runs: the CPU kernels need fewer whole-tensor temporaries than
+        the torch paths (see `_CPU_EXTRA_BYTES_PER_ELEMENT`)."""
+        from fusemerge.merge.elementwise import stream_bytes, streamable
+
+        if not self.needs_group_pass and streamable(self, self.tasks, device):
+            return stream_bytes(self.tasks)
+        cpu = device == "cpu"
+        extra = (_CPU_EXTRA_BYTES_PER_ELEMENT if cpu else _EXTRA_BYTES_PER_ELEMENT).get(self.method.name, 0)
         worst = 0
         for t in self.tasks:
             n_inputs = len(t.inputs) + (1 if t.base else 0)
             temps = 4 * min(t.numel, CHUNK_ELEMENTS) * (n_inputs + 4)
-            selection = _EXTRA_BYTES_PER_ELEMENT.get(self.method.name, 0) * t.numel
+            selection = extra * t.numel
+            if cpu and self.method.name in _CPU_MASK_BITS_PER_MODEL:
+                selection += len(t.inputs) * ((t.numel + 7) // 8)
             worst = max(worst, t.read_bytes + 4 * t.numel + t.write_bytes + temps + selection)
         biggest_read = max((t.read_bytes for t in self.tasks), default=0)
         return (
@@ -330,8 +346,8 @@ def _check_same_tensor(
             )
 
 
-def describe(plan: MergePlan, out: Path | None = None) -> str:
-    """The --dry-run report."""
+def describe(plan: MergePlan, out: Path | None = None, device: str = "cpu") -> str:
+    """The --dry-run report (`device`: where the arithmetic would run, which changes the memory peak)."""
     gib = 1024**3
     lines = [
         f"recipe:         {plan.loaded.path}",
@@ -342,7 +358,7 @@ def describe(plan: MergePlan, out: Path | None = None) -> str:
         f"tensors:        {len(plan.tasks)}",
         f"bytes to read:  {plan.bytes_read / gib:.3f} GiB",
         f"bytes to write: {plan.bytes_written / gib:.3f} GiB in {len(plan.shards)} shard(s)",
-        f"peak memory:    about {plan.peak_memory_estimate() / gib:.2f} GiB (estimate)",
+        f"peak memory:    about {plan.peak_memory_estimate(device=device) / gib:.2f} GiB (estimate)",
     ]
     if plan.needs_group_pass:
         lines.append("statistics:     a first pass reads every input once to pool variation statistics")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 
-import torch
+from fusemerge.merge.lazy_torch import torch
 
 
 def derive_seed(*parts: object) -> int:

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-import torch
 
 from fusemerge.merge.kernels import cpu as kernels
 from fusemerge.merge.kernels.chunks import CHUNK_ELEMENTS, compute_dtype, flat, spans
 from fusemerge.merge.kernels.views import kernel_view, use_kernels
+from fusemerge.merge.lazy_torch import torch
 from fusemerge.merge.seeds import derive_seed, uniform
 
 

@@ -7,11 +7,11 @@ magnitude thresholds; the torch path there is the reference it must equal (teste
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from fusemerge.merge.kernels import cpu as kernels
 from fusemerge.merge.kernels.chunks import CHUNK_ELEMENTS, spans
 from fusemerge.merge.kernels.views import kernel_view
+from fusemerge.merge.lazy_torch import torch
 
 
 def fused_combine(
@@ -50,8 +50,14 @@ def fused_combine(
         n = span.stop - span.start
         b = kernel_view(b_flat[span])
         xs = [kernel_view(x[span]) for x in inputs]
-        vote[:n] = 0
         for j, c in enumerate(coef):
+            if j == 0 and consensus:
+                # TIES reads only the vote's sign, and 0 + d equals d up to a zero's sign: the first
+                # model's delta is the vote (no zeroing pass, no add pass)
+                _kept_delta(xs[0], b, keep_above[0], last_tied[0], bits[0], span.start, c, vote[:n])
+                continue
+            if j == 0:
+                vote[:n] = 0
             _kept_delta(xs[j], b, keep_above[j], last_tied[j], bits[j], span.start, c, delta[:n])
             kernels.add_into(vote[:n], delta[:n])
         if not consensus:

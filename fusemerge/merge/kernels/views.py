@@ -7,7 +7,8 @@ so a 2-byte element is read once per pass. Elsewhere (a GPU, float64 inputs) the
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+from fusemerge.merge.lazy_torch import torch
 
 
 def use_kernels(tensor: torch.Tensor, dtype: torch.dtype) -> bool:

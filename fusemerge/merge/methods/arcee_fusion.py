@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-import torch.nn.functional as F
-
 from fusemerge.merge.kernels.chunks import compute_dtype
+from fusemerge.merge.lazy_torch import F, torch
 from fusemerge.merge.methods.registry import merge_method
 
 

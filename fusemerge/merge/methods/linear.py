@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from fusemerge.errors import FusemergeError
 from fusemerge.merge.kernels.chunks import weighted_sum
+from fusemerge.merge.lazy_torch import torch
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param
 

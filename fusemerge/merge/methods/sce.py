@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from fusemerge.merge.kernels import sce as sce_kernels
 from fusemerge.merge.kernels.chunks import compute_dtype, flat, new_output, spans
 from fusemerge.merge.kernels.views import kernel_view, use_kernels
+from fusemerge.merge.lazy_torch import torch
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param
 from fusemerge.merge.sparsify import NONE_KEPT, Keep, top_k, variance_keep

@@ -22,9 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from fusemerge.errors import FusemergeError
+from fusemerge.merge.lazy_torch import torch
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.methods.task_arithmetic import GTA_PER_MODEL, GTA_SHARED, combine
 from fusemerge.merge.parameters import Param

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from fusemerge.errors import FusemergeError
 from fusemerge.merge.kernels.chunks import blocks, compute_dtype, flat, from_rows, rows_view, spans
+from fusemerge.merge.lazy_torch import torch
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import cast
 
-import torch
-
 from fusemerge.merge.kernels.chunks import CHUNK_ELEMENTS, compute_dtype, flat, new_output, spans
 from fusemerge.merge.kernels.combine import fused_combine
 from fusemerge.merge.kernels.views import use_kernels
+from fusemerge.merge.lazy_torch import torch
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param
 from fusemerge.merge.sparsify import NONE_KEPT, Keep, Mask, RandomKeep, kernel_masks, top_k_delta

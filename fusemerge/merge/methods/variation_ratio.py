@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import torch
-
 from fusemerge.merge.kernels.chunks import compute_dtype, flat, spans, weighted_sum
+from fusemerge.merge.lazy_torch import torch
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param, layer_index
 

@@ -198,3 +198,19 @@ def test_kernel_draws_are_torch_rand_draws(seed):
     cpu.draw_kept_seeded(x, x, seed, np.float32(0.37), bits, 3)  # at a bit offset, as a later chunk is
     kept = np.unpackbits(bits, bitorder="little")[3 : 3 + n].astype(bool)
     assert np.array_equal(kept, expected)
+
+
+@pytest.mark.parametrize(("offset", "n"), [(0, 8 * 37), (16, 8 * 37 + 5), (3, 101)])
+def test_kept_delta_bits_reads_the_packed_mask_at_any_offset(offset, n):
+    """The byte-wise unrolled loop (chunks starting on a byte) and the per-element one agree with a
+    numpy reference, remainders included."""
+    from fusemerge.merge.kernels import cpu
+
+    rng = np.random.default_rng(offset + n)
+    x, b = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    bits = rng.integers(0, 256, (offset + n + 7) // 8 + 1, dtype=np.uint8)
+    kept = np.unpackbits(bits, bitorder="little")[offset : offset + n].astype(np.float32)
+    out = np.empty(n, dtype=np.float32)
+    cpu.kept_delta_bits(x, b, bits, offset, np.float32(0.7), out)
+    expected = (x - b) * np.float32(0.7) * kept
+    assert np.array_equal(out.view(np.uint32), expected.view(np.uint32))
