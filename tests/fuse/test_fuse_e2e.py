@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from fusemerge.cli import main
+from tests.launcher import fuse_on_two_processes
 
 
 def test_fuse_then_merge_on_three_tokenizers(tmp_path, tiny_models, chat_jsonl, fuse_helpers):
@@ -146,10 +147,6 @@ def test_train_step_data_parallel_over_two_processes(tmp_path, tiny_models, chat
     `accelerate launch --cpu` starts a single process unless MPI is set up, so the CPU check uses the
     launcher directly. accelerate's PartialState picks the process group up from the environment.
     """
-    import os
-    import socket
-    import subprocess
-    import sys
 
     from fusemerge.fuse.pipeline import run_fuse
 
@@ -172,19 +169,7 @@ def test_train_step_data_parallel_over_two_processes(tmp_path, tiny_models, chat
         output=str(tmp_path / "fused"),
     )
     run_fuse(recipe, steps=["teach", "align"], progress=False, echo=lambda _: None)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    with socket.socket() as probe:  # a free port for the process group's rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
-        + ["-m", "fusemerge.cli", "fuse", str(recipe), "--steps", "train", "-q"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = fuse_on_two_processes(recipe, "train")
     target = tmp_path / "fused" / "gpt2-source-mistral-source"
     assert (target / "model.safetensors").is_file() and (target / "fusemerge_target.json").is_file()
     (state_file,) = (tmp_path / "fused" / "work" / "train").glob(

@@ -8,11 +8,7 @@ the CPU the launcher is used directly (as tests/fuse/test_fuse_e2e.py's data-par
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +17,7 @@ from implicit_helpers import math_prompts, write_jsonl
 
 from fusemerge.checkpoint.layout import read_state
 from fusemerge.fuse.pipeline import run_fuse
+from tests.launcher import fuse_on_two_processes
 
 
 def _recipe(tmp_path: Path, name: str, chat_models: dict[str, Path], prompts: Path) -> Path:
@@ -68,19 +65,7 @@ def test_two_processes_sample_the_files_of_one_and_reuse_finished_shards(tmp_pat
         n: (parallel / "pivot" / n).stat().st_mtime_ns for n in ("shard-00000.jsonl", "shard-00003.jsonl")
     }
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_NUM_THREADS": "1"}
-    with socket.socket() as probe:  # a free port for the process group's rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
-        + ["-m", "fusemerge.cli", "fuse", str(two), "--steps", "sample", "-q"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = fuse_on_two_processes(two, "sample", OMP_NUM_THREADS="1")
     for model in ("pivot", "qwen-source"):
         assert _shards(parallel / model) == _shards(single / model), model
         state = read_state(parallel / model)
