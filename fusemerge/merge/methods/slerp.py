@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fusemerge.merge.kernels.chunks import compute_dtype, flat, spans
+import numpy as np
+
+from fusemerge.merge.kernels.chunks import compute_dtype, flat, new_output, spans
+from fusemerge.merge.kernels.views import kernel_view, use_kernels
 from fusemerge.merge.lazy_torch import torch
 from fusemerge.merge.methods.registry import merge_method
 from fusemerge.merge.parameters import Param
@@ -26,7 +29,10 @@ SLERP_CHUNK = 1024 * 1024
 def slerp(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, t: float) -> torch.Tensor:
     """Interpolate along the great circle between two weight tensors (Shoemake 1985).
 
-    Nearly collinear tensors (|cos| > 0.9995) fall back to linear interpolation.
+    Nearly collinear tensors (|cos| > 0.9995) fall back to linear interpolation. On the CPU in float32
+    the elementwise work runs in numba kernels (`merge/kernels/slerp.py`) and, when both inputs are
+    bf16, the result is written in bf16 directly (rounded once, as the engine's cast would); the
+    reductions stay torch's in either case, so both paths give the same bits.
     """
     (other,) = tensors
     dtype = compute_dtype([base, other])
@@ -36,22 +42,68 @@ def slerp(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, t: float) -> t
     chunks = list(spans(a.numel(), SLERP_CHUNK))
     if not chunks:
         return torch.empty(base.shape, dtype=dtype, device=base.device)
+    native = use_kernels(base, dtype) and other.device.type == "cpu"
+    if native:
+        return _slerp_native(a, b, base.shape, chunks, t)
     norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a[s].to(dtype)) for s in chunks]))
     norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[s].to(dtype)) for s in chunks]))
     norm_a = torch.where(norm_a > EPS, norm_a, 1)
     norm_b = torch.where(norm_b > EPS, norm_b, 1)
     dot = torch.stack([((a[s].to(dtype) / norm_a) * (b[s].to(dtype) / norm_b)).sum() for s in chunks])
-    dot = dot.sum().clamp(-1, 1)
-    t_ = torch.tensor(t, dtype=dtype, device=base.device)
-    if float(dot.abs()) > DOT_THRESHOLD:
-        coef_a, coef_b = 1 - t_, t_
-    else:
-        theta = torch.acos(dot)
-        sin_theta = torch.sin(theta)
-        coef_a = torch.sin((1 - t_) * theta) / sin_theta
-        coef_b = torch.sin(t_ * theta) / sin_theta
+    coef_a, coef_b = _coefficients(dot, t, dtype, base.device)
     out = torch.empty(base.shape, dtype=dtype, device=base.device)
     out_flat = flat(out)
     for s in chunks:
         out_flat[s] = coef_a * a[s].to(dtype) + coef_b * b[s].to(dtype)
+    return out
+
+
+def _coefficients(
+    dot_parts: torch.Tensor, t: float, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(coef_a, coef_b) from the per-chunk dot products, in mergekit's float32 scalar arithmetic."""
+    dot = dot_parts.sum().clamp(-1, 1)
+    t_ = torch.tensor(t, dtype=dtype, device=device)
+    if float(dot.abs()) > DOT_THRESHOLD:
+        return 1 - t_, t_
+    theta = torch.acos(dot)
+    sin_theta = torch.sin(theta)
+    return torch.sin((1 - t_) * theta) / sin_theta, torch.sin(t_ * theta) / sin_theta
+
+
+def _slerp_native(
+    a: torch.Tensor, b: torch.Tensor, shape: torch.Size, chunks: list[slice], t: float
+) -> torch.Tensor:
+    """The CPU float32 path: each input element widened once per pass into one reused float32 buffer
+    that torch reduces (the values and the reductions of the torch path, so the same bits), and the
+    interpolation in one kernel loop writing the result in its dtype."""
+    from fusemerge.merge.kernels import slerp as kernels
+
+    buf = torch.empty(min(SLERP_CHUNK, a.numel()), dtype=torch.float32)
+    buf_np = buf.numpy()
+
+    def chunk_norm(x: torch.Tensor, s: slice) -> torch.Tensor:
+        if x.dtype == torch.float32:  # `.to(float32)` would be the tensor itself
+            return torch.linalg.vector_norm(x[s])
+        n = s.stop - s.start
+        kernels.widen(kernel_view(x[s]), buf_np[:n])
+        return torch.linalg.vector_norm(buf[:n])
+
+    norm_a = torch.linalg.vector_norm(torch.stack([chunk_norm(a, s) for s in chunks]))
+    norm_b = torch.linalg.vector_norm(torch.stack([chunk_norm(b, s) for s in chunks]))
+    norm_a = torch.where(norm_a > EPS, norm_a, 1)
+    norm_b = torch.where(norm_b > EPS, norm_b, 1)
+    na, nb = np.float32(norm_a.item()), np.float32(norm_b.item())
+    parts = []
+    for s in chunks:
+        n = s.stop - s.start
+        kernels.normalized_product(kernel_view(a[s]), kernel_view(b[s]), na, nb, buf_np[:n])
+        parts.append(buf[:n].sum())
+    coef_a, coef_b = _coefficients(torch.stack(parts), t, torch.float32, a.device)
+    out_dtype = torch.bfloat16 if a.dtype == b.dtype == torch.bfloat16 else torch.float32
+    out = new_output(shape, out_dtype, a.device)
+    out_np = kernel_view(flat(out))
+    ca, cb = np.float32(coef_a.item()), np.float32(coef_b.item())
+    for s in chunks:
+        kernels.interpolate(kernel_view(a[s]), kernel_view(b[s]), ca, cb, out_np[s])
     return out
