@@ -64,3 +64,37 @@ def test_native_slerp_matches_mergekit_on_bf16():
     theirs = mk.slerp(torch.tensor([0.35]), a.reshape(1, -1), b.reshape(1, -1)).reshape(-1)
     assert theirs.dtype == torch.bfloat16
     assert torch.equal(slerp_module.slerp([b], a, t=0.35), theirs)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4, 5])
+def test_torch_sum_equals_threaded_sum(threads):
+    """The serial emulation of torch's two-pass reduction gives `x.sum()`'s bits at that thread count."""
+    g = torch.Generator().manual_seed(threads)
+    sizes = [1 << 20, (1 << 20) - 17, 12_345, 32_768, 32_769, 65_537, 98_305, 300_001]
+    xs = [torch.randn(n, generator=g) * (0.1 + 3 * float(torch.rand(1, generator=g))) for n in sizes * 3]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        reference = [x.sum() for x in xs]
+        torch.set_num_threads(1)
+        serial = [x.sum() for x in xs]
+        emulated = [slerp_module.torch_sum(x, threads) for x in xs]
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(e, r) for e, r in zip(emulated, reference, strict=True))
+    # the point of the emulation: a plain serial sum does not give these bits
+    assert any(not torch.equal(s, r) for s, r in zip(serial, reference, strict=True))
+
+
+@pytest.mark.parametrize("threads", [1, 3, 4])
+def test_native_slerp_equals_torch_path_at_any_thread_count(threads, monkeypatch):
+    a, b = _pair("finetune", torch.bfloat16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        fast = slerp_module.slerp([b], a, t=0.35)
+        assert torch.get_num_threads() == threads  # restored
+        reference = _reference(a, b, 0.35, monkeypatch).to(torch.bfloat16)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(fast, reference)
