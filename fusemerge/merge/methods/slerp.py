@@ -124,7 +124,7 @@ def torch_sum(x: torch.Tensor, threads: int) -> torch.Tensor:
     `threads`-long zeroed buffer, and the buffer is summed; so the bits depend on the thread count, and
     mergekit's chunk dot products are those of its default thread count. Run as torch does it, each
     1M-element sum waited about 12 ms on the thread pool's hand-off on a loaded 2-core machine (0.05 ms
-    serially): 4.5 s of 10.8 s at 337M parameters. Tested equal to `x.sum()` for 1 to 5 threads.
+    serially): 4.5 s of 10.8 s at 337M parameters. Tested equal to `x.sum()` for 1 to 16 threads.
     """
     n = x.numel()
     if n < GRAIN_SIZE or threads <= 1:

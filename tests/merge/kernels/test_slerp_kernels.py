@@ -66,7 +66,7 @@ def test_native_slerp_matches_mergekit_on_bf16():
     assert torch.equal(slerp_module.slerp([b], a, t=0.35), theirs)
 
 
-@pytest.mark.parametrize("threads", [2, 3, 4, 5])
+@pytest.mark.parametrize("threads", [2, 3, 4, 5, 8, 16])
 def test_torch_sum_equals_threaded_sum(threads):
     """The serial emulation of torch's two-pass reduction gives `x.sum()`'s bits at that thread count."""
     g = torch.Generator().manual_seed(threads)
