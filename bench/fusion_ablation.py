@@ -6,12 +6,14 @@
 
 The demo's corpus and pre-trained models (`fusemerge.demo.corpus`, `fusemerge.demo.pretrain`, the demo's
 own plans) are built once under OUT and reused (a model folder whose stamp matches is kept); the teacher
-pass runs once (its stores hold both metrics); each alignment runs once in its own work dir (the teacher
-stores shared by a symlink); then per seed the CLM-only baseline and, per setting, both pairwise targets
+pass runs once (OUT/work-teach; its stores hold both metrics); each (alignment, span rules) pair runs
+once in its own work dir (the teacher stores shared by a symlink); then per seed the CLM-only baseline and, per setting, both pairwise targets
 are trained and scored on the held-out file in bits per byte, as `fusemerge demo` does.
 
-Settings vary one factor at a time from the paper's (lambda 0.9, MinCE per token, dtw + stats, T = 1),
-plus one row with both fixes of ours (`per_byte+offsets`: MinCE per byte, offsets + prefix alignment). Each finished
+Settings vary one factor at a time from one of two bases, both read from `fusemerge.demo.fusion`: the
+paper's (`PAPER`: lambda 0.9, MinCE per token, dtw + stats, T = 1) and the demo's recommended one
+(`RECOMMENDED`, the row `demo`: MinCE per byte, offsets + prefix); span rules a setting does not name are
+the recipe's default (`alignment.spans: chain`). Each finished
 (setting, seed) prints one JSON line (also appended to OUT/results.jsonl, so a rerun skips it) with, per
 domain, the target's and the CLM-only baseline's bits per byte and the gain in percent (negative: the
 fused target is better). The end prints a markdown table: mean and spread (sample standard deviation)
@@ -34,22 +36,54 @@ from typing import Any
 
 import yaml
 
-PAPER = {"lambda": 0.9, "metric": "ce_per_token", "alignment": "dtw+stats", "temperature": 1.0}
-SETTINGS: dict[str, dict[str, Any]] = {
-    "paper": {},
-    "lambda0.7": {"lambda": 0.7},
-    "lambda0.5": {"lambda": 0.5},
-    "per_byte": {"metric": "ce_per_byte"},
-    "offsets+prefix": {"alignment": "offsets+prefix"},
-    "T2": {"temperature": 2.0},
-    "per_byte+offsets": {"metric": "ce_per_byte", "alignment": "offsets+prefix"},
-    "per_byte+offsets+lambda0.7": {"lambda": 0.7, "metric": "ce_per_byte", "alignment": "offsets+prefix"},
+from fusemerge.demo.fusion import PAPER as DEMO_PAPER
+from fusemerge.demo.fusion import RECOMMENDED as DEMO_RECOMMENDED
+from fusemerge.fuse.recipe import AlignmentSpec
+
+SPANS_DEFAULT = AlignmentSpec.model_fields["spans"].default  # what a setting that names no spans runs
+
+
+def flat(section: dict[str, dict[str, Any]], function: str = "mince") -> dict[str, Any]:
+    """A demo setting (`alignment` and `fusion` sections, `fusemerge.demo.fusion`) as one flat row."""
+    a, f = section["alignment"], section["fusion"]
+    return {
+        "function": function,
+        "lambda": f["lambda"],
+        "metric": f["metric"],
+        "alignment": f"{a['tokens']}+{a['vocab']}",
+        "spans": a.get("spans", SPANS_DEFAULT),
+        "temperature": f["temperature"],
+    }
+
+
+# The two bases, read from the demo (never copied), so the ablation measures around what the demo runs.
+PAPER = flat(DEMO_PAPER)
+DEMO = flat(DEMO_RECOMMENDED)
+# name -> (base, the one factor changed). `paper`-based rows are the first ablation's; `demo`-based rows
+# vary one factor from the demo's recommended setting (`demo+exact`: the span rules before `chain`, i.e.
+# the first ablation's `per_byte+offsets`; `demo+mince_token`: the teacher chosen per token).
+SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "paper": (PAPER, {}),
+    "lambda0.7": (PAPER, {"lambda": 0.7}),
+    "lambda0.5": (PAPER, {"lambda": 0.5}),
+    "per_byte": (PAPER, {"metric": "ce_per_byte"}),
+    "offsets+prefix": (PAPER, {"alignment": "offsets+prefix"}),
+    "T2": (PAPER, {"temperature": 2.0}),
+    "demo": (DEMO, {}),
+    "demo+exact": (DEMO, {"spans": "exact"}),
+    "demo+mince_token": (DEMO, {"function": "mince_token"}),
+    "demo+lambda0.7": (DEMO, {"lambda": 0.7}),
 }
-ALIGNMENTS = {"dtw+stats": ("dtw", "stats"), "offsets+prefix": ("offsets", "prefix")}
 
 
 def setting(name: str) -> dict[str, Any]:
-    return {**PAPER, **SETTINGS[name]}
+    base, change = SETTINGS[name]
+    return {**base, **change}
+
+
+def work_name(s: dict[str, Any]) -> str:
+    """The work dir of a setting's aligned stores: one per (alignment, span rules)."""
+    return f"work-{s['alignment']}-{s['spans']}"
 
 
 def log(message: str) -> None:
@@ -83,11 +117,12 @@ def recipe_body(
     seed: int,
     tiny: bool,
 ) -> dict[str, Any]:
-    tokens, vocab = ALIGNMENTS[s["alignment"]]
+    tokens, vocab = s["alignment"].split("+")
     fuse = json.loads(json.dumps(plan.fuse))
-    fuse["alignment"] = {"tokens": tokens, "vocab": vocab}
+    fuse["alignment"] = {"tokens": tokens, "vocab": vocab, "spans": s["spans"]}
     fuse["fusion"] = {
         **fuse["fusion"],
+        "function": s["function"],
         "lambda": s["lambda"],
         "metric": s["metric"],
         "temperature": s["temperature"],
@@ -113,23 +148,23 @@ def write_recipe(path: Path, body: dict[str, Any]) -> Path:
     return path
 
 
-def prepare_work(out: Path, body_for: Any) -> None:
-    """Teach once (in the first alignment's work dir), share its stores, align each variant once."""
+TEACH_WORK = "work-teach"  # the teacher stores, shared by every alignment's work dir through a symlink
+
+
+def prepare_work(out: Path, variants: list[dict[str, Any]], body_for: Any) -> None:
+    """Teach once (in OUT/work-teach), share its stores, align each (alignment, spans) variant once."""
     from fusemerge.fuse.pipeline import run_fuse
 
-    first = None
-    for alignment in ALIGNMENTS:
-        work = out / f"work-{alignment}"
-        if first is None:
-            first = work
-            recipe = write_recipe(out / "recipes" / f"teach-{alignment}.yml", body_for(alignment, "teach"))
-            run_fuse(recipe, steps=["teach"], progress=False, echo=log)
-        else:
-            work.mkdir(parents=True, exist_ok=True)
-            link = work / "teacher"
-            if not link.exists():
-                link.symlink_to((first / "teacher").resolve(), target_is_directory=True)
-        recipe = write_recipe(out / "recipes" / f"align-{alignment}.yml", body_for(alignment, "align"))
+    teach = out / TEACH_WORK
+    recipe = write_recipe(out / "recipes" / "teach.yml", body_for(variants[0], "teach", work=teach))
+    run_fuse(recipe, steps=["teach"], progress=False, echo=log)
+    for s in variants:
+        work = out / work_name(s)
+        work.mkdir(parents=True, exist_ok=True)
+        link = work / "teacher"
+        if not link.exists():
+            link.symlink_to((teach / "teacher").resolve(), target_is_directory=True)
+        recipe = write_recipe(out / "recipes" / f"align-{work_name(s)}.yml", body_for(s, "align"))
         run_fuse(recipe, steps=["align"], progress=False, echo=log)
 
 
@@ -164,14 +199,15 @@ def read_done(path: Path) -> list[dict[str, Any]]:
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: per setting, mean and spread over seeds of each fused target's gain over CLM-only."""
     lines = [
-        "| setting | lambda | metric | alignment | T | seeds | code target vs CLM-only, code (%) "
-        "| chat target vs CLM-only, chat (%) | code bits/byte | chat bits/byte |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| setting | function | lambda | metric | alignment | spans | T | seeds "
+        "| code target vs CLM-only, code (%) | chat target vs CLM-only, chat (%) "
+        "| code bits/byte | chat bits/byte |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     names = [n for n in SETTINGS if any(r["setting"] == n for r in rows)]
     for name in names:
         runs = [r for r in rows if r["setting"] == name]
-        s = setting(name)
+        s = {**setting(name), **runs[0]}  # what the rows record ran (older rows lack function, spans)
 
         def stat(key: str, runs: list[dict[str, Any]] = runs, pct: bool = True) -> str:
             values = [r[key] for r in runs]
@@ -182,7 +218,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             return f"{mean:+.{digits}f}{tail}" if pct else f"{mean:.{digits}f}{tail}"
 
         lines.append(
-            f"| {name} | {s['lambda']} | {s['metric']} | {s['alignment']} | {s['temperature']:g} "
+            f"| {name} | {s['function']} | {s['lambda']} | {s['metric']} | {s['alignment']} "
+            f"| {s['spans']} | {s['temperature']:g} "
             f"| {len(runs)} | {stat('code_gain_pct')} | {stat('chat_gain_pct')} "
             f"| {stat('code_bpb', pct=False)} | {stat('chat_bpb', pct=False)} |"
         )
@@ -192,7 +229,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         chat = [r["clm_chat_bpb"] for r in clm.values()]
         sd = lambda v: f" ± {statistics.stdev(v):.4f}" if len(v) > 1 else ""  # noqa: E731
         lines.append(
-            f"| CLM-only (baseline) | 1 | - | - | - | {len(clm)} | 0 | 0 "
+            f"| CLM-only (baseline) | none | 1 | - | - | - | - | {len(clm)} | 0 | 0 "
             f"| {statistics.fmean(code):.4f}{sd(code)} | {statistics.fmean(chat):.4f}{sd(chat)} |"
         )
     return "\n".join(lines)
@@ -234,18 +271,19 @@ def main(argv: list[str] | None = None) -> int:
     plan = DemoPlan()
     corpus, pivot, specialists = build_inputs(out, plan)
 
-    def body_for(alignment: str, what: str, s: dict | None = None, seed: int = 42) -> dict[str, Any]:
-        s = s or {**PAPER, "alignment": alignment}
-        return recipe_body(
-            plan, pivot, specialists, corpus, out / f"work-{alignment}", s, seed, args.tiny
-        ) | {"output": str(out / "runs" / what)}
+    def body_for(s: dict[str, Any], what: str, seed: int = 42, work: Path | None = None) -> dict[str, Any]:
+        work = work or out / work_name(s)
+        return recipe_body(plan, pivot, specialists, corpus, work, s, seed, args.tiny) | {
+            "output": str(out / "runs" / what)
+        }
 
-    prepare_work(out, body_for)
+    variants = list({work_name(setting(n)): setting(n) for n in names}.values())
+    prepare_work(out, variants, body_for)
     log(f"inputs ready ({time.monotonic() - start:.0f} s)")
     heldout = split_heldout(corpus.heldout_file, out / "data-by-domain")
     done = {(r["setting"], r["seed"]) for r in read_done(results)}
     for seed in args.seeds:
-        base_body = body_for("dtw+stats", f"clm-only-s{seed}", seed=seed)
+        base_body = body_for(DEMO, f"clm-only-s{seed}", seed=seed, work=out / TEACH_WORK)
         base_body["fusion"] = {"function": "none"}
         clm_recipe = write_recipe(out / "recipes" / f"clm-only-s{seed}.yml", base_body)
         clm = run_fuse(clm_recipe, steps=["train"], progress=False, echo=log)
@@ -259,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             s = setting(name)
             t0 = time.monotonic()
             recipe = write_recipe(
-                out / "recipes" / f"{name}-s{seed}.yml", body_for(s["alignment"], f"{name}-s{seed}", s, seed)
+                out / "recipes" / f"{name}-s{seed}.yml", body_for(s, f"{name}-s{seed}", seed)
             )
             made = run_fuse(recipe, steps=["train"], progress=False, echo=log)
             layout = FuseWorkDir(load_fuse_recipe(recipe))

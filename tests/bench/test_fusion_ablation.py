@@ -1,0 +1,102 @@
+"""bench/fusion_ablation.py without training: its settings, the recipes it writes, the table it prints.
+
+The real ablation (the demo's models, minutes per row) is not part of the suite; these check that each row
+varies one factor from the demo's own setting and that the recipe it trains is the one the row names.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from fusemerge.demo.fusion import PAPER, RECOMMENDED, DemoPlan
+from fusemerge.fuse.recipe import load_fuse_recipe
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "fusion_ablation.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("fusion_ablation_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bases_are_the_demos_settings(bench):
+    demo = bench.setting("demo")
+    assert demo["alignment"] == "+".join(RECOMMENDED["alignment"][k] for k in ("tokens", "vocab"))
+    assert (
+        demo["metric"] == RECOMMENDED["fusion"]["metric"]
+        and demo["lambda"] == RECOMMENDED["fusion"]["lambda"]
+    )
+    assert demo["spans"] == "chain" and demo["function"] == "mince"  # the recipe's defaults
+    paper = bench.setting("paper")
+    assert (
+        paper["alignment"] == "dtw+stats" and paper["metric"] == PAPER["fusion"]["metric"] == "ce_per_token"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "value"),
+    [
+        ("demo+exact", "spans", "exact"),
+        ("demo+mince_token", "function", "mince_token"),
+        ("demo+lambda0.7", "lambda", 0.7),
+    ],
+)
+def test_demo_rows_change_one_factor(bench, name, key, value):
+    row, demo = bench.setting(name), bench.setting("demo")
+    assert {k for k in demo if row[k] != demo[k]} == {key} and row[key] == value
+
+
+def test_recipe_body_trains_what_the_row_names(bench, tmp_path):
+    corpus = SimpleNamespace(fusion_file=tmp_path / "fusion.jsonl")
+    specialists = {"code": tmp_path / "code-specialist", "chat": tmp_path / "chat-specialist"}
+    for name in ("demo+exact", "demo+mince_token", "paper"):
+        s = bench.setting(name)
+        body = bench.recipe_body(
+            DemoPlan(), tmp_path / "pivot", specialists, corpus, tmp_path / "w", s, 7, False
+        )
+        recipe = load_fuse_recipe(
+            bench.write_recipe(tmp_path / f"{name}.yml", body | {"output": str(tmp_path)})
+        )
+        assert f"{recipe.alignment.tokens}+{recipe.alignment.vocab}" == s["alignment"]
+        assert recipe.alignment.spans == s["spans"] and recipe.fusion.function == s["function"]
+        assert recipe.fusion.metric == s["metric"] and recipe.fusion.lambda_ == s["lambda"]
+        assert recipe.training.seed == 7 and recipe.fusion.sources == "pairwise"
+    # aligned stores differ by span rules, so each (alignment, spans) pair has its own work dir
+    assert bench.work_name(bench.setting("demo")) != bench.work_name(bench.setting("demo+exact"))
+    assert bench.work_name(bench.setting("demo")) == bench.work_name(bench.setting("demo+lambda0.7"))
+
+
+def test_table_mean_spread_and_the_recorded_settings(bench):
+    def row(name: str, seed: int, code: float, chat: float, **extra) -> dict:
+        return {
+            "setting": name,
+            "seed": seed,
+            **bench.setting(name),
+            "code_gain_pct": code,
+            "chat_gain_pct": chat,
+            "code_bpb": 2.0 + code / 100,
+            "chat_bpb": 3.0,
+            "clm_code_bpb": 2.0 + seed / 1000,
+            "clm_chat_bpb": 3.0,
+            **extra,
+        }
+
+    rows = [row("demo", 42, -0.2, -0.4), row("demo", 1, -0.4, -0.2), row("demo+mince_token", 42, 1.5, 0.5)]
+    lines = bench.table(rows).splitlines()
+    assert len(lines) == 2 + 2 + 1  # header, rule, two settings, the baseline
+    demo = next(line for line in lines if line.startswith("| demo |"))
+    # mean -0.30, sample standard deviation 0.1414
+    assert (
+        "| mince | 0.9 | ce_per_byte | offsets+prefix | chain | 1 | 2 | -0.30 ± 0.14 | -0.30 ± 0.14 |" in demo
+    )
+    assert "| demo+mince_token | mince_token |" in lines[3] and "| 1 | +1.50 | +0.50 |" in lines[3]
+    assert lines[-1].startswith("| CLM-only (baseline) | none |") and "| 2 |" in lines[-1]
