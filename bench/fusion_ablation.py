@@ -3,6 +3,7 @@
     python bench/fusion_ablation.py --out bench-out/fusion-ablation            # every setting, seeds 42 1 2
     python bench/fusion_ablation.py --out /tmp/abl --settings paper,per_byte --seeds 42 --tiny   # a smoke run
     python bench/fusion_ablation.py --out bench-out/fusion-ablation --table     # the table of what is done
+    python bench/fusion_ablation.py --diagnose RECIPE CLM_ONLY_TARGET  # teacher vs the student's own fine-tune
 
 The demo's corpus and pre-trained models (`fusemerge.demo.corpus`, `fusemerge.demo.pretrain`, the demo's
 own plans) are built once under OUT and reused (a model folder whose stamp matches is kept); the teacher
@@ -34,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from fusemerge.demo.fusion import PAPER as DEMO_PAPER
@@ -235,6 +237,110 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def topk_hits(model: Any, input_ids: np.ndarray, rows: np.ndarray, gold: np.ndarray, k: int) -> np.ndarray:
+    """bool [len(rows)]: the model's own top-k at each row lists the gold next token (one forward)."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.as_tensor(input_ids[None], dtype=torch.long)).logits[0]
+    top = torch.topk(logits[torch.as_tensor(rows, dtype=torch.long)].float(), k, dim=-1).indices.numpy()
+    return (top == gold[:, None]).any(axis=1)
+
+
+def diagnose(recipe_path: Path, baseline: Path, echo: Any = log) -> list[dict[str, Any]]:
+    """Why fusion adds little, per target and domain, on the fusion data's trained positions.
+
+    From the finished teach and align steps of `recipe_path` (what `fuse --report` reads) and the CLM-only
+    target `baseline` trained on the same data: the teacher's coverage and how often its transferred top-K
+    holds the gold next token on the covered positions, beside the same rate for the pivot's own top-K and
+    for the CLM-only target's (its fine-tune has seen these positions: the question is whether the teacher
+    still knows something the student's own fine-tune does not), and the bits per byte on the fusion data
+    of the pivot, the teacher and the CLM-only target (`fusemerge eval`'s measure). One record per
+    (target, domain).
+    """
+    from fusemerge.evaluate import evaluate_models
+    from fusemerge.fuse.collate import FusionDataset
+    from fusemerge.fuse.data import build_chat_data
+    from fusemerge.fuse.inputs import open_fusion_inputs
+    from fusemerge.fuse.recipe import load_fuse_recipe
+    from fusemerge.fuse.report import fusion_report, is_fallback, sequence_domains
+    from fusemerge.fuse.workdir import FuseWorkDir
+    from fusemerge.lm.loading import load_causal_lm, load_tokenizer
+
+    recipe = load_fuse_recipe(recipe_path)
+    assert recipe.dataset is not None
+    tokenizer = load_tokenizer(recipe.pivot.model, trust_remote_code=recipe.pivot.trust_remote_code)
+    data = build_chat_data(recipe.dataset, tokenizer, recipe.chat_template, warn=echo)
+    inputs = open_fusion_inputs(recipe)
+    domains = sequence_domains(recipe, data)
+    report = fusion_report(recipe, data, tokenizer, inputs.pivot, inputs.sources, domains=domains, batches=0)
+    model = load_causal_lm(str(baseline), dtype="float32", what="the CLM-only target").eval()
+    dataset = FusionDataset(data, tokenizer)
+    k = recipe.teacher.top_k
+    counts: dict[tuple[str, str], dict[str, int]] = {}
+    for i, domain in enumerate(domains):
+        item = dataset[i]
+        rows = np.flatnonzero(item["labels"] >= 0)
+        if not len(rows):
+            continue
+        gold = np.asarray(item["labels"][rows], dtype=np.int64)
+        clm_hit = topk_hits(model, item["input_ids"], rows, gold, k)
+        pivot_hit = (np.asarray(inputs.pivot.sequence(i).ids[rows], dtype=np.int64) == gold[:, None]).any(1)
+        for name, store in inputs.sources.items():
+            seq = store.sequence(i)
+            ids = np.asarray(seq.ids[rows], dtype=np.int64)
+            covered = ~is_fallback(ids, np.asarray(seq.logprobs[rows]), gold)
+            hit = covered & (ids == gold[:, None]).any(axis=1)
+            c = counts.setdefault((name, domain), dict.fromkeys(("covered", "hit", "clm", "pivot"), 0))
+            c["covered"] += int(covered.sum())
+            c["hit"] += int(hit.sum())
+            c["clm"] += int((clm_hit & covered).sum())
+            c["pivot"] += int((pivot_hit & covered).sum())
+            c["clm_all"] = c.get("clm_all", 0) + int(clm_hit.sum())
+    del model
+    layout = FuseWorkDir(recipe)
+    sources = dict(zip(layout.source_names, (s.model for s in recipe.sources), strict=True))
+    folders = [recipe.pivot.model, *sources.values(), str(baseline)]
+    scores = evaluate_models(
+        folders, [recipe.dataset.path], dtype="float32", max_length=recipe.dataset.max_length, progress=False
+    )
+    out = []
+    for name, rows_ in report.items():
+        for r in rows_:
+            c = counts.get((name, r.domain), {})
+            covered = max(1, c.get("covered", 0))
+            bpb = {
+                role: round(scores.score(str(folder), r.domain).bits_per_byte, 4)
+                for role, folder in (
+                    ("pivot", recipe.pivot.model),
+                    ("teacher", sources[name]),
+                    ("clm", baseline),
+                )
+            }
+            out.append(
+                {
+                    "diagnosis": str(recipe_path),
+                    "target": name,
+                    "domain": r.domain,
+                    "positions": r.positions,
+                    "coverage": round(r.coverage, 4),
+                    "top_k": k,
+                    "hit_on_covered": {
+                        "teacher": round(c.get("hit", 0) / covered, 4),
+                        "pivot": round(c.get("pivot", 0) / covered, 4),
+                        "clm": round(c.get("clm", 0) / covered, 4),
+                    },
+                    "hit_all_positions": {
+                        "pivot": round(r.pivot_hit_rate, 4),
+                        "clm": round(c.get("clm_all", 0) / max(1, r.positions), 4),
+                    },
+                    "picks": r.picks,
+                    "fusion_data_bits_per_byte": bpb,
+                }
+            )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -247,7 +353,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="24 records, 2 optimizer steps: a smoke run")
     parser.add_argument("--table", action="store_true", help="print the table of OUT/results.jsonl and stop")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy CPU)")
+    parser.add_argument(
+        "--diagnose",
+        type=Path,
+        nargs=2,
+        metavar=("RECIPE", "CLM_ONLY"),
+        help="print diagnose()'s JSON lines for a fuse recipe whose teach and align steps ran, beside the "
+        "CLM-only target trained on its data (any recipe: the demo's, bench/real_fusion.py's), and stop",
+    )
     args = parser.parse_args(argv)
+    if args.diagnose:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        for record in diagnose(*args.diagnose):
+            print(json.dumps(record), flush=True)
+        return 0
     names = [n for n in args.settings.split(",") if n]
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:

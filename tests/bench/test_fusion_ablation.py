@@ -100,3 +100,24 @@ def test_table_mean_spread_and_the_recorded_settings(bench):
     )
     assert "| demo+mince_token | mince_token |" in lines[3] and "| 1 | +1.50 | +0.50 |" in lines[3]
     assert lines[-1].startswith("| CLM-only (baseline) | none |") and "| 2 |" in lines[-1]
+
+
+def test_topk_hits_reads_the_row_that_predicts_the_next_token(bench):
+    import numpy as np
+    import torch
+
+    class Fixed(torch.nn.Module):
+        """Logits at position t rank token (t + 1) % 5 first, then t % 5: a top-2 lists both."""
+
+        def forward(self, input_ids):
+            t = torch.arange(input_ids.shape[1])
+            logits = torch.zeros(1, len(t), 5)
+            logits[0, t, (t + 1) % 5] = 2.0
+            logits[0, t, t % 5] = 1.0
+            return SimpleNamespace(logits=logits)
+
+    ids = np.arange(6) % 5
+    rows = np.array([0, 2, 4])
+    gold = np.array([1, 2, 3])  # row 0: ranked first; row 2: second; row 4: neither (its top-2: 0, 4)
+    assert bench.topk_hits(Fixed(), ids, rows, gold, 1).tolist() == [True, False, False]
+    assert bench.topk_hits(Fixed(), ids, rows, gold, 2).tolist() == [True, True, False]
