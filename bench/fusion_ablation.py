@@ -237,6 +237,27 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def with_specialist(plan: Any, changes: list[str]) -> Any:
+    """The demo's plan with specialists' `ModelPlan` fields changed (`code:epochs=9,hidden_size=96`)."""
+    import dataclasses
+
+    specialists = dict(plan.specialists)
+    for change in changes:
+        domain, _, fields = change.partition(":")
+        if domain not in specialists:
+            raise SystemExit(
+                f"--specialist {change!r}: no {domain!r} specialist, choose from {list(specialists)}"
+            )
+        base = specialists[domain]
+        kinds = {f.name: type(getattr(base, f.name)) for f in dataclasses.fields(base)}
+        values = dict(item.split("=", 1) for item in fields.split(",") if item)
+        unknown = sorted(set(values) - set(kinds))
+        if unknown:
+            raise SystemExit(f"--specialist {change!r}: ModelPlan has no {unknown}")
+        specialists[domain] = dataclasses.replace(base, **{k: kinds[k](v) for k, v in values.items()})
+    return dataclasses.replace(plan, specialists=tuple(specialists.items()))
+
+
 def topk_hits(model: Any, input_ids: np.ndarray, rows: np.ndarray, gold: np.ndarray, k: int) -> np.ndarray:
     """bool [len(rows)]: the model's own top-k at each row lists the gold next token (one forward)."""
     import torch
@@ -361,6 +382,14 @@ def main(argv: list[str] | None = None) -> int:
         help="print diagnose()'s JSON lines for a fuse recipe whose teach and align steps ran, beside the "
         "CLM-only target trained on its data (any recipe: the demo's, bench/real_fusion.py's), and stop",
     )
+    parser.add_argument(
+        "--specialist",
+        action="append",
+        default=[],
+        metavar="DOMAIN:KEY=VALUE,...",
+        help="change one specialist's pre-training plan (ModelPlan fields), e.g. code:epochs=9,hidden_size=96: "
+        "a teacher-strength point; use its own OUT, the demo's defaults stay as they are",
+    )
     args = parser.parse_args(argv)
     if args.diagnose:
         import torch
@@ -389,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     start = time.monotonic()
-    plan = DemoPlan()
+    plan = with_specialist(DemoPlan(), args.specialist)
     corpus, pivot, specialists = build_inputs(out, plan)
 
     def body_for(s: dict[str, Any], what: str, seed: int = 42, work: Path | None = None) -> dict[str, Any]:

@@ -121,3 +121,15 @@ def test_topk_hits_reads_the_row_that_predicts_the_next_token(bench):
     gold = np.array([1, 2, 3])  # row 0: ranked first; row 2: second; row 4: neither (its top-2: 0, 4)
     assert bench.topk_hits(Fixed(), ids, rows, gold, 1).tolist() == [True, False, False]
     assert bench.topk_hits(Fixed(), ids, rows, gold, 2).tolist() == [True, True, False]
+
+
+def test_with_specialist_changes_one_plan_and_refuses_unknown_fields(bench):
+    plan = bench.with_specialist(DemoPlan(), ["code:epochs=9,hidden_size=96"])
+    code = dict(plan.specialists)["code"]
+    assert code.epochs == 9.0 and code.hidden_size == 96 and isinstance(code.hidden_size, int)
+    assert dict(plan.specialists)["chat"] == dict(DemoPlan().specialists)["chat"]
+    assert plan.pivot == DemoPlan().pivot and bench.with_specialist(DemoPlan(), []) == DemoPlan()
+    with pytest.raises(SystemExit, match="ModelPlan has no \\['width'\\]"):
+        bench.with_specialist(DemoPlan(), ["code:width=3"])
+    with pytest.raises(SystemExit, match="no 'math' specialist"):
+        bench.with_specialist(DemoPlan(), ["math:epochs=2"])
