@@ -258,26 +258,45 @@ def with_specialist(plan: Any, changes: list[str]) -> Any:
     return dataclasses.replace(plan, specialists=tuple(specialists.items()))
 
 
-def topk_hits(model: Any, input_ids: np.ndarray, rows: np.ndarray, gold: np.ndarray, k: int) -> np.ndarray:
-    """bool [len(rows)]: the model's own top-k at each row lists the gold next token (one forward)."""
+def topk_gold(
+    model: Any, input_ids: np.ndarray, rows: np.ndarray, gold: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(hit, p) per row, one forward: does the model's own top-k list the gold next token, and the
+    probability it gives that token inside its top-k (0 where it is not listed: what a top-k store of
+    this model would hold, comparable with a teacher's transferred top-K)."""
     import torch
 
     with torch.no_grad():
         logits = model(input_ids=torch.as_tensor(input_ids[None], dtype=torch.long)).logits[0]
-    top = torch.topk(logits[torch.as_tensor(rows, dtype=torch.long)].float(), k, dim=-1).indices.numpy()
-    return (top == gold[:, None]).any(axis=1)
+    logp = torch.log_softmax(logits[torch.as_tensor(rows, dtype=torch.long)].float(), dim=-1)
+    top = torch.topk(logp, k, dim=-1)
+    listed = top.indices.numpy() == gold[:, None]
+    probs = np.where(listed, np.exp(top.values.numpy()), 0.0).max(axis=1, initial=0.0)
+    return listed.any(axis=1), probs
+
+
+def gold_prob(ids: np.ndarray, logprobs: np.ndarray, gold: np.ndarray) -> np.ndarray:
+    """A stored top-K's probability of the gold next token per row (0 where it is not listed)."""
+    listed = (np.asarray(ids, dtype=np.int64) == gold[:, None]) & (ids >= 0)
+    lp = np.asarray(logprobs, dtype=np.float64)
+    return np.where(listed, np.exp(np.where(listed, lp, 0.0)), 0.0).max(axis=1, initial=0.0)
+
+
+COUNTS = ("covered", "hit", "clm", "pivot", "clm_all", "p_teacher", "p_pivot", "p_clm")
 
 
 def diagnose(recipe_path: Path, baseline: Path, echo: Any = log) -> list[dict[str, Any]]:
     """Why fusion adds little, per target and domain, on the fusion data's trained positions.
 
-    From the finished teach and align steps of `recipe_path` (what `fuse --report` reads) and the CLM-only
-    target `baseline` trained on the same data: the teacher's coverage and how often its transferred top-K
-    holds the gold next token on the covered positions, beside the same rate for the pivot's own top-K and
-    for the CLM-only target's (its fine-tune has seen these positions: the question is whether the teacher
-    still knows something the student's own fine-tune does not), and the bits per byte on the fusion data
-    of the pivot, the teacher and the CLM-only target (`fusemerge eval`'s measure). One record per
-    (target, domain).
+        From the finished teach and align steps of `recipe_path` (what `fuse --report` reads) and the CLM-only
+        target `baseline` trained on the same data: the teacher's coverage and how often its transferred top-K
+        holds the gold next token on the covered positions, beside the same rate for the pivot's own top-K and
+        for the CLM-only target's (its fine-tune has seen these positions: the question is whether the teacher
+        still knows something the student's own fine-tune does not), and the bits per byte on the fusion data
+        of the pivot, the teacher and the CLM-only target (`fusemerge eval`'s measure), and the mean probability
+    each one's top-K gives the gold next token on the covered positions (for the teacher: the transferred
+    distribution the fusion term trains toward). One record per
+        (target, domain).
     """
     from fusemerge.evaluate import evaluate_models
     from fusemerge.fuse.collate import FusionDataset
@@ -305,19 +324,24 @@ def diagnose(recipe_path: Path, baseline: Path, echo: Any = log) -> list[dict[st
         if not len(rows):
             continue
         gold = np.asarray(item["labels"][rows], dtype=np.int64)
-        clm_hit = topk_hits(model, item["input_ids"], rows, gold, k)
-        pivot_hit = (np.asarray(inputs.pivot.sequence(i).ids[rows], dtype=np.int64) == gold[:, None]).any(1)
+        clm_hit, clm_p = topk_gold(model, item["input_ids"], rows, gold, k)
+        own = inputs.pivot.sequence(i)
+        pivot_hit = (np.asarray(own.ids[rows], dtype=np.int64) == gold[:, None]).any(1)
+        pivot_p = gold_prob(own.ids[rows], own.logprobs[rows], gold)
         for name, store in inputs.sources.items():
             seq = store.sequence(i)
             ids = np.asarray(seq.ids[rows], dtype=np.int64)
             covered = ~is_fallback(ids, np.asarray(seq.logprobs[rows]), gold)
             hit = covered & (ids == gold[:, None]).any(axis=1)
-            c = counts.setdefault((name, domain), dict.fromkeys(("covered", "hit", "clm", "pivot"), 0))
+            c = counts.setdefault((name, domain), dict.fromkeys(COUNTS, 0.0))
             c["covered"] += int(covered.sum())
             c["hit"] += int(hit.sum())
             c["clm"] += int((clm_hit & covered).sum())
             c["pivot"] += int((pivot_hit & covered).sum())
-            c["clm_all"] = c.get("clm_all", 0) + int(clm_hit.sum())
+            c["clm_all"] += int(clm_hit.sum())
+            c["p_teacher"] += float(gold_prob(ids, seq.logprobs[rows], gold)[covered].sum())
+            c["p_pivot"] += float(pivot_p[covered].sum())
+            c["p_clm"] += float(clm_p[covered].sum())
     del model
     layout = FuseWorkDir(recipe)
     sources = dict(zip(layout.source_names, (s.model for s in recipe.sources), strict=True))
@@ -354,6 +378,12 @@ def diagnose(recipe_path: Path, baseline: Path, echo: Any = log) -> list[dict[st
                     "hit_all_positions": {
                         "pivot": round(r.pivot_hit_rate, 4),
                         "clm": round(c.get("clm_all", 0) / max(1, r.positions), 4),
+                    },
+                    # mean probability of the gold next token inside each one's top-K, covered positions
+                    "gold_prob_on_covered": {
+                        "teacher": round(c.get("p_teacher", 0) / covered, 4),
+                        "pivot": round(c.get("p_pivot", 0) / covered, 4),
+                        "clm": round(c.get("p_clm", 0) / covered, 4),
                     },
                     "picks": r.picks,
                     "fusion_data_bits_per_byte": bpb,

@@ -102,7 +102,7 @@ def test_table_mean_spread_and_the_recorded_settings(bench):
     assert lines[-1].startswith("| CLM-only (baseline) | none |") and "| 2 |" in lines[-1]
 
 
-def test_topk_hits_reads_the_row_that_predicts_the_next_token(bench):
+def test_topk_gold_reads_the_row_that_predicts_the_next_token(bench):
     import numpy as np
     import torch
 
@@ -119,8 +119,22 @@ def test_topk_hits_reads_the_row_that_predicts_the_next_token(bench):
     ids = np.arange(6) % 5
     rows = np.array([0, 2, 4])
     gold = np.array([1, 2, 3])  # row 0: ranked first; row 2: second; row 4: neither (its top-2: 0, 4)
-    assert bench.topk_hits(Fixed(), ids, rows, gold, 1).tolist() == [True, False, False]
-    assert bench.topk_hits(Fixed(), ids, rows, gold, 2).tolist() == [True, True, False]
+    hit, p = bench.topk_gold(Fixed(), ids, rows, gold, 1)
+    assert hit.tolist() == [True, False, False]
+    first = float(np.exp(2.0) / (np.exp(2.0) + np.exp(1.0) + 3))  # softmax of (2, 1, 0, 0, 0)
+    assert p == pytest.approx([first, 0.0, 0.0])
+    hit, p = bench.topk_gold(Fixed(), ids, rows, gold, 2)
+    assert hit.tolist() == [True, True, False]
+    assert p == pytest.approx([first, first * np.exp(-1.0), 0.0])
+
+
+def test_gold_prob_of_a_stored_top_k(bench):
+    import numpy as np
+
+    ids = np.array([[3, 5, -1], [1, 2, 4], [7, -1, -1]])
+    lp = np.log(np.array([[0.5, 0.25, 1.0], [0.6, 0.3, 0.1], [1.0, 1.0, 1.0]]))
+    # row 0: gold 5 in the second slot; row 1: gold 9 not listed; row 2: gold -1 matches no empty slot
+    assert bench.gold_prob(ids, lp, np.array([5, 9, -1])) == pytest.approx([0.25, 0.0, 0.0])
 
 
 def test_with_specialist_changes_one_plan_and_refuses_unknown_fields(bench):
