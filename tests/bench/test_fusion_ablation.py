@@ -100,6 +100,12 @@ def test_table_mean_spread_and_the_recorded_settings(bench):
     )
     assert "| demo+mince_token | mince_token |" in lines[3] and "| 1 | +1.50 | +0.50 |" in lines[3]
     assert lines[-1].startswith("| CLM-only (baseline) | none |") and "| 2 |" in lines[-1]
+    # a row of the first ablation (no `function`, `spans`: before `chain`), under a name since retired
+    old = {k: v for k, v in row("demo", 42, -0.27, -0.28).items() if k not in ("function", "spans")}
+    line = bench.table([old | {"setting": "per_byte+offsets"}]).splitlines()[2]
+    assert line.startswith(
+        "| per_byte+offsets | mince | 0.9 | ce_per_byte | offsets+prefix | exact | 1 | 1 |"
+    )
 
 
 def test_topk_gold_reads_the_row_that_predicts_the_next_token(bench):
