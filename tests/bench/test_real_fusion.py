@@ -89,7 +89,9 @@ def test_recipes_validate_and_differ_only_in_fusion(bench, tmp_path, size):
     f, c = load_fuse_recipe(fused), load_fuse_recipe(clm)
     assert [s.model for s in f.sources] == [str(source)] and not f.fine_tune
     # the demo's recommended setting by default: offsets + prefix, chain spans, MinCE per byte
-    assert (f.alignment.tokens, f.alignment.vocab) == tuple(RECOMMENDED["alignment"].values())
+    assert (f.alignment.tokens, f.alignment.vocab, f.alignment.spans) == tuple(
+        RECOMMENDED["alignment"].values()
+    )
     assert f.alignment.spans == "chain"
     assert f.fusion.function == "mince" and f.fusion.metric == RECOMMENDED["fusion"]["metric"]
     assert f.fusion.lambda_ == RECOMMENDED["fusion"]["lambda"]
@@ -114,7 +116,12 @@ def test_paper_recipe_and_settings_follow_the_demos_paper_setting(bench, tmp_pat
         setting="paper",
     )
     f = load_fuse_recipe(bench.write_recipe(tmp_path / "fuse.yml", body))
-    assert (f.alignment.tokens, f.alignment.vocab) == ("dtw", "stats") == tuple(PAPER["alignment"].values())
+    paper = ("dtw", "stats", "exact")
+    assert (
+        (f.alignment.tokens, f.alignment.vocab, f.alignment.spans)
+        == paper
+        == tuple(PAPER["alignment"].values())
+    )
     assert f.fusion.metric == "ce_per_token" == PAPER["fusion"]["metric"]
     assert f.fusion.lambda_ == PAPER["fusion"]["lambda"]
     # the span rules are written out (the recipe's default where the demo's setting names none)
