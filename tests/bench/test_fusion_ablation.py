@@ -6,26 +6,18 @@ varies one factor from the demo's own setting and that the recipe it trains is t
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from fusemerge.demo.fusion import PAPER, RECOMMENDED, DemoPlan
 from fusemerge.fuse.recipe import load_fuse_recipe
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "fusion_ablation.py"
+from tests.bench.scripts import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("fusion_ablation_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("fusion_ablation")
 
 
 def test_bases_are_the_demos_settings(bench):

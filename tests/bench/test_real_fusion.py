@@ -6,26 +6,19 @@ around it are right, so that a long run does not die at its last line or measure
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from fusemerge.demo.fusion import PAPER, RECOMMENDED
 from fusemerge.fuse.recipe import load_fuse_recipe
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "real_fusion.py"
+from tests.bench.scripts import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("real_fusion_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("real_fusion")
 
 
 def _rec(domain: str, user: str, answer: str) -> dict:
