@@ -95,17 +95,12 @@ def log(message: str) -> None:
 def build_inputs(out: Path, plan: Any) -> tuple[Any, Path, dict[str, Path]]:
     """The demo's corpus and models under OUT (reused when their stamps match)."""
     from fusemerge.demo.corpus import build_corpus
-    from fusemerge.demo.pretrain import pretrain
+    from fusemerge.demo.pretrain import pretrain_demo_models
 
     corpus = build_corpus(out / "data", plan.corpus)
-    models = out / "models"
-    pivot = pretrain(
-        models / plan.pivot.name, plan.pivot, corpus.pretraining_texts("pivot"), progress=False, echo=log
+    pivot, specialists = pretrain_demo_models(
+        out / "models", plan.pivot, plan.specialists, corpus, progress=False, echo=log
     )
-    specialists = {
-        d: pretrain(models / p.name, p, corpus.texts["specialist"][d], progress=False, echo=log)
-        for d, p in plan.specialists
-    }
     return corpus, pivot, specialists
 
 

@@ -31,7 +31,7 @@ import yaml
 
 from fusemerge.checkpoint.layout import atomic_write_text
 from fusemerge.demo.corpus import DOMAINS, CorpusPlan, build_corpus
-from fusemerge.demo.pretrain import ModelPlan, pretrain
+from fusemerge.demo.pretrain import ModelPlan, pretrain_demo_models
 from fusemerge.demo.results import PAPER_SUFFIX, DemoResult
 
 # The paper's setting (FuseChat: token alignment by edit distance, the statistics vocabulary mapping, MinCE
@@ -115,14 +115,9 @@ def run_fusion_demo(
     corpus = build_corpus(out / "data", plan.corpus)
 
     echo("[2/5] models: a pivot and one specialist per domain, each with its own tokenizer")
-    models = out / "models"
-    pivot = pretrain(
-        models / plan.pivot.name, plan.pivot, corpus.pretraining_texts("pivot"), progress=progress, echo=echo
+    pivot, specialists = pretrain_demo_models(
+        out / "models", plan.pivot, plan.specialists, corpus, progress=progress, echo=echo
     )
-    specialists = {
-        domain: pretrain(models / p.name, p, corpus.texts["specialist"][domain], progress=progress, echo=echo)
-        for domain, p in plan.specialists
-    }
 
     echo("[3/5] fuse: teacher pass, alignment, MinCE training (one target per specialist), CLM-only baseline")
     echo(f"      recommended setting ({plan.recommended}): {describe(_setting(plan.fuse))}")

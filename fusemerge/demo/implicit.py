@@ -38,7 +38,7 @@ import yaml
 
 from fusemerge.checkpoint.layout import atomic_write_text, exclusive_lock
 from fusemerge.demo.arithmetic import DOMAINS, ArithmeticPlan, build_arithmetic
-from fusemerge.demo.pretrain import ModelPlan, pretrain
+from fusemerge.demo.pretrain import ModelPlan, pretrain_demo_models
 from fusemerge.demo.results import PIVOT_LABEL, SFT_LABEL, ImplicitResult, preference_label
 from fusemerge.fuse.implicit.spec import ImplicitSpec, SamplingSpec, ScoringSpec
 from fusemerge.fuse.recipe import ModelSpec, TrainingSpec
@@ -170,14 +170,9 @@ def _run(out: Path, plan: ImplicitDemoPlan, *, progress: bool, echo: Callable[[s
     data = build_arithmetic(out / "data", plan.data)
 
     echo("[2/5] models: a weak pivot and one specialist per operation, each with its own tokenizer")
-    models = out / "models"
-    pivot = pretrain(
-        models / plan.pivot.name, plan.pivot, data.pretraining_texts("pivot"), progress=progress, echo=echo
+    pivot, sources = pretrain_demo_models(
+        out / "models", plan.pivot, plan.sources, data, progress=progress, echo=echo
     )
-    sources = {
-        domain: pretrain(models / p.name, p, data.texts["specialist"][domain], progress=progress, echo=echo)
-        for domain, p in plan.sources
-    }
 
     recipes = {loss: _recipe(out, plan, pivot, sources, data.fusion_file, loss) for loss in plan.losses}
     work = out / "implicit-work"

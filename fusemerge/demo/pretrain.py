@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -151,6 +151,30 @@ def _digest(texts: list[str]) -> str:
         h.update(t.encode("utf-8"))
         h.update(b"\0")
     return h.hexdigest()
+
+
+def pretrain_demo_models(
+    models: Path,
+    pivot: ModelPlan,
+    specialists: Sequence[tuple[str, ModelPlan]],
+    data: Any,
+    *,
+    progress: bool = True,
+    echo: Callable[[str], Any] = print,
+) -> tuple[Path, dict[str, Path]]:
+    """A demo's pivot and one specialist per domain under `models` (each reused when its stamp matches).
+
+    `data` is a demo's data (`demo.corpus` or `demo.arithmetic`): `pretraining_texts("pivot")` and
+    `texts["specialist"][domain]`. The demos and the fusion ablation bench build their models here.
+    """
+    folder = pretrain(
+        models / pivot.name, pivot, data.pretraining_texts("pivot"), progress=progress, echo=echo
+    )
+    built = {
+        domain: pretrain(models / p.name, p, data.texts["specialist"][domain], progress=progress, echo=echo)
+        for domain, p in specialists
+    }
+    return folder, built
 
 
 def _stamp(folder: Path) -> dict | None:
