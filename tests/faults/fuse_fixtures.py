@@ -94,4 +94,8 @@ def try_mount_tmpfs(where: Path, *options: str) -> bool:
 
 
 def unmount(where: Path) -> None:
-    subprocess.run(["umount", str(where)], capture_output=True)
+    """Unmount, lazily if a file on it is still open (a failed torch.save's writer, held by the traceback a
+    test inspects): a plain umount then fails "target is busy" and leaves the mount, and its folder
+    undeletable, behind."""
+    if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "--lazy", str(where)], capture_output=True)
