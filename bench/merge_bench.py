@@ -8,14 +8,20 @@ Builds a base and two fine-tuned variants (random weights; a variant is base + s
 same recipe and prints one JSON line: wall seconds, peak RSS of each child, and the fusemerge/mergekit
 ratios. Absolute times depend on the machine; the ratios are the point. `floor_s` is the I/O floor of the
 same bytes (bench/io_floor.py: read the recipe's input files once from the warm page cache, write the
-output's shard sizes, fsync each as the merge does), `x_floor` fusemerge's time as a multiple of it.
+output's shard sizes with the merge's own durability: flushed while written, fsynced), `x_floor`
+fusemerge's time as a multiple of it; `floor_nofsync_s` / `x_floor_nofsync` the same against writes left
+in the page cache (mergekit's durability: none when it returns).
+Each fusemerge run alternates with a floor run, `--repeats` times (each after `sync`, so no run pays for
+the writeback of the one before): the best of each side is reported, with every run's time beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -183,6 +189,14 @@ def warm(paths: dict[str, Path]) -> None:
                     pass
 
 
+def settle(paths: dict[str, Path]) -> None:
+    """Before each timed run: every earlier write on disk (`sync`: the last run's output, deleted or not,
+    and, on a filesystem mounted with `discard`, the trims of deleting it), then the inputs in the page
+    cache. Without it a run paid for the one before it: the floor's write took 1.3 to 8 s on this machine."""
+    os.sync()
+    warm(paths)
+
+
 # Each tool runs inside a small wrapper that writes the child's own VmHWM (peak resident set of its
 # address space) at exit: ru_maxrss of a forked child would include this process's size at fork time.
 _MEASURE = """
@@ -233,6 +247,10 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--methods", default="linear,task_arithmetic,ties,dare_ties,sce")
     ap.add_argument("--skip-mergekit", action="store_true", help="time fusemerge alone")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="fusemerge and floor runs per method (the best is reported)"
+    )
+    ap.add_argument("--mergekit-repeats", type=int, default=1, help="mergekit runs per method")
     ap.add_argument("--help-timing", action="store_true", help="also time `fusemerge --help`")
     args = ap.parse_args()
 
@@ -246,41 +264,70 @@ def main() -> None:
     for method in args.methods.split(","):
         recipe = args.workdir / f"{method}.yml"
         recipe.write_text(RECIPES[method].format(**{k: str(v) for k, v in paths.items()}))
-        warm(paths)
-        out_f = args.workdir / f"out-fusemerge-{method}"
-        f_wall, f_rss, f_code = run_child(
-            "fusemerge.cli", ["merge", str(recipe), str(out_f), "--overwrite", "-q"], args.workdir
-        )
-        out_sizes = [f.stat().st_size for f in sorted(out_f.glob("*.safetensors"))]
-        shutil.rmtree(out_f, ignore_errors=True)
         used = [p for p in paths.values() if str(p) in recipe.read_text()]
         inputs = [f for p in used for f in sorted(p.glob("*.safetensors"))]
-        warm(paths)
-        floor = measure_floor(inputs, out_sizes, args.workdir / "floor")
+        fusemerge_runs: list[float] = []
+        floors: list[dict] = []
+        cache_floors: list[dict] = []
+        f_rss, f_ok = 0.0, True
+        for _ in range(args.repeats):  # alternated, so a slow spell of the disk hits both sides
+            out_f = args.workdir / f"out-fusemerge-{method}"
+            settle(paths)
+            f_wall, rss, f_code = run_child(
+                "fusemerge.cli", ["merge", str(recipe), str(out_f), "--overwrite", "-q"], args.workdir
+            )
+            fusemerge_runs.append(f_wall)
+            f_rss, f_ok = max(f_rss, rss), f_ok and f_code == 0
+            out_sizes = [f.stat().st_size for f in sorted(out_f.glob("*.safetensors"))]
+            shutil.rmtree(out_f, ignore_errors=True)
+            settle(paths)
+            floors.append(measure_floor(inputs, out_sizes, args.workdir / "floor"))
+            settle(paths)
+            cache_floors.append(measure_floor(inputs, out_sizes, args.workdir / "floor", fsync=False))
+        floor = min(floors, key=lambda f: f["floor_s"])
+        f_best = min(fusemerge_runs)
+        tick = 1e-4  # the floors' resolution: a tiny test model's floor rounds to 0
         line: dict[str, object] = {
             "bench": "merge",
             "method": method,
             "params": params,
-            "fusemerge_s": round(f_wall, 2),
+            "repeats": args.repeats,
+            "fusemerge_s": round(f_best, 2),
+            "fusemerge_median_s": round(statistics.median(fusemerge_runs), 2),
+            "fusemerge_runs_s": [round(t, 2) for t in fusemerge_runs],
             "fusemerge_peak_rss_mb": round(f_rss),
-            "fusemerge_ok": f_code == 0,
+            "fusemerge_ok": f_ok,
             **floor,
-            "x_floor": round(f_wall / floor["floor_s"], 3),
+            "floor_runs_s": [f["floor_s"] for f in floors],
+            "x_floor": round(f_best / max(floor["floor_s"], tick), 3),
+            "x_floor_median": round(
+                statistics.median(fusemerge_runs)
+                / max(statistics.median(f["floor_s"] for f in floors), tick),
+                3,
+            ),
+            "floor_nofsync_s": min(f["floor_s"] for f in cache_floors),
+            "x_floor_nofsync": round(f_best / max(min(f["floor_s"] for f in cache_floors), tick), 3),
         }
         if not args.skip_mergekit and method not in MERGEKIT_ONLY_UNSUPPORTED:
-            warm(paths)
-            out_m = args.workdir / f"out-mergekit-{method}"
-            shutil.rmtree(out_m, ignore_errors=True)
-            m_wall, m_rss, m_code = run_child(
-                mergekit_script, [str(recipe), str(out_m), "--quiet"], args.workdir
-            )
-            shutil.rmtree(out_m, ignore_errors=True)
+            mergekit_runs: list[float] = []
+            m_rss, m_ok = 0.0, True
+            for _ in range(args.mergekit_repeats):
+                out_m = args.workdir / f"out-mergekit-{method}"
+                shutil.rmtree(out_m, ignore_errors=True)
+                settle(paths)
+                m_wall, rss, m_code = run_child(
+                    mergekit_script, [str(recipe), str(out_m), "--quiet"], args.workdir
+                )
+                shutil.rmtree(out_m, ignore_errors=True)
+                mergekit_runs.append(m_wall)
+                m_rss, m_ok = max(m_rss, rss), m_ok and m_code == 0
             line.update(
                 {
-                    "mergekit_s": round(m_wall, 2),
+                    "mergekit_s": round(min(mergekit_runs), 2),
+                    "mergekit_runs_s": [round(t, 2) for t in mergekit_runs],
                     "mergekit_peak_rss_mb": round(m_rss),
-                    "mergekit_ok": m_code == 0,
-                    "wall_ratio": round(f_wall / m_wall, 3),
+                    "mergekit_ok": m_ok,
+                    "wall_ratio": round(f_best / min(mergekit_runs), 3),
                     "rss_ratio": round(f_rss / m_rss, 3),
                 }
             )

@@ -6,7 +6,7 @@ saves with exit 0. Each of them refuses such a model before any arithmetic, by t
 
 CPU tensors are scanned by a numba loop over their raw bits (an element is NaN or Inf exactly when its
 exponent bits are all ones), so a 2-byte bf16 element is read once and no n-byte mask is allocated, and
-the scan stops at the first bad element. Tensors elsewhere (a GPU) use torch's own reduction.
+the scan is one vectorised reduction over those bits. Tensors elsewhere (a GPU) use torch's own reduction.
 Importing this module imports numba: the fuse steps import it where they scan, not at start-up.
 """
 
@@ -114,7 +114,19 @@ def _bits_view(tensor: torch.Tensor) -> tuple[Any, Any]:
 
 @njit(cache=True)
 def first_nonfinite_bits(bits, mask):  # pragma: no cover - compiled
-    """The index of the first element whose exponent bits are all ones (NaN or Inf), or -1."""
+    """The index of the first element whose exponent bits are all ones (NaN or Inf), or -1.
+
+    First the largest `bits & mask` (it equals `mask` exactly when some exponent is all ones): a reduction
+    without an exit LLVM vectorises, 70-120 GB/s from cache against 7 GB/s for the loop that returns at the
+    first hit (measured at 1 MiB, where it was most of a linear merge's CPU time). The index search runs
+    only for a tensor that holds one."""
+    top = bits.dtype.type(0)
+    for i in range(bits.size):
+        masked = bits[i] & mask
+        if masked > top:
+            top = masked
+    if top != mask:
+        return -1
     for i in range(bits.size):
         if bits[i] & mask == mask:
             return i

@@ -34,6 +34,19 @@ def test_every_nan_and_inf_is_found_and_extremes_are_not(dtype):
     assert all_finite(torch.arange(10)) and all_finite(torch.zeros(0, dtype=dtype))
 
 
+def test_the_scan_returns_the_first_bad_index():
+    """The scan is a vectorised max over the exponent bits, then a search: the index is still the first."""
+    from fusemerge.checkpoint.finite import _bits_view, first_nonfinite_bits
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        tensor = torch.randn(5000).to(dtype)
+        bits, mask = _bits_view(tensor)
+        assert first_nonfinite_bits(bits, mask) == -1
+        tensor[4999], tensor[1234] = float("nan"), float("-inf")
+        bits, mask = _bits_view(tensor)
+        assert first_nonfinite_bits(bits, mask) == 1234, dtype
+
+
 def test_the_first_bad_tensor_is_named_and_a_model_is_refused():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
     assert first_nonfinite(model.named_parameters()) is None
