@@ -6,6 +6,8 @@ magnitude thresholds; the torch path there is the reference it must equal (teste
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from fusemerge.merge.kernels import cpu as kernels
@@ -44,8 +46,7 @@ def fused_combine(
             b = kernel_view(b_flat[span])
             kernels.task_sum_tuple(xs, b, coef, np.float32(scale), np.float32(lambda_), out_np[span])
         return
-    size = min(CHUNK_ELEMENTS, out_flat.numel())
-    delta, vote, mixed, divisor = (np.empty(size, dtype=np.float32) for _ in range(4))
+    delta, vote, mixed, divisor = _scratch()
     for span in spans(out_flat.numel()):
         n = span.stop - span.start
         b = kernel_view(b_flat[span])
@@ -69,6 +70,19 @@ def fused_combine(
             _kept_delta(xs[j], b, keep_above[j], last_tied[j], bits[j], span.start, c, delta[:n])
             kernels.add_agreeing(vote[:n], delta[:n], w, mixed[:n], divisor[:n])
         kernels.finish_agreeing(b, mixed[:n], divisor[:n], normalize, np.float32(lambda_), out_np[span])
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch() -> tuple[np.ndarray, ...]:
+    """Four float32 chunk buffers, allocated once per thread and reused for every tensor: fresh ones per
+    tensor came from the OS each time, and faulting in and zeroing their pages (then filling them) cost
+    2.8 s of a 12 s DARE-TIES merge of a 1.1B model, more than its arithmetic."""
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = tuple(np.empty(CHUNK_ELEMENTS, dtype=np.float32) for _ in range(4))
+    return buffers
 
 
 def _kept_delta(x, b, threshold, last, bits, start: int, c, out: np.ndarray) -> None:

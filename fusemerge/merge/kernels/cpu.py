@@ -270,37 +270,75 @@ def _mt_twist(state):  # pragma: no cover - compiled
     state[623] = state[396] ^ (y >> np.uint32(1)) ^ ((np.uint32(0) - (y & np.uint32(1))) & matrix)
 
 
+@njit(cache=True, fastmath={"reassoc"})
+def _l1_sums(x, b, kept):  # pragma: no cover - compiled
+    """(sum |x - b|, sum of those where kept) in float64. `reassoc` lets LLVM vectorise the two sums (it
+    may regroup the float64 additions); each |x - b| is one float32 subtraction, rounded as before."""
+    before = 0.0
+    after = 0.0
+    for k in range(kept.size):
+        a = np.float64(abs(as_f32(x[k]) - as_f32(b[k])))
+        before += a
+        after += a * np.float64(kept[k])
+    return before, after
+
+
+@njit(cache=True)
+def _pack_bytes(kept, bits):  # pragma: no cover - compiled
+    """OR 0/1 flags `kept` (8 * len(bits) of them) into whole bytes of `bits`, little-endian bit order."""
+    for q in range(bits.size):
+        k = q << 3
+        bits[q] |= (
+            kept[k]
+            | (kept[k + 1] << np.uint8(1))
+            | (kept[k + 2] << np.uint8(2))
+            | (kept[k + 3] << np.uint8(3))
+            | (kept[k + 4] << np.uint8(4))
+            | (kept[k + 5] << np.uint8(5))
+            | (kept[k + 6] << np.uint8(6))
+            | (kept[k + 7] << np.uint8(7))
+        )
+
+
 @njit(cache=True)
 def draw_kept_seeded(x, b, seed, density, bits, offset):  # pragma: no cover - compiled
     """DARE: element offset+i is kept where its draw is < density (float32, as torch compares a float32
     tensor with a Python scalar); its flag goes to bit (offset+i) & 7 of bits[(offset+i) >> 3], which
     must start zeroed. Returns (sum |delta|, sum of the kept |delta|) in float64 for the L1 `rescale`.
     The draws are torch.rand(n, generator=manual_seed(seed))'s on the CPU, made here: MT19937 whose
-    32-bit outputs become (u & 0xFFFFFF) * 2^-24 (tested equal to torch's stream); drawing them in this
-    loop is 2x faster than torch.rand, whose CPU kernel dispatches per element, plus a pass over them."""
+    32-bit outputs become (u & 0xFFFFFF) * 2^-24 (tested equal to torch's stream).
+
+    One MT block (624 words) at a time, in separate loops LLVM vectorises: temper the words into keep
+    flags, the two L1 sums, the flags packed a byte per 8 elements (4.5x the single loop that did all of
+    it per element: 0.44 against 2.0 ns per element). `u * 2^-24 < density` is `u < ceil(density * 2^24)`
+    exactly (u has 24 bits, density is a float32: both sides are exact in float64)."""
     state = _mt_seeded(seed)
-    index = 624
+    limit = np.uint32(0)
+    if density > np.float32(0.0):
+        limit = np.uint32(min(np.ceil(np.float64(density) * 16777216.0), 16777216.0))
+    kept = np.empty(624, dtype=np.uint8)
+    n = x.size
     before = 0.0
     after = 0.0
-    scale = np.float32(1.0 / 16777216.0)
-    byte = np.uint8(0)
-    for i in range(x.size):
-        if index >= 624:
-            _mt_twist(state)
-            index = 0
-        y = state[index]
-        index += 1
-        y ^= y >> np.uint32(11)
-        y ^= (y << np.uint32(7)) & np.uint32(0x9D2C5680)
-        y ^= (y << np.uint32(15)) & np.uint32(0xEFC60000)
-        y ^= y >> np.uint32(18)
-        kept = np.float32(y & np.uint32(0xFFFFFF)) * scale < density
-        a = abs(as_f32(x[i]) - as_f32(b[i]))
-        j = offset + i
-        byte |= np.uint8(kept) << np.uint8(j & 7)
-        if (j & 7) == 7 or i == x.size - 1:  # a byte's flags gathered in a register, stored once
-            bits[j >> 3] |= byte
-            byte = np.uint8(0)
-        before += a
-        after += a * np.float32(kept)
+    for start in range(0, n, 624):
+        _mt_twist(state)
+        m = min(624, n - start)
+        for k in range(m):
+            y = state[k]
+            y ^= y >> np.uint32(11)
+            y ^= (y << np.uint32(7)) & np.uint32(0x9D2C5680)
+            y ^= (y << np.uint32(15)) & np.uint32(0xEFC60000)
+            y ^= y >> np.uint32(18)
+            kept[k] = np.uint8((y & np.uint32(0xFFFFFF)) < limit)
+        one = _l1_sums(x[start : start + m], b[start : start + m], kept[:m])
+        before += one[0]
+        after += one[1]
+        whole = 0
+        if offset & 7 == 0:  # always in a merge: chunks start at multiples of 8 elements, blocks are 624
+            whole = m & ~7
+            first = (offset + start) >> 3
+            _pack_bytes(kept[:whole], bits[first : first + (whole >> 3)])
+        for k in range(whole, m):
+            j = offset + start + k
+            bits[j >> 3] |= kept[k] << np.uint8(j & 7)
     return before, after

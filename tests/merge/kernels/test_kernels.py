@@ -200,6 +200,29 @@ def test_kernel_draws_are_torch_rand_draws(seed):
     assert np.array_equal(kept, expected)
 
 
+@pytest.mark.parametrize("n", [1, 623, 624, 625, 5000])
+@pytest.mark.parametrize("offset", [0, 3, 16])
+def test_kernel_draws_and_norms_at_block_edges_and_extreme_densities(n, offset):
+    """Draws are made one MT block (624) at a time and compared as integers: equal to torch.rand < density
+    across block edges, at byte-aligned and unaligned offsets, for densities at and beyond [0, 1]; the L1
+    norms equal float64 sums."""
+    from fusemerge.merge.kernels import cpu
+
+    x = np.random.default_rng(n + offset).standard_normal(n).astype(np.float32)
+    for density in (0.0, -0.5, 0.3, 1.0, 1.5, float(np.nextafter(np.float32(1), np.float32(0)))):
+        gen = torch.Generator()
+        gen.manual_seed(77)
+        expected = (torch.rand(n, generator=gen) < float(np.float32(density))).numpy()
+        bits = np.zeros((offset + n + 7) // 8 + 1, dtype=np.uint8)
+        before, after = cpu.draw_kept_seeded(x, np.zeros_like(x), 77, np.float32(density), bits, offset)
+        kept = np.unpackbits(bits, bitorder="little")
+        assert np.array_equal(kept[offset : offset + n].astype(bool), expected), density
+        assert not kept[:offset].any() and not kept[offset + n :].any()
+        magnitude = np.abs(x.astype(np.float64))
+        assert before == pytest.approx(magnitude.sum(), rel=1e-12)
+        assert after == pytest.approx(magnitude[expected].sum(), rel=1e-12, abs=1e-300)
+
+
 @pytest.mark.parametrize(("offset", "n"), [(0, 8 * 37), (16, 8 * 37 + 5), (3, 101)])
 def test_kept_delta_bits_reads_the_packed_mask_at_any_offset(offset, n):
     """The byte-wise unrolled loop (chunks starting on a byte) and the per-element one agree with a
