@@ -88,16 +88,21 @@ def check_finite_folder(folder: Path, *, what: str) -> bool:
 # ---------------------------------------------------------------- the kernel
 
 
+# safetensors dtype code -> the mask of its exponent bits (NaN or Inf: all of them set). The merge's
+# elementwise stream scans raw bytes by these codes; torch tensors go through `_exponent_masks`.
+EXPONENT_MASKS = {"BF16": 0x7F80, "F16": 0x7C00, "F32": 0x7F800000, "F64": 0x7FF0000000000000}
+
+
 @cache
 def _exponent_masks() -> dict[Any, tuple[Any, int]]:
-    """dtype -> (the integer dtype of its bits, the mask of its exponent bits)."""
+    """torch dtype -> (the integer dtype of its bits, the mask of its exponent bits)."""
     import torch
 
+    from fusemerge.checkpoint.dtypes import torch_dtype
+
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}
     return {
-        torch.bfloat16: (torch.int16, 0x7F80),
-        torch.float16: (torch.int16, 0x7C00),
-        torch.float32: (torch.int32, 0x7F800000),
-        torch.float64: (torch.int64, 0x7FF0000000000000),
+        torch_dtype(code): (as_int[torch_dtype(code).itemsize], mask) for code, mask in EXPONENT_MASKS.items()
     }
 
 

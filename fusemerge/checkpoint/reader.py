@@ -256,16 +256,7 @@ class ModelFolder:
             return self._pickle_state[name].clone()
         buffer = out[: info.nbytes] if out is not None else torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
-            view = memoryview(buffer.numpy())
-            fd = self._fd(info.file)
-            done = 0
-            while done < info.nbytes:
-                got = os.preadv(fd, [view[done:]], info.start + done)
-                if got <= 0:
-                    raise FusemergeError(
-                        "file ended while reading (was it truncated?)", file=info.file, tensor=name
-                    )
-                done += got
+            self._pread(name, 0, memoryview(buffer.numpy()))
         return buffer.view(torch_dtype(info.dtype)).reshape(info.shape)
 
     def stored_bytes(self, name: str) -> bool:
@@ -280,6 +271,11 @@ class ModelFolder:
         info = self.tensors[name]
         if start < 0 or start + len(out) > info.nbytes:
             raise ValueError(f"{name}: bytes {start}..{start + len(out)} outside its {info.nbytes}")
+        self._pread(name, start, out)
+
+    def _pread(self, name: str, start: int, out: memoryview) -> None:
+        """Fill `out` from byte `start` of tensor `name`'s data, however many reads the kernel needs."""
+        info = self.tensors[name]
         fd = self._fd(info.file)
         done = 0
         while done < len(out):

@@ -130,17 +130,11 @@ class ShardedWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         import torch
 
-        shard = self._shard_of[name]
-        start, end = shard.offsets[name]
-        fd = self._open(shard)
+        start, end = self._shard_of[name].offsets[name]
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         if data.nbytes != end - start:
             raise RuntimeError(f"{name}: {data.nbytes} bytes computed, {end - start} planned")
-        view = memoryview(data)
-        done = 0
-        while done < len(view):
-            done += _pwrite(fd, view[done:], start + done, self.out_dir / shard.filename)
-        self._tensor_done(shard, name)
+        self.write_part(name, 0, memoryview(data))  # the whole tensor as its one part
 
     def write_part(self, name: str, start: int, data: memoryview) -> None:
         """Write bytes `start`.. of tensor `name`'s data (parts in any order, never overlapping): the

@@ -33,7 +33,6 @@ if TYPE_CHECKING:  # the plan asks this module for its estimate: no import back 
 
 CHUNK_ELEMENTS = 1 << 19  # 1 MiB of bf16 per input: inputs + result stay in L2/L3 cache
 _NUMPY = {"BF16": np.uint16, "F32": np.float32}  # bf16 goes to the kernels as its raw bits
-_EXPONENT = {"BF16": np.uint16(0x7F80), "F32": np.uint32(0x7F800000)}
 Kernel = Callable[[tuple[np.ndarray, ...], np.ndarray | None, np.ndarray], None]
 
 
@@ -92,8 +91,6 @@ def execute_streamed(
     on_bytes: Callable[[int], None],
 ) -> int:
     """Merge `tasks` chunk by chunk (see the module docstring); returns the number of tensors written."""
-    from fusemerge.checkpoint.finite import first_nonfinite_bits
-
     slots = max(len(t.inputs) + (t.base is not None) for t in tasks)
     item = max(ITEM_SIZE[t.out_dtype] for t in tasks)  # stream_bytes counts these buffers
     inputs = [np.empty(CHUNK_ELEMENTS * item, dtype=np.uint8) for _ in range(slots)]
@@ -129,7 +126,6 @@ def execute_streamed(
                 pending,
                 failure,
                 allow_nonfinite,
-                first_nonfinite_bits,
             )
             on_bytes(task.read_bytes + task.write_bytes)
     finally:
@@ -150,12 +146,14 @@ def _merge_task(
     pending: queue.Queue[Any],
     failure: list[BaseException],
     allow_nonfinite: bool,
-    first_nonfinite_bits: Callable[[np.ndarray, Any], int],
 ) -> None:
+    from fusemerge.checkpoint.finite import EXPONENT_MASKS, first_nonfinite_bits  # numba: not at import
+
     infos = [*task.inputs, *([task.base] if task.base is not None else [])]
     folders = [plan.folder_of(i) for i in infos]
     kind, size = _NUMPY[task.out_dtype], ITEM_SIZE[task.out_dtype]
-    bits_kind, mask = np.dtype(f"u{size}"), _EXPONENT[task.out_dtype]
+    bits_kind = np.dtype(f"u{size}")
+    mask = bits_kind.type(EXPONENT_MASKS[task.out_dtype])
     n = task.numel
     if n == 0:
         writer.write_part(task.name, 0, memoryview(b""))
